@@ -1,0 +1,354 @@
+"""The LMDB metadata store: the write-ahead source of truth of an index.
+
+One LMDB environment with named sub-databases:
+
+| sub-db     | key                         | value                          |
+| ---------- | --------------------------- | ------------------------------ |
+| `segments` | segment id, 8-byte big-end. | `SegmentRecord` (with prototype) |
+| `images`   | image id, UTF-8             | `ImageRecord`                  |
+| `sha256`   | hex digest, ASCII           | image id, UTF-8                |
+| `meta`     | `b"meta"`                   | `IndexMeta`                    |
+
+Big-endian segment keys make LMDB's byte order the numeric order, so cursor scans list ids
+sorted. Every batch of images is written in ONE write transaction, which also allocates the
+new segment ids from the never-reused counter in `IndexMeta.next_segment_id` and bumps
+`IndexMeta.generation`; a crash therefore leaves either the whole batch or none of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from segsearch.errors import IndexError_
+from segsearch.indexer.records import (
+    FORMAT_VERSION,
+    ImageRecord,
+    IndexMeta,
+    SegmentRecord,
+    decode_image,
+    decode_meta,
+    decode_segment,
+    decode_segment_prototype,
+    encode_image,
+    encode_meta,
+    encode_segment,
+)
+
+log = logging.getLogger(__name__)
+
+# Virtual address space reserved for the map. LMDB files are sparse, so this costs no disk;
+# about 1 KiB per segment at D=64, i.e. room for ~30M segments.
+DEFAULT_MAP_SIZE = 32 << 30
+_META_KEY = b"meta"
+_DB_NAMES = (b"segments", b"images", b"sha256", b"meta")
+
+
+def segment_key(segment_id: int) -> bytes:
+    return int(segment_id).to_bytes(8, "big")
+
+
+def _segment_id(key: bytes) -> int:
+    return int.from_bytes(key, "big")
+
+
+@dataclass
+class PutResult:
+    """Outcome of `put_images`: what was stored (ids assigned) and what was skipped, why."""
+
+    added: list[tuple[ImageRecord, list[SegmentRecord]]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (image_id, reason)
+    generation: int = 0
+
+    @property
+    def segment_ids(self) -> list[int]:
+        return [seg.segment_id for _, segs in self.added for seg in segs]
+
+
+class MetadataStore:
+    """LMDB environment holding the records of one index (see the module docstring)."""
+
+    def __init__(self, env: lmdb.Environment, path: Path, read_only: bool) -> None:
+        self._env = env
+        self.path = path
+        self.read_only = read_only
+        self._dbs = {name.decode(): env.open_db(name, create=False) for name in _DB_NAMES}
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: Path, meta: IndexMeta, map_size: int = DEFAULT_MAP_SIZE) -> MetadataStore:
+        """Create a new, empty store at `path` (a directory) holding `meta`."""
+        path = Path(path)
+        if (path / "data.mdb").exists():
+            raise IndexError_(f"a metadata store already exists at {path}")
+        path.mkdir(parents=True, exist_ok=True)
+        env = _open_env(path, map_size, read_only=False)
+        for name in _DB_NAMES:
+            env.open_db(name, create=True)
+        store = cls(env, path, read_only=False)
+        store._write(lambda txn: txn.put(_META_KEY, encode_meta(meta), db=store._dbs["meta"]))
+        return store
+
+    @classmethod
+    def open(cls, path: Path, map_size: int | None = None, read_only: bool = False) -> MetadataStore:
+        """Open an existing store. `map_size` None keeps room to grow (see `_default_map_size`)."""
+        path = Path(path)
+        if not (path / "data.mdb").exists():
+            raise IndexError_(f"no metadata store at {path} (missing data.mdb)")
+        size = map_size if map_size is not None else _default_map_size(path)
+        env = _open_env(path, size, read_only=read_only)
+        try:
+            store = cls(env, path, read_only=read_only)
+            meta = store.meta()
+        except (lmdb.Error, IndexError_) as exc:
+            env.close()
+            raise IndexError_(f"cannot read the metadata store at {path}: {exc}") from exc
+        if meta.format_version > FORMAT_VERSION:
+            env.close()
+            raise IndexError_(
+                f"index at {path} has format version {meta.format_version}; this segsearch "
+                f"reads up to {FORMAT_VERSION}. Upgrade segsearch."
+            )
+        return store
+
+    def close(self) -> None:
+        self._env.close()
+
+    # ---- reads -----------------------------------------------------------------------
+
+    def meta(self) -> IndexMeta:
+        with self._env.begin(db=self._dbs["meta"]) as txn:
+            raw = txn.get(_META_KEY)
+        if raw is None:
+            raise IndexError_(f"metadata store at {self.path} has no meta record")
+        return decode_meta(raw)
+
+    def get_segment(self, segment_id: int) -> SegmentRecord | None:
+        with self._env.begin(db=self._dbs["segments"]) as txn:
+            raw = txn.get(segment_key(segment_id))
+        return None if raw is None else decode_segment(raw)
+
+    def get_segments(self, segment_ids: Sequence[int]) -> list[SegmentRecord | None]:
+        """Records for many ids in one read transaction (None where an id is absent)."""
+        with self._env.begin(db=self._dbs["segments"]) as txn:
+            raws = [txn.get(segment_key(i)) if i >= 0 else None for i in segment_ids]
+        return [None if raw is None else decode_segment(raw) for raw in raws]
+
+    def get_image(self, image_id: str) -> ImageRecord | None:
+        with self._env.begin(db=self._dbs["images"]) as txn:
+            raw = txn.get(_image_key(image_id))
+        return None if raw is None else decode_image(raw)
+
+    def image_id_for_sha256(self, sha256: str) -> str | None:
+        with self._env.begin(db=self._dbs["sha256"]) as txn:
+            raw = txn.get(sha256.encode("ascii"))
+        return None if raw is None else raw.decode("utf-8")
+
+    def segment_ids(self) -> np.ndarray:
+        """All segment ids, sorted, `(N,)` int64 (a key-only scan, no decoding)."""
+        with self._env.begin(db=self._dbs["segments"]) as txn:
+            keys = list(txn.cursor().iternext(keys=True, values=False))
+        return np.fromiter((_segment_id(k) for k in keys), dtype=np.int64, count=len(keys))
+
+    def iter_segments(self) -> Iterator[SegmentRecord]:
+        with self._env.begin(db=self._dbs["segments"]) as txn:
+            for _, raw in txn.cursor():
+                yield decode_segment(raw)
+
+    def iter_images(self) -> Iterator[ImageRecord]:
+        with self._env.begin(db=self._dbs["images"]) as txn:
+            for _, raw in txn.cursor():
+                yield decode_image(raw)
+
+    def iter_sha256(self) -> Iterator[tuple[str, str]]:
+        """(sha256, image id) pairs of the dedup table."""
+        with self._env.begin(db=self._dbs["sha256"]) as txn:
+            for key, raw in txn.cursor():
+                yield key.decode("ascii"), raw.decode("utf-8")
+
+    def prototypes(
+        self, segment_ids: np.ndarray | None = None, batch_size: int = 8192
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield `(ids (B,) int64, prototypes (B, D) float32)` for `segment_ids` (all if None).
+
+        This is what rebuilds or repairs the FAISS index from LMDB.
+        """
+        with self._env.begin(db=self._dbs["segments"]) as txn:
+            if segment_ids is None:
+                pairs = ((_segment_id(k), raw) for k, raw in txn.cursor())
+            else:
+                pairs = ((int(i), txn.get(segment_key(i))) for i in segment_ids)
+            ids: list[int] = []
+            vecs: list[np.ndarray] = []
+            for sid, raw in pairs:
+                if raw is None:
+                    raise IndexError_(f"segment {sid} vanished from the metadata store")
+                ids.append(sid)
+                vecs.append(decode_segment_prototype(raw))
+                if len(ids) == batch_size:
+                    yield np.asarray(ids, dtype=np.int64), np.stack(vecs).astype(np.float32)
+                    ids, vecs = [], []
+            if ids:
+                yield np.asarray(ids, dtype=np.int64), np.stack(vecs).astype(np.float32)
+
+    def usage(self) -> dict[str, int]:
+        """Bytes reserved (`map_size`) and used by the LMDB data file."""
+        info, stat = self._env.info(), self._env.stat()
+        return {"map_size": int(info["map_size"]), "used_bytes": (info["last_pgno"] + 1) * stat["psize"]}
+
+    # ---- writes ----------------------------------------------------------------------
+
+    def put_images(self, items: Sequence[tuple[ImageRecord, Sequence[SegmentRecord]]]) -> PutResult:
+        """Store a chunk of images with their segments in ONE transaction.
+
+        New segment ids are allocated from the counter; `segment_id` of the inputs and
+        `ImageRecord.segment_ids` are ignored and filled in the returned copies. An image is
+        skipped (with a reason) when its sha256 is already indexed or when its image id is
+        taken; nothing is written when nothing is new.
+        """
+        self._check_writable()
+        result = PutResult()
+
+        def write(txn: lmdb.Transaction) -> None:
+            meta = decode_meta(txn.get(_META_KEY, db=self._dbs["meta"]))
+            _check_segments(items, meta)
+            next_id = meta.next_segment_id
+            for image, segments in items:
+                reason = self._skip_reason(txn, image)
+                if reason:
+                    result.skipped.append((image.image_id, reason))
+                    continue
+                stored = [dataclasses.replace(s, segment_id=next_id + n) for n, s in enumerate(segments)]
+                next_id += len(stored)
+                image = dataclasses.replace(image, segment_ids=[s.segment_id for s in stored])
+                for seg in stored:
+                    txn.put(segment_key(seg.segment_id), encode_segment(seg), db=self._dbs["segments"])
+                txn.put(_image_key(image.image_id), encode_image(image), db=self._dbs["images"])
+                txn.put(image.sha256.encode("ascii"), image.image_id.encode("utf-8"), db=self._dbs["sha256"])
+                result.added.append((image, stored))
+            if not result.added:
+                result.generation = meta.generation
+                return
+            meta.next_segment_id = next_id
+            meta.num_images += len(result.added)
+            meta.num_segments += len(result.segment_ids)
+            meta.generation += 1
+            result.generation = meta.generation
+            txn.put(_META_KEY, encode_meta(meta), db=self._dbs["meta"])
+
+        self._write(write)
+        return result
+
+    def delete_images(self, image_ids: Sequence[str]) -> tuple[list[int], int]:
+        """Delete images and their segments in ONE transaction.
+
+        Returns `(removed segment ids, new generation)`. Unknown ids raise IndexError_
+        listing them, and then nothing is deleted.
+        """
+        self._check_writable()
+        removed: list[int] = []
+        generation = 0
+
+        def write(txn: lmdb.Transaction) -> None:
+            nonlocal generation
+            images = {i: txn.get(_image_key(i), db=self._dbs["images"]) for i in dict.fromkeys(image_ids)}
+            unknown = [i for i, raw in images.items() if raw is None]
+            if unknown:
+                raise IndexError_(f"unknown image id(s), nothing deleted: {', '.join(map(repr, unknown))}")
+            meta = decode_meta(txn.get(_META_KEY, db=self._dbs["meta"]))
+            for image_id, raw in images.items():
+                image = decode_image(raw)
+                for sid in image.segment_ids:
+                    txn.delete(segment_key(sid), db=self._dbs["segments"])
+                    removed.append(sid)
+                txn.delete(_image_key(image_id), db=self._dbs["images"])
+                sha = image.sha256.encode("ascii")
+                if txn.get(sha, db=self._dbs["sha256"]) == image_id.encode("utf-8"):
+                    txn.delete(sha, db=self._dbs["sha256"])
+            meta.num_images -= len(images)
+            meta.num_segments -= len(removed)
+            meta.generation += 1
+            generation = meta.generation
+            txn.put(_META_KEY, encode_meta(meta), db=self._dbs["meta"])
+
+        self._write(write)
+        return removed, generation
+
+    # ---- helpers ---------------------------------------------------------------------
+
+    def _skip_reason(self, txn: lmdb.Transaction, image: ImageRecord) -> str:
+        owner = txn.get(image.sha256.encode("ascii"), db=self._dbs["sha256"])
+        if owner is not None:
+            return f"same content (sha256) already indexed as image {owner.decode('utf-8')!r}"
+        if txn.get(_image_key(image.image_id), db=self._dbs["images"]) is not None:
+            return "image id already indexed with different content; delete it first to replace it"
+        return ""
+
+    def _write(self, body) -> None:
+        """Run `body(txn)` in one write transaction; a full map becomes a clear error."""
+        try:
+            with self._env.begin(write=True) as txn:
+                body(txn)
+        except lmdb.MapFullError as exc:
+            size = self._env.info()["map_size"]
+            raise IndexError_(
+                f"the metadata store at {self.path} is full (map size {size} bytes); nothing "
+                f"from this batch was written. Re-run with a larger --map-size "
+                f"(e.g. --map-size {2 * size})."
+            ) from exc
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise IndexError_(f"metadata store at {self.path} was opened read-only")
+
+
+def _check_segments(items: Sequence[tuple[ImageRecord, Sequence[SegmentRecord]]], meta: IndexMeta) -> None:
+    """Refuse segments from another model version or of the wrong dimension."""
+    for image, segments in items:
+        _image_key(image.image_id)
+        for seg in segments:
+            if seg.model_version != meta.model_version:
+                raise IndexError_(
+                    f"segment of image {image.image_id!r} was embedded by model version "
+                    f"{seg.model_version!r} but this index holds version {meta.model_version!r}; "
+                    "use the matching checkpoint or build a new index"
+                )
+            if seg.prototype.shape != (meta.embedding_dim,):
+                raise IndexError_(
+                    f"segment of image {image.image_id!r} has a prototype of shape "
+                    f"{seg.prototype.shape}; this index holds {meta.embedding_dim}-d vectors"
+                )
+            if seg.image_id != image.image_id:
+                raise ValueError(f"segment image_id {seg.image_id!r} != image {image.image_id!r}")
+
+
+def _image_key(image_id: str) -> bytes:
+    key = image_id.encode("utf-8")
+    if not key or len(key) > 500:
+        raise IndexError_(f"image id must be 1..500 bytes of UTF-8, got {len(key)} bytes: {image_id[:60]!r}")
+    return key
+
+
+def _default_map_size(path: Path) -> int:
+    """Reopening without a size: the default, or twice the data file when it is larger."""
+    return max(DEFAULT_MAP_SIZE, 2 * (path / "data.mdb").stat().st_size)
+
+
+def _open_env(path: Path, map_size: int, read_only: bool) -> lmdb.Environment:
+    try:
+        env = lmdb.open(
+            str(path), map_size=int(map_size), max_dbs=len(_DB_NAMES), subdir=True,
+            readonly=read_only, create=not read_only, sync=True, metasync=True,
+        )
+    except lmdb.Error as exc:
+        raise IndexError_(f"cannot open the metadata store at {path}: {exc}") from exc
+    if not read_only:
+        env.reader_check()  # clear reader slots left by killed processes
+    return env

@@ -1,0 +1,382 @@
+"""FAISS vector index over unit-norm segment prototypes (inner product = cosine similarity).
+
+Ids are the 64-bit segment ids of the LMDB store. The index type follows a *spec*:
+
+| spec            | index built                                                               |
+| --------------- | ------------------------------------------------------------------------- |
+| `"auto"`        | exact `IDMap2(IndexFlatIP)` below `AUTO_EXACT_MAX` (50k) vectors, then     |
+|                 | `"HNSW32,Flat"` (efSearch 128), rebuilt once from the exact index's vectors |
+| `"flat"`        | always exact                                                              |
+| `"hnsw"`        | `"HNSW32,Flat"` from the start                                            |
+| `"ivf"`         | exact below 50k, then `"IVF{nlist},Flat"` with nlist ≈ 4·√N (power of 2)    |
+| factory string  | any `faiss.index_factory` string of a Flat/PQ/SQ, IVF or HNSW index,       |
+|                 | with METRIC_INNER_PRODUCT; types that need training stay exact until they  |
+|                 | have `39·nlist` (IVF) or 10k (others) vectors to train on                   |
+
+The exact stage is never worse than the target, and switching happens at most once, inside
+`add` (the type is then fixed; `IndexStore.rebuild` re-chooses it for the current size).
+
+Deletions, for every type offered:
+- Flat/PQ/SQ (in an `IndexIDMap2`) and IVF (ids stored natively) use FAISS `remove_ids`.
+- HNSW cannot remove. Removed ids become *tombstones*: searches pass an `IDSelector` that
+  excludes them, `ids()` omits them, and they are saved in the index file with the index.
+  When tombstones exceed `HNSW_COMPACT_FRACTION` of the stored vectors the graph is rebuilt
+  from the live vectors (reconstructed from the HNSW storage), so deleted nodes do not
+  accumulate forever. Ids are never reused by the store, so a tombstoned id never returns.
+
+File format (`save`/`load`): `MAGIC`, a little-endian uint32 header length, a JSON header
+(generation, spec, sizes, CRC32s), the `faiss.serialize_index` bytes, then the tombstones as
+little-endian int64. Written atomically: temp file in the same directory, fsync, `os.replace`,
+fsync of the directory. A truncated or corrupt file fails the length/CRC checks on load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from segsearch.errors import IndexError_
+
+log = logging.getLogger(__name__)
+
+AUTO_EXACT_MAX = 50_000
+HNSW_FACTORY = "HNSW32,Flat"
+DEFAULT_EF_SEARCH = 128
+HNSW_COMPACT_FRACTION = 0.25
+MIN_TRAIN_OTHER = 10_000
+MAGIC = b"SGSFAIS1"
+FILE_FORMAT = 1
+_NORM_TOLERANCE = 1e-3
+
+
+class VectorIndex:
+    """A FAISS index plus the ids it must ignore (HNSW tombstones) and the generation it reflects.
+
+    `generation` is the LMDB generation whose segment set this index holds; the index store
+    sets it and compares it on open to detect a file saved before the last LMDB commit.
+    """
+
+    def __init__(self, dim: int, spec: str = "auto", *, ef_search: int = DEFAULT_EF_SEARCH,
+                 nprobe: int | None = None) -> None:
+        self.dim = int(dim)
+        self.spec = spec.strip()
+        self.ef_search = int(ef_search)
+        self.nprobe = nprobe
+        self.generation = 0
+        _validate_spec(self.dim, self.spec)
+        self._factory = "Flat"
+        self._index = _build_empty(self.dim, "Flat")
+        self._tombstones = np.empty(0, dtype=np.int64)
+        if self._target_factory(0) != "Flat" and not _needs_training(self.dim, self._target_factory(0)):
+            self._rebuild(self._target_factory(0), np.empty(0, np.int64), np.empty((0, self.dim), np.float32))
+
+    # ---- queries ---------------------------------------------------------------------
+
+    @property
+    def factory(self) -> str:
+        """The faiss factory string of the index currently built (e.g. "Flat", "HNSW32,Flat")."""
+        return self._factory
+
+    @property
+    def num_tombstones(self) -> int:
+        return int(self._tombstones.size)
+
+    def __len__(self) -> int:
+        return int(self._index.ntotal) - int(self._tombstones.size)
+
+    def describe(self) -> str:
+        if self._kind == "ivf":
+            return f"{self._factory} (nprobe={self._index.nprobe})"
+        if self._kind == "hnsw":
+            return f"{self._factory} (efSearch={self.ef_search}, tombstones={self.num_tombstones})"
+        return self._factory
+
+    def ids(self) -> np.ndarray:
+        """The live ids held, sorted, `(N,)` int64 (tombstones excluded)."""
+        raw = np.sort(self._stored_ids())
+        if self._tombstones.size:
+            raw = raw[~np.isin(raw, self._tombstones)]
+        return raw
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product: queries `(Q, D)` -> `(scores (Q, k) float32, ids (Q, k) int64)`.
+
+        Slots with no result (fewer than k live vectors) have id -1 and score -inf.
+        """
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        queries = self._as_matrix(queries, "queries")
+        if len(self) == 0:
+            return (np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64))
+        scores, ids = self._index.search(queries, k, params=self._search_params(k))
+        scores = scores.astype(np.float32, copy=True)
+        scores[ids < 0] = -np.inf
+        return scores, ids.astype(np.int64, copy=False)
+
+    # ---- updates ---------------------------------------------------------------------
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add `vectors (N, D)` (unit-norm float32) under new, unique int64 `ids (N,)`."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        vectors = self._as_matrix(vectors, "vectors")
+        if len(ids) != len(vectors):
+            raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+        if len(ids) == 0:
+            return
+        self._check_new_ids(ids)
+        _check_unit_norm(vectors)
+        target = self._target_factory(len(self) + len(ids))
+        if self._factory == "Flat" and target != "Flat":
+            old_ids, old_vecs = self._live_vectors()
+            log.info("switching the vector index from exact to %s at %d vectors", target, len(old_ids) + len(ids))
+            self._rebuild(target, np.concatenate([old_ids, ids]), np.concatenate([old_vecs, vectors]))
+            return
+        self._index.add_with_ids(vectors, ids)
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove `ids` (absent ones are ignored); returns how many live vectors were removed."""
+        ids = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
+        if ids.size == 0:
+            return 0
+        if self._kind != "hnsw":
+            return int(self._index.remove_ids(ids))
+        live = ids[np.isin(ids, self._stored_ids()) & ~np.isin(ids, self._tombstones)]
+        self._tombstones = np.union1d(self._tombstones, live)
+        if self._tombstones.size > HNSW_COMPACT_FRACTION * self._index.ntotal:
+            self.compact()
+        return int(live.size)
+
+    def compact(self) -> None:
+        """Rebuild without tombstones, choosing the type for the live count again."""
+        live_ids, vectors = self._live_vectors()
+        log.info("compacting the vector index: %d live, %d tombstones", len(live_ids), self._tombstones.size)
+        self._rebuild(self._target_factory(len(live_ids)), live_ids, vectors)
+
+    # ---- persistence -----------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """Write the index atomically to `path` (temp file + fsync + rename + dir fsync)."""
+        payload = faiss.serialize_index(self._index)
+        tombstones = self._tombstones.astype("<i8").tobytes()
+        header = json.dumps({
+            "format": FILE_FORMAT, "generation": int(self.generation), "spec": self.spec,
+            "factory": self._factory, "dim": self.dim, "ef_search": self.ef_search,
+            "nprobe": self.nprobe, "faiss_bytes": int(payload.nbytes),
+            "faiss_crc32": zlib.crc32(payload), "tombstones": int(self._tombstones.size),
+            "tombstones_crc32": zlib.crc32(tombstones),
+        }).encode("utf-8")
+        atomic_write(Path(path), [MAGIC, struct.pack("<I", len(header)), header, payload, tombstones])
+
+    @classmethod
+    def load(cls, path: str | Path) -> VectorIndex:
+        """Read a file written by `save`; IndexError_ naming the file if missing or damaged."""
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise IndexError_(f"FAISS index file {path} does not exist") from exc
+        except OSError as exc:
+            raise IndexError_(f"cannot read FAISS index file {path}: {exc}") from exc
+        header, payload, tombstones = _split_file(path, data)
+        self = cls.__new__(cls)
+        self.dim, self.spec = int(header["dim"]), header["spec"]
+        self.ef_search, self.nprobe = int(header["ef_search"]), header["nprobe"]
+        self.generation, self._factory = int(header["generation"]), header["factory"]
+        try:
+            index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
+        except RuntimeError as exc:
+            raise IndexError_(f"FAISS index file {path} is corrupt: {str(exc).splitlines()[0]}") from exc
+        self._tombstones = np.frombuffer(tombstones, dtype="<i8").astype(np.int64)
+        self._set_index(index)
+        if self._index.d != self.dim:
+            raise IndexError_(f"FAISS index file {path} holds {self._index.d}-d vectors, header says {self.dim}")
+        return self
+
+    # ---- internals -------------------------------------------------------------------
+
+    def _target_factory(self, count: int) -> str:
+        """The factory string this spec asks for once `count` vectors are held."""
+        spec = self.spec.lower()
+        if spec == "flat":
+            return "Flat"
+        if spec == "hnsw":
+            return HNSW_FACTORY
+        if spec in ("auto", "ivf"):
+            if count < AUTO_EXACT_MAX:
+                return "Flat"
+            return HNSW_FACTORY if spec == "auto" else f"IVF{ivf_nlist_for(count)},Flat"
+        if _needs_training(self.dim, self.spec) and count < _min_train(self.dim, self.spec):
+            return "Flat"
+        return self.spec
+
+    def _rebuild(self, factory: str, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Replace the index by a fresh `factory` index holding exactly `ids`/`vectors`."""
+        inner = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        if not inner.is_trained:
+            inner.train(vectors)
+        index = inner if isinstance(inner, faiss.IndexIVF) else faiss.IndexIDMap2(inner)
+        if len(ids):
+            index.add_with_ids(vectors, ids)
+        self._factory = factory
+        self._tombstones = np.empty(0, dtype=np.int64)
+        self._set_index(index)
+
+    def _set_index(self, index: faiss.Index) -> None:
+        """Adopt `index`, classify its removal strategy and apply the search parameters."""
+        self._index = index
+        inner = index if isinstance(index, faiss.IndexIVF) else faiss.downcast_index(index.index)
+        self._kind = _classify(inner)
+        if self._kind == "ivf":
+            index.nprobe = self.nprobe or default_nprobe(index.nlist)
+        elif self._kind == "hnsw":
+            inner.hnsw.efSearch = self.ef_search
+
+    def _search_params(self, k: int) -> faiss.SearchParameters | None:
+        if self._kind != "hnsw":
+            return None
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = max(self.ef_search, k)
+        if self._tombstones.size:
+            params.sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(self._tombstones))
+        return params
+
+    def _stored_ids(self) -> np.ndarray:
+        """All ids physically stored, tombstones included, unsorted."""
+        if self._kind != "ivf":
+            return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        lists = self._index.invlists
+        parts = []
+        for list_no in range(self._index.nlist):
+            size = lists.list_size(list_no)
+            if size:
+                ptr = lists.get_ids(list_no)
+                parts.append(faiss.rev_swig_ptr(ptr, size).copy())
+                lists.release_ids(list_no, ptr)
+        return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
+
+    def _live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """`(ids (N,), vectors (N, D))` of the live entries of an IDMap2-wrapped index."""
+        ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        if not len(ids):
+            return ids, np.empty((0, self.dim), np.float32)
+        vectors = faiss.downcast_index(self._index.index).reconstruct_n(0, len(ids))
+        keep = ~np.isin(ids, self._tombstones)
+        return ids[keep], vectors[keep]
+
+    def _check_new_ids(self, ids: np.ndarray) -> None:
+        if ids.min() < 0:
+            raise ValueError("segment ids must be non-negative")
+        if np.unique(ids).size != ids.size:
+            raise ValueError("duplicate ids in one add")
+        clash = ids[np.isin(ids, self._stored_ids())]
+        if clash.size:
+            raise ValueError(f"ids already in the vector index: {clash[:10].tolist()}")
+
+    def _as_matrix(self, array: np.ndarray, name: str) -> np.ndarray:
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if array.ndim != 2 or array.shape[1] != self.dim:
+            raise ValueError(f"{name} must have shape (N, {self.dim}), got {array.shape}")
+        return array
+
+
+def ivf_nlist_for(count: int) -> int:
+    """nlist ≈ 4·√N rounded to a power of two, within [16, 65536]."""
+    return int(min(65536, max(16, 2 ** round(math.log2(4 * math.sqrt(max(count, 1)))))))
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists probed by default: nlist/16, at least 8 (and at most nlist)."""
+    return int(min(nlist, max(8, nlist // 16)))
+
+
+def atomic_write(path: Path, chunks: list[bytes | np.ndarray]) -> None:
+    """Write `chunks` to `path` so that a crash leaves either the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            for chunk in chunks:
+                handle.write(memoryview(chunk))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _split_file(path: Path, data: bytes) -> tuple[dict, memoryview, memoryview]:
+    """Check magic, header, sizes and CRCs; return `(header, faiss bytes, tombstone bytes)`."""
+    def corrupt(reason: str) -> IndexError_:
+        return IndexError_(f"FAISS index file {path} is corrupt or truncated: {reason}")
+
+    if len(data) < len(MAGIC) + 4 or not data.startswith(MAGIC):
+        raise corrupt("not a segsearch FAISS file (bad magic)")
+    (header_len,) = struct.unpack_from("<I", data, len(MAGIC))
+    start = len(MAGIC) + 4
+    try:
+        header = json.loads(data[start:start + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise corrupt(f"unreadable header ({exc})") from exc
+    if header.get("format") != FILE_FORMAT:
+        raise corrupt(f"unknown file format {header.get('format')!r}")
+    view = memoryview(data)[start + header_len:]
+    n_faiss, n_tomb = header["faiss_bytes"], 8 * header["tombstones"]
+    if len(view) != n_faiss + n_tomb:
+        raise corrupt(f"expected {n_faiss + n_tomb} bytes after the header, found {len(view)}")
+    payload, tombstones = view[:n_faiss], view[n_faiss:]
+    if zlib.crc32(payload) != header["faiss_crc32"] or zlib.crc32(tombstones) != header["tombstones_crc32"]:
+        raise corrupt("checksum mismatch")
+    return header, payload, tombstones
+
+
+def _classify(inner: faiss.Index) -> str:
+    if isinstance(inner, faiss.IndexIVF):
+        return "ivf"
+    if isinstance(inner, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(inner, faiss.IndexFlatCodes):
+        return "flat"
+    raise IndexError_(
+        f"FAISS index type {type(inner).__name__} is not supported (deletions must work): use "
+        "'auto', 'flat', 'hnsw', 'ivf', or a factory string of a Flat/PQ/SQ, IVF or HNSW index"
+    )
+
+
+def _validate_spec(dim: int, spec: str) -> None:
+    if spec.lower() in ("auto", "flat", "hnsw", "ivf"):
+        return
+    if spec.upper().startswith("IDMAP"):
+        raise IndexError_(f"index spec {spec!r}: leave out the IDMap prefix, segsearch adds ids itself")
+    try:
+        index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise IndexError_(f"invalid faiss index factory string {spec!r}: {str(exc).splitlines()[0]}") from exc
+    _classify(index)
+
+
+def _needs_training(dim: int, factory: str) -> bool:
+    return not faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT).is_trained
+
+
+def _min_train(dim: int, factory: str) -> int:
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    return 39 * index.nlist if isinstance(index, faiss.IndexIVF) else MIN_TRAIN_OTHER
+
+
+def _check_unit_norm(vectors: np.ndarray) -> None:
+    norms = np.linalg.norm(vectors, axis=1)
+    if not np.all(np.isfinite(norms)) or np.abs(norms - 1.0).max() > _NORM_TOLERANCE:
+        raise ValueError("prototypes must be finite and unit-norm (inner product = cosine)")

@@ -1,0 +1,139 @@
+"""Checkpoint format: weights + model config + model version + labelled prototypes.
+
+The model version is a content hash of the config and the weights, so two checkpoints with
+the same version embed identically; the indexer and service store it with every segment and
+refuse to mix versions. The labelled training prototypes (`label_bank`) travel with the
+checkpoint because inference labels a segment by k-NN vote among them.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from segsearch.errors import CheckpointError
+from segsearch.spml.embedding import EmbeddingNet, ModelConfig
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LabelBank:
+    """Labelled training prototypes for k-NN labelling: (M, D) unit-norm and (M,) class ids."""
+
+    prototypes: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self):
+        if self.prototypes.ndim != 2 or self.labels.shape != (self.prototypes.shape[0],):
+            raise ValueError("label bank needs prototypes (M, D) and labels (M,)")
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    state_dict: dict
+    label_bank: LabelBank | None = None
+    method: str = "spml"
+    train_state: dict = field(default_factory=dict)  # optimizer, step, rng: for resuming
+
+    @property
+    def model_version(self) -> str:
+        return model_version(self.config, self.state_dict)
+
+    def build_model(self) -> EmbeddingNet:
+        config = ModelConfig.from_dict({**self.config.to_dict(), "pretrained": False})
+        model = EmbeddingNet(config)
+        model.load_state_dict(self.state_dict)
+        model.config = self.config
+        return model.eval()
+
+
+def model_version(config: ModelConfig, state_dict: dict) -> str:
+    """Content hash (16 hex digits) of the config and every weight tensor, in key order."""
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    for name in sorted(state_dict):
+        digest.update(name.encode())
+        digest.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> str:
+    """Write atomically (temp file + fsync + rename); returns the model version."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "model_version": checkpoint.model_version,
+        "config": checkpoint.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in checkpoint.state_dict.items()},
+        "method": checkpoint.method,
+        "label_bank": None
+        if checkpoint.label_bank is None
+        else {
+            "prototypes": checkpoint.label_bank.prototypes.cpu(),
+            "labels": checkpoint.label_bank.labels.cpu(),
+        },
+        "train_state": checkpoint.train_state,
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    temp = path.with_name(path.name + ".tmp")
+    with open(temp, "wb") as handle:
+        handle.write(buffer.getvalue())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    return payload["model_version"]
+
+
+def load_checkpoint(path: str | Path, expected: ModelConfig | None = None) -> Checkpoint:
+    """Read a checkpoint; with `expected`, refuse one whose architecture differs."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (train one with `segsearch train`)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        config = ModelConfig.from_dict(payload["config"])
+        state_dict = payload["state_dict"]
+    except Exception as error:  # torch raises many types for a bad file
+        raise CheckpointError(f"{path} is not a readable segsearch checkpoint ({error})") from None
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {payload.get('format_version')}, "
+            f"this segsearch reads format {FORMAT_VERSION}"
+        )
+    if expected is not None:
+        _check_compatible(path, config, expected)
+    bank = payload.get("label_bank")
+    checkpoint = Checkpoint(
+        config=config,
+        state_dict=state_dict,
+        label_bank=None if bank is None else LabelBank(bank["prototypes"], bank["labels"]),
+        method=payload.get("method", "spml"),
+        train_state=payload.get("train_state") or {},
+    )
+    if checkpoint.model_version != payload.get("model_version"):
+        raise CheckpointError(f"{path}: weights do not match the stored model version (corrupt?)")
+    return checkpoint
+
+
+ARCHITECTURE_FIELDS = ("backbone", "feature_blocks", "hidden_dim", "embedding_dim", "num_classes")
+
+
+def _check_compatible(path: Path, found: ModelConfig, expected: ModelConfig) -> None:
+    differences = [
+        f"{name}={getattr(found, name)!r} (expected {getattr(expected, name)!r})"
+        for name in ARCHITECTURE_FIELDS
+        if getattr(found, name) != getattr(expected, name)
+    ]
+    if differences:
+        raise CheckpointError(
+            f"{path} was trained with another model config: {', '.join(differences)}; "
+            "use matching flags or start a new run directory"
+        )

@@ -1,0 +1,58 @@
+"""Typed configuration of a training run (every field is a `segsearch train` flag)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from segsearch.trainer.datasets import DataConfig
+
+METHODS = ("spml", "partial_ce", "full_ce")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/spml"
+    method: str = "spml"  # spml | partial_ce (weak labels only) | full_ce (every pixel)
+    supervision: str = "scribbles"  # tags | boxes | scribbles | points | full
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: str = "vgg16"
+    pretrained: bool = True
+    freeze_backbone: bool = True
+    embedding_dim: int = 64
+    hidden_dim: int = 256
+    steps: int = 300
+    batch_size: int = 8
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    train_grid: tuple[int, int] = (6, 6)
+    inference_grid: tuple[int, int] = (8, 8)
+    kmeans_iterations: int = 10
+    scribble_length: float = 1.0
+    points_per_region: int = 1
+    edge_source: str = "hed"  # hed | sobel
+    affinity_weight: float = 0.0  # the A relation; off as in SPML's released configs
+    memory_batches: int = 2
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 100
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be positive")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        values = dict(values)
+        values["data"] = DataConfig(**values.get("data", {}))
+        for name in ("train_grid", "inference_grid"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)

@@ -1,0 +1,74 @@
+"""Which images the trainer reads: the built-in mosaic or a PASCAL VOC directory.
+
+Both become a list of `Sample`s of one fixed square size, so that batches stack and the
+frozen-backbone feature cache is a single tensor. VOC images are resized (longest side =
+`image_size`) and padded with ignore (255) pixels rather than cropped, so no object is cut.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from segsearch.errors import DatasetError
+from segsearch.trainer.mosaic import MosaicConfig, TextureMosaic
+from segsearch.trainer.sample import IGNORE_INDEX, Sample
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mosaic"  # "mosaic" or the path of a VOC2012 directory
+    image_size: int = 128
+    num_train: int = 240  # mosaic only; VOC uses its image lists
+    num_test: int = 60
+    seed: int = 0
+
+
+@dataclass
+class LoadedSplit:
+    samples: list[Sample]
+    class_names: list[str]
+    background_class: int | None
+
+
+def load_split(config: DataConfig, split: str) -> LoadedSplit:
+    """split: "train" or "test" (VOC: test reads the "val" list)."""
+    if config.dataset == "mosaic":
+        count = config.num_train if split == "train" else config.num_test
+        mosaic = TextureMosaic(
+            MosaicConfig(size=config.image_size, num_images=count, seed=config.seed, split=split)
+        )
+        samples = [mosaic[i] for i in range(len(mosaic))]
+        names, background = list(mosaic.class_names), None
+    else:
+        from segsearch.trainer.voc import VocDataset
+
+        root = Path(config.dataset)
+        if not root.is_dir():
+            raise DatasetError(
+                f"dataset path {root} does not exist; give a VOC2012 directory or 'mosaic'"
+            )
+        voc = VocDataset(root, split="train" if split == "train" else "val")
+        samples = [_fit_square(voc[i], config.image_size) for i in range(len(voc))]
+        names, background = list(voc.class_names), 0
+    if not samples:
+        raise DatasetError(f"the {split} split of {config.dataset} has no images")
+    return LoadedSplit(samples, names, background)
+
+
+def _fit_square(sample: Sample, size: int) -> Sample:
+    """Resize so the longest side is `size`, then pad to (size, size); mask padded with 255."""
+    height, width = sample.mask.shape
+    scale = size / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    image = np.asarray(Image.fromarray(sample.image).resize((new_w, new_h), Image.BILINEAR))
+    mask = np.asarray(
+        Image.fromarray(sample.mask.astype(np.uint8)).resize((new_w, new_h), Image.NEAREST)
+    ).astype(np.int64)
+    padded_image = np.zeros((size, size, 3), dtype=np.uint8)
+    padded_mask = np.full((size, size), IGNORE_INDEX, dtype=np.int64)
+    padded_image[:new_h, :new_w] = image
+    padded_mask[:new_h, :new_w] = mask
+    return Sample(padded_image, padded_mask, sample.image_id)

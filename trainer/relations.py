@@ -1,0 +1,190 @@
+"""SPML's four relations as positive/negative sets for the SegSort+ loss.
+
+- V, low-level image similarity: within one image, segments of the same edge-aware (HED
+  contour) region are positives, other regions of that image negatives.
+- C, semantic annotation: a weakly labelled pixel and segments with the same weak label
+  (in the batch and the memory bank) are positives, other labels negatives.
+- O, semantic co-occurrence: segments of images that share an image tag with the pixel's
+  image are positives, segments of images sharing none are negatives.
+- A, feature affinity: the segments nearest (by prototype) to the pixel's own segment are
+  pseudo-positives, the rest negatives. Described in the paper, off in its VOC configs:
+  weight 0 by default here too.
+
+Pixels without a weak label take part in V, O and A; only C needs a label.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from segsearch.trainer.loss import segsort_loss, segsort_plus_positives
+from segsearch.trainer.training_segments import IGNORE, TrainingSegments
+
+SUPERVISIONS = ("tags", "boxes", "scribbles", "points", "full")
+
+
+@dataclass
+class Relation:
+    weight: float
+    concentration: float
+
+
+@dataclass
+class LossConfig:
+    """Per-relation weight (lambda) and concentration (kappa); see DESIGN.md's table."""
+
+    annotation: Relation = field(default_factory=lambda: Relation(1.0, 6.0))
+    cooccurrence: Relation = field(default_factory=lambda: Relation(0.5, 12.0))
+    lowlevel: Relation = field(default_factory=lambda: Relation(0.1, 16.0))
+    affinity: Relation = field(default_factory=lambda: Relation(0.0, 8.0))
+    affinity_neighbours: int = 5
+    memory_batches: int = 2
+
+
+# Released SPML VOC configs (C, O, V); "full" reuses the scribble values.
+REFERENCE_VALUES = {
+    "tags": ((0.3, 6), (0.3, 8), (0.1, 16)),
+    "boxes": ((0.3, 6), (0.3, 8), (0.1, 16)),
+    "scribbles": ((1.0, 6), (0.5, 12), (0.1, 16)),
+    "points": ((0.1, 6), (0.1, 8), (0.1, 16)),
+    "full": ((1.0, 6), (0.5, 12), (0.1, 16)),
+}
+
+
+def default_loss_config(supervision: str) -> LossConfig:
+    if supervision not in REFERENCE_VALUES:
+        raise ValueError(f"unknown supervision {supervision!r}; choose from {SUPERVISIONS}")
+    (c_w, c_k), (o_w, o_k), (v_w, v_k) = REFERENCE_VALUES[supervision]
+    return LossConfig(Relation(c_w, c_k), Relation(o_w, o_k), Relation(v_w, v_k))
+
+
+@dataclass
+class BankEntry:
+    prototypes: torch.Tensor  # (S, D), detached
+    labels: torch.Tensor  # (S,) weak label, 255 = none
+    tags: torch.Tensor  # (S, C) bool, the tags of the segment's image
+
+
+class MemoryBank:
+    """Prototypes of the last few batches, detached: extra negatives (and positives) for C and O."""
+
+    def __init__(self, num_batches: int):
+        self.entries: deque[BankEntry] = deque(maxlen=max(num_batches, 0) or None)
+        self.enabled = num_batches > 0
+
+    def push(self, segments: TrainingSegments, image_tags: torch.Tensor) -> None:
+        if self.enabled:
+            self.entries.append(
+                BankEntry(
+                    segments.prototypes.detach(),
+                    segments.segment_label,
+                    image_tags[segments.segment_image],
+                )
+            )
+
+    def concat(self, dim: int, num_classes: int, device) -> BankEntry:
+        if not self.entries:
+            return BankEntry(
+                torch.zeros(0, dim, device=device),
+                torch.zeros(0, dtype=torch.long, device=device),
+                torch.zeros(0, num_classes, dtype=torch.bool, device=device),
+            )
+        return BankEntry(
+            torch.cat([e.prototypes for e in self.entries]),
+            torch.cat([e.labels for e in self.entries]),
+            torch.cat([e.tags for e in self.entries]),
+        )
+
+
+def relation_losses(
+    pixel_embeddings: torch.Tensor,
+    segments: TrainingSegments,
+    image_tags: torch.Tensor,
+    bank: BankEntry,
+    config: LossConfig,
+) -> dict[str, torch.Tensor]:
+    """Weighted loss per relation. pixel_embeddings (N, D); image_tags (B, C) bool."""
+    own = _own_segment(segments, extra=bank.prototypes.shape[0])
+    prototypes = torch.cat([segments.prototypes, bank.prototypes])
+    losses = {}
+    if config.lowlevel.weight:
+        losses["V"] = config.lowlevel.weight * _lowlevel(pixel_embeddings, segments, own, config)
+    if config.annotation.weight:
+        losses["C"] = config.annotation.weight * _annotation(
+            pixel_embeddings, segments, bank, prototypes, own, config
+        )
+    if config.cooccurrence.weight:
+        losses["O"] = config.cooccurrence.weight * _cooccurrence(
+            pixel_embeddings, segments, image_tags, bank, prototypes, own, config
+        )
+    if config.affinity.weight:
+        losses["A"] = config.affinity.weight * _affinity(
+            pixel_embeddings, segments, prototypes, own, config
+        )
+    return losses
+
+
+def _own_segment(segments: TrainingSegments, extra: int) -> torch.Tensor:
+    """(N, S + extra) bool: True at each pixel's own segment; bank columns are never own."""
+    columns = torch.arange(segments.num_segments + extra, device=segments.pixel_segment.device)
+    return columns.unsqueeze(0) == segments.pixel_segment.unsqueeze(1)
+
+
+def _contrast(embeddings, prototypes, same_group, own, candidates, concentration):
+    positive, excluded = segsort_plus_positives(same_group & candidates, own & candidates)
+    negative = candidates & ~same_group & ~excluded
+    return segsort_loss(embeddings, prototypes, positive, negative, concentration)
+
+
+def _lowlevel(embeddings, segments, own, config):
+    count = segments.num_segments
+    own = own[:, :count]
+    same_image = segments.pixel_image.unsqueeze(1) == segments.segment_image.unsqueeze(0)
+    same_region = same_image & (
+        segments.pixel_contour.unsqueeze(1) == segments.segment_contour.unsqueeze(0)
+    )
+    return _contrast(
+        embeddings, segments.prototypes, same_region, own, same_image, config.lowlevel.concentration
+    )
+
+
+def _annotation(embeddings, segments, bank, prototypes, own, config):
+    labels = torch.cat([segments.segment_label, bank.labels])
+    labelled_pixels = segments.pixel_label != IGNORE
+    labelled_prototypes = (labels != IGNORE).unsqueeze(0)
+    pixel_labels = segments.pixel_label[labelled_pixels]
+    same_label = pixel_labels.unsqueeze(1) == labels.unsqueeze(0)
+    return _contrast(
+        embeddings[labelled_pixels],
+        prototypes,
+        same_label,
+        own[labelled_pixels],
+        labelled_prototypes.expand_as(same_label),
+        config.annotation.concentration,
+    )
+
+
+def _cooccurrence(embeddings, segments, image_tags, bank, prototypes, own, config):
+    segment_tags = torch.cat([image_tags[segments.segment_image], bank.tags]).float()
+    pixel_tags = image_tags.float()[segments.pixel_image]
+    share_tag = (pixel_tags @ segment_tags.t()) > 0
+    everything = torch.ones_like(share_tag)
+    return _contrast(
+        embeddings, prototypes, share_tag, own, everything, config.cooccurrence.concentration
+    )
+
+
+def _affinity(embeddings, segments, prototypes, own, config):
+    with torch.no_grad():
+        own_prototypes = segments.prototypes[segments.pixel_segment]  # (N, D)
+        similarity = own_prototypes @ prototypes.t()
+        similarity = similarity.masked_fill(own, float("-inf"))
+        k = min(config.affinity_neighbours, prototypes.shape[0] - 1)
+        nearest = similarity.topk(k, dim=1).indices if k > 0 else similarity[:, :0].long()
+        neighbours = torch.zeros_like(own).scatter_(1, nearest, True) | own
+    everything = torch.ones_like(own)
+    return _contrast(
+        embeddings, prototypes, neighbours, own, everything, config.affinity.concentration
+    )

@@ -1,0 +1,35 @@
+"""One training or evaluation example, as every dataset of the trainer returns it.
+
+Both the PASCAL VOC reader and the built-in texture mosaic yield `Sample`s, so that weak
+labels, augmentation and evaluation have a single code path.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+IGNORE_INDEX = 255
+"""Mask value of pixels that carry no class (VOC object borders, 'difficult' objects)."""
+
+
+@dataclass
+class Sample:
+    """An RGB image with its dense class mask.
+
+    image: `(H, W, 3)` uint8 RGB.
+    mask: `(H, W)` int64 class indices in `[0, num_classes)`, `IGNORE_INDEX` where unknown.
+    image_id: a stable name (VOC file stem, or `mosaic-<split>-<index>`), used to seed
+        per-image weak labels and to name stored segments.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    image_id: str
+
+    def __post_init__(self) -> None:
+        if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
+            raise ValueError(f"image must be (H, W, 3) uint8, got {self.image.shape} {self.image.dtype}")
+        if self.mask.shape != self.image.shape[:2]:
+            raise ValueError(f"mask shape {self.mask.shape} does not match image {self.image.shape[:2]}")
+        if self.mask.dtype != np.int64:
+            raise ValueError(f"mask must be int64, got {self.mask.dtype}")

@@ -1,0 +1,230 @@
+"""The SPML training loop (and the two cross-entropy baselines on the same data and head).
+
+One step: cached frozen-backbone features -> head -> unit-norm embeddings (B, D, h, w) ->
+spherical k-means (no grad) -> training segments split by contour and weak label ->
+prototypes (with grad) -> SegSort+ over the relations. The baselines replace the last three
+by a 1x1 classifier and cross-entropy on the weak labels (partial CE) or on every pixel
+(full CE). Seeded, resumable (checkpoint every N steps with optimiser state), poly learning
+rate, a progress bar with each loss term, metrics as JSONL and a loss-curve PNG.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from segsearch.errors import DatasetError
+from segsearch.spml.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from segsearch.spml.embedding import EmbeddingNet, ModelConfig
+from segsearch.spml.kmeans import KMeansConfig, spherical_kmeans
+from segsearch.trainer.config import TrainConfig
+from segsearch.trainer.curves import plot_loss_curves
+from segsearch.trainer.datasets import load_split
+from segsearch.trainer.label_bank import build_label_bank
+from segsearch.trainer.prepared import PreparedSet, prepare_set, with_cam_labels
+from segsearch.trainer.relations import MemoryBank, default_loss_config, relation_losses
+from segsearch.trainer.sample import IGNORE_INDEX
+from segsearch.trainer.training_segments import build_training_segments
+from segsearch.trainer.weak_labels import WeakLabelConfig
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class TrainResult:
+    checkpoint_path: Path
+    model_version: str
+    final_loss: float
+    images_per_second: float
+    steps: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model_config(config: TrainConfig, class_names: list[str]) -> ModelConfig:
+    return ModelConfig(
+        backbone=config.backbone,
+        pretrained=config.pretrained,
+        hidden_dim=config.hidden_dim,
+        embedding_dim=config.embedding_dim,
+        num_classes=len(class_names) if config.method != "spml" else 0,
+        class_names=list(class_names),
+    )
+
+
+def weak_label_config(config: TrainConfig, background_class: int | None) -> WeakLabelConfig:
+    return WeakLabelConfig(
+        kind=config.supervision,
+        scribble_length=config.scribble_length,
+        points_per_region=config.points_per_region,
+        background_class=background_class,
+        seed=config.seed,
+    )
+
+
+def prepare_training_data(config: TrainConfig, model: EmbeddingNet | None):
+    """Train split -> PreparedSet (weak labels, contours, cached features) + class names."""
+    split = load_split(config.data, "train")
+    needs_features = config.freeze_backbone or config.supervision == "tags"
+    prepared = prepare_set(
+        split.samples,
+        len(split.class_names),
+        weak_label_config(config, split.background_class),
+        model if needs_features else None,
+        edge_source=config.edge_source if config.method == "spml" else "none",
+        progress=config.progress,
+    )
+    if config.supervision == "tags":
+        prepared = with_cam_labels(prepared, split.background_class, config.seed)
+    if config.method != "full_ce" and not bool((prepared.weak_labels != IGNORE_INDEX).any()) \
+            and config.method == "partial_ce":
+        raise DatasetError("the weak labels label no pixel at all; check the supervision type")
+    return prepared, split
+
+
+def train(config: TrainConfig) -> TrainResult:
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, prepared, split = _build(config, device)
+    optimizer = _optimizer(config, model)
+    start_step = _maybe_resume(config, model, optimizer, out_dir)
+    loss_config = default_loss_config(config.supervision)
+    loss_config.affinity.weight = config.affinity_weight
+    bank = MemoryBank(config.memory_batches)
+    metrics_path = out_dir / "metrics.jsonl"
+    if start_step == 0 and metrics_path.exists():
+        metrics_path.unlink()
+    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
+               desc=f"train {config.method}/{config.supervision}", disable=not config.progress)
+    started, last_loss = time.perf_counter(), float("nan")
+    for step in bar:
+        _set_poly_lr(optimizer, config, step)
+        terms = _train_step(config, model, optimizer, prepared, bank, loss_config, step, device)
+        last_loss = terms["loss"]
+        bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
+        with open(metrics_path, "a") as handle:
+            handle.write(json.dumps({"step": step + 1, **terms,
+                                     "lr": optimizer.param_groups[0]["lr"]}) + "\n")
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            _save(config, model, optimizer, step + 1, out_dir, label_bank=None)
+    elapsed = time.perf_counter() - started
+    steps_run = config.steps - start_step
+    images_per_second = steps_run * config.batch_size / elapsed if elapsed > 0 else 0.0
+    bank_result = build_label_bank(model, prepared, config, device)
+    path, version = _save(config, model, optimizer, config.steps, out_dir, bank_result)
+    plot_loss_curves(metrics_path, out_dir / "loss_curve.png")
+    logger.info("trained %d steps at %.1f images/s; checkpoint %s (model version %s)",
+                steps_run, images_per_second, path, version)
+    return TrainResult(path, version, last_loss, images_per_second, steps_run)
+
+
+def _build(config: TrainConfig, device: torch.device):
+    split = load_split(config.data, "train")
+    model = EmbeddingNet(build_model_config(config, split.class_names)).to(device)
+    if config.freeze_backbone:
+        model.backbone.requires_grad_(False)
+        model.backbone.eval()
+    prepared, split = prepare_training_data(config, model)
+    return model, prepared, split
+
+
+def _optimizer(config: TrainConfig, model: EmbeddingNet) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
+
+
+def _set_poly_lr(optimizer, config: TrainConfig, step: int) -> None:
+    """SPML's poly schedule: lr * (1 - step / steps) ** 0.9."""
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * (1 - step / config.steps) ** 0.9
+
+
+def batch_indices(step: int, batch_size: int, num_images: int, seed: int) -> torch.Tensor:
+    """Deterministic in (step, seed) alone, so a resumed run sees the same batches."""
+    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = positions // num_images, positions % num_images
+    orders = {int(e): torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 100003 + int(e)))
+              for e in epochs.unique()}
+    return torch.stack([orders[int(e)][o] for e, o in zip(epochs, offsets)])
+
+
+def _train_step(config, model, optimizer, prepared: PreparedSet, bank, loss_config, step, device):
+    index = batch_indices(step, config.batch_size, len(prepared), config.seed)
+    if config.freeze_backbone:
+        features = prepared.features[index].to(device).float()
+    else:
+        model.backbone.train()
+        features = model.features(prepared.images[index].to(device).float())
+    raw = model.raw_embeddings(features)
+    if config.method == "spml":
+        losses = _spml_losses(config, raw, prepared, index, bank, loss_config, device)
+    else:
+        targets = prepared.weak_labels if config.method == "partial_ce" else prepared.dense_labels
+        losses = {"CE": F.cross_entropy(model.logits(raw), targets[index].to(device),
+                                        ignore_index=IGNORE_INDEX)}
+    total = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return {"loss": float(total), **{k: float(v) for k, v in losses.items()}}
+
+
+def _spml_losses(config, raw, prepared, index, bank, loss_config, device):
+    embeddings = F.normalize(raw, dim=1)
+    kmeans = KMeansConfig(grid=tuple(config.train_grid), iterations=config.kmeans_iterations)
+    with torch.no_grad():
+        clusters = spherical_kmeans(embeddings.detach(), kmeans).segment_ids
+    tags = prepared.tags[index].to(device)
+    segments = build_training_segments(
+        embeddings, clusters, prepared.contours[index].to(device), prepared.weak_labels[index].to(device)
+    )
+    pixels = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])
+    banked = bank.concat(embeddings.shape[1], tags.shape[1], device)
+    losses = relation_losses(pixels, segments, tags, banked, loss_config)
+    bank.push(segments, tags)
+    return losses
+
+
+def _maybe_resume(config: TrainConfig, model, optimizer, out_dir: Path) -> int:
+    path = out_dir / CHECKPOINT_NAME
+    if not config.resume or not path.exists():
+        return 0
+    checkpoint = load_checkpoint(path, expected=model.config)
+    model.load_state_dict(checkpoint.state_dict)
+    state = checkpoint.train_state
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    step = int(state.get("step", 0))
+    logger.info("resumed from %s at step %d", path, step)
+    return min(step, config.steps)
+
+
+def _save(config, model, optimizer, step, out_dir: Path, label_bank):
+    checkpoint = Checkpoint(
+        config=model.config,
+        state_dict=model.state_dict(),
+        label_bank=label_bank,
+        method=config.method,
+        train_state={"step": step, "optimizer": optimizer.state_dict(),
+                     "train_config": config.to_dict()},
+    )
+    path = out_dir / CHECKPOINT_NAME
+    return path, save_checkpoint(checkpoint, path)
