@@ -153,9 +153,15 @@ class MetadataStore:
 
     def segment_ids(self) -> np.ndarray:
         """All segment ids, sorted, `(N,)` int64 (a key-only scan, no decoding)."""
-        with self._env.begin(db=self._dbs["segments"]) as txn:
-            keys = list(txn.cursor().iternext(keys=True, values=False))
-        return np.fromiter((_segment_id(k) for k in keys), dtype=np.int64, count=len(keys))
+        return self.segment_ids_with_generation()[1]
+
+    def segment_ids_with_generation(self) -> tuple[int, np.ndarray]:
+        """`(generation, sorted segment ids)` read in one transaction, i.e. one snapshot."""
+        with self._env.begin() as txn:
+            meta = decode_meta(txn.get(_META_KEY, db=self._dbs["meta"]))
+            keys = list(txn.cursor(db=self._dbs["segments"]).iternext(keys=True, values=False))
+        ids = np.fromiter((_segment_id(k) for k in keys), dtype=np.int64, count=len(keys))
+        return meta.generation, ids
 
     def iter_segments(self) -> Iterator[SegmentRecord]:
         with self._env.begin(db=self._dbs["segments"]) as txn:
@@ -174,11 +180,12 @@ class MetadataStore:
                 yield key.decode("ascii"), raw.decode("utf-8")
 
     def prototypes(
-        self, segment_ids: np.ndarray | None = None, batch_size: int = 8192
+        self, segment_ids: np.ndarray | None = None, batch_size: int = 8192, skip_missing: bool = False
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield `(ids (B,) int64, prototypes (B, D) float32)` for `segment_ids` (all if None).
 
-        This is what rebuilds or repairs the FAISS index from LMDB.
+        This is what rebuilds or repairs the FAISS index from LMDB. An absent id raises unless
+        `skip_missing` (a reader racing a writer's delete).
         """
         with self._env.begin(db=self._dbs["segments"]) as txn:
             if segment_ids is None:
@@ -188,6 +195,8 @@ class MetadataStore:
             ids: list[int] = []
             vecs: list[np.ndarray] = []
             for sid, raw in pairs:
+                if raw is None and skip_missing:
+                    continue
                 if raw is None:
                     raise IndexError_(f"segment {sid} vanished from the metadata store")
                 ids.append(sid)

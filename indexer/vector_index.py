@@ -72,11 +72,9 @@ class VectorIndex:
         self.nprobe = nprobe
         self.generation = 0
         _validate_spec(self.dim, self.spec)
-        self._factory = "Flat"
-        self._index = _build_empty(self.dim, "Flat")
-        self._tombstones = np.empty(0, dtype=np.int64)
-        if self._target_factory(0) != "Flat" and not _needs_training(self.dim, self._target_factory(0)):
-            self._rebuild(self._target_factory(0), np.empty(0, np.int64), np.empty((0, self.dim), np.float32))
+        self._train_min = _train_min(self.dim, self.spec)
+        # Types that need training start exact (see the module docstring); others start as asked.
+        self._rebuild(self._target_factory(0), np.empty(0, np.int64), np.empty((0, self.dim), np.float32))
 
     # ---- queries ---------------------------------------------------------------------
 
@@ -120,6 +118,14 @@ class VectorIndex:
         scores = scores.astype(np.float32, copy=True)
         scores[ids < 0] = -np.inf
         return scores, ids.astype(np.int64, copy=False)
+
+    def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """Change HNSW efSearch / IVF nprobe (saved with the index)."""
+        if ef_search is not None:
+            self.ef_search = int(ef_search)
+        if nprobe is not None:
+            self.nprobe = int(nprobe)
+        self._set_index(self._index)
 
     # ---- updates ---------------------------------------------------------------------
 
@@ -190,6 +196,7 @@ class VectorIndex:
         self.dim, self.spec = int(header["dim"]), header["spec"]
         self.ef_search, self.nprobe = int(header["ef_search"]), header["nprobe"]
         self.generation, self._factory = int(header["generation"]), header["factory"]
+        self._train_min = _train_min(self.dim, self.spec)
         try:
             index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
         except RuntimeError as exc:
@@ -213,7 +220,7 @@ class VectorIndex:
             if count < AUTO_EXACT_MAX:
                 return "Flat"
             return HNSW_FACTORY if spec == "auto" else f"IVF{ivf_nlist_for(count)},Flat"
-        if _needs_training(self.dim, self.spec) and count < _min_train(self.dim, self.spec):
+        if count < self._train_min:
             return "Flat"
         return self.spec
 
@@ -367,13 +374,17 @@ def _validate_spec(dim: int, spec: str) -> None:
     _classify(index)
 
 
-def _needs_training(dim: int, factory: str) -> bool:
-    return not faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT).is_trained
-
-
-def _min_train(dim: int, factory: str) -> int:
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    return 39 * index.nlist if isinstance(index, faiss.IndexIVF) else MIN_TRAIN_OTHER
+def _train_min(dim: int, spec: str) -> int:
+    """Vectors a factory-string index needs before it is built (0: no training needed)."""
+    if spec.lower() in ("auto", "flat", "hnsw", "ivf"):
+        return 0
+    index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    if index.is_trained:
+        return 0
+    if isinstance(index, faiss.IndexIVFFlat):
+        return 39 * index.nlist
+    # Other codecs (PQ, SQ, ...) train their own codebooks too: ask for more points.
+    return max(39 * index.nlist, MIN_TRAIN_OTHER) if isinstance(index, faiss.IndexIVF) else MIN_TRAIN_OTHER
 
 
 def _check_unit_norm(vectors: np.ndarray) -> None:

@@ -4,6 +4,8 @@ SPML's loss compares every pixel embedding with segment prototypes, and the grad
 loss must reach the network *through* the prototypes, so everything here is plain
 differentiable torch (``index_add`` over flattened global segment ids, no Python loop over
 segments or images). The same code runs on CPU and CUDA: it follows the tensors' device.
+On CUDA ``index_add`` sums with float atomics, so prototypes can differ between runs in the
+last bits (k-means itself avoids it for its assignments; see ``kmeans._cluster_sums``).
 
 Shapes: ``B`` images, ``D`` embedding channels, ``H x W`` pixels, ``K`` segments per image.
 Segment ``k`` of image ``b`` has the global id ``b * K + k``.

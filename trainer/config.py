@@ -31,6 +31,8 @@ class TrainConfig:
     scribble_length: float = 1.0
     points_per_region: int = 1
     edge_source: str = "hed"  # hed | sobel
+    contour_regions: int = 16  # edge-aware regions per image for relation V
+    loss_pixels: int = 2048  # pixels sampled per step for the loss (0 = all)
     affinity_weight: float = 0.0  # the A relation; off as in SPML's released configs
     memory_batches: int = 2
     seed: int = 0

@@ -6,13 +6,13 @@ wiggle). Every region is filled with a crop of one of scikit-image's bundled pho
 the photograph is the region's class, and two regions of one image never share a class.
 
 Train and test never see the same source pixels. Each source photograph is cut into two
-column bands *before* anything is resized: the train band is columns `[0, ceil(0.7 W))`, the
+column bands *before* anything is resized: the train band is columns `[0, ceil(0.6 W))`, the
 test band columns `[ceil(0.6 W), W)` (`test_fraction` = 0.4; 0.3 would force crops to cover
 so little of each photo that regions show one magnified object instead of a texture). Each
 band is resized on its own (so interpolation cannot mix them), with one zoom factor per
-photograph shared by both splits so a texture has the same scale in train and test. `source_areas()` returns the bands, and
-`TextureMosaic.region_sources()` returns the source rectangle of every region's crop, which
-the tests check against the bands.
+photograph shared by both splits so a texture has the same scale in train and test.
+`source_areas()` returns the bands, and `TextureMosaic.region_sources()` returns the source
+rectangle of every region's crop, which the tests check against the bands.
 
 Images are a pure function of `(config, index)`: the generator of image `i` is seeded with
 `(seed, split, i)`, so random access, any iteration order and any worker give the same arrays.
@@ -21,6 +21,7 @@ Images are a pure function of `(config, index)`: the generator of image `i` is s
 import functools
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +58,7 @@ class MosaicConfig:
 
     test_fraction: share of each photo's columns (the right-hand band) reserved for test.
     scales: zoom factors a region's texture is drawn at (one picked per region), on top of the
-        per-photograph zoom that makes a crop at the smallest scale just fit its test band
+        per-photograph zoom that makes a crop at the smallest scale just fit its smaller band
         (with 10% room), so every texture is seen at the same coverage of its photo.
     intensity_jitter: each region's pixels are multiplied by a gain in `1 ± intensity_jitter`.
     warp_strength: amplitude of the smooth coordinate warp, as a fraction of the image side.
@@ -163,9 +164,20 @@ def source_area(shape: tuple[int, ...], split: str, test_fraction: float) -> Rec
     return (0, 0, cut, height) if split == "train" else (cut, 0, width, height)
 
 
-def source_areas(config: MosaicConfig) -> dict[str, Rect]:
+def source_areas(config: MosaicConfig, sources: Mapping[str, np.ndarray] | None = None) -> dict[str, Rect]:
     """Per texture name, the source band that `config.split` draws every crop from."""
-    return {name: source_area(load_texture(name).shape, config.split, config.test_fraction) for name in config.textures}
+    images = _resolve_sources(config, sources)
+    return {name: source_area(images[name].shape, config.split, config.test_fraction) for name in config.textures}
+
+
+def _resolve_sources(config: MosaicConfig, sources: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """The photograph of every texture class: the given arrays, else scikit-image's bundled ones."""
+    if sources is None:
+        return {name: load_texture(name) for name in config.textures}
+    missing = [name for name in config.textures if name not in sources]
+    if missing:
+        raise DatasetError(f"no source image given for textures {missing}: pass one array per name in config.textures")
+    return {name: _to_rgb_uint8(np.asarray(sources[name]), name) for name in config.textures}
 
 
 @dataclass(frozen=True)
@@ -179,13 +191,13 @@ class _ZoomedBand:
 
 
 def _base_zoom(source_shape: tuple[int, ...], config: MosaicConfig) -> float:
-    """Zoom under which the *test* band holds a crop at the smallest scale with 10% room.
+    """Zoom under which both bands hold a crop at the smallest scale with 10% room.
 
     Shared by both splits so a texture looks the same size in train and test. It shrinks
     big photos and enlarges small ones, so a crop covers the same share of every photo.
     """
-    test = source_area(source_shape, "test", config.test_fraction)
-    band_side = min(test[2] - test[0], test[3] - test[1])
+    bands = [source_area(source_shape, split, config.test_fraction) for split in SPLITS]
+    band_side = min(min(x1 - x0, y1 - y0) for x0, y0, x1, y1 in bands)
     return math.ceil(config.size * 1.1) / (min(config.scales) * band_side)
 
 
@@ -233,12 +245,15 @@ class TextureMosaic:
     """Deterministic synthetic segmentation set of real-texture mosaics; items are `Sample`s.
 
     mask values are texture indices into `class_names` (no ignore pixels).
+    sources: optional `{texture name: (H, W[, 3]) image}` to use instead of scikit-image's
+        bundled photographs (your own textures, or test patterns).
     """
 
-    def __init__(self, config: MosaicConfig) -> None:
+    def __init__(self, config: MosaicConfig, sources: Mapping[str, np.ndarray] | None = None) -> None:
         self.config = config
         self.class_names: list[str] = list(config.textures)
-        self._bands = [self._prepare_texture(name) for name in config.textures]
+        images = _resolve_sources(config, sources)
+        self._bands = [self._prepare_texture(images[name]) for name in config.textures]
 
     @property
     def num_classes(self) -> int:
@@ -254,8 +269,7 @@ class TextureMosaic:
         """Provenance of image `index`: for each region, the source rectangle it was cut from."""
         return self._generate(self._check_index(index))[1]
 
-    def _prepare_texture(self, name: str) -> list[_ZoomedBand]:
-        source = load_texture(name)
+    def _prepare_texture(self, source: np.ndarray) -> list[_ZoomedBand]:
         area = source_area(source.shape, self.config.split, self.config.test_fraction)
         base = _base_zoom(source.shape, self.config)
         return [_zoom_band(source, area, base * scale) for scale in self.config.scales]

@@ -66,9 +66,10 @@ def prepare_set(
     tags = torch.from_numpy(np.stack([w.tags for w in weak]))
     full_res_weak = torch.from_numpy(np.stack([w.pixel_labels for w in weak]))
     edges = compute_edges(images, edge_source, batch_size, progress)
-    contours = torch.from_numpy(
-        np.stack([contour_segments(e, contour_segments_per_image) for e in edges]).astype(np.int64)
-    )
+    contours = torch.from_numpy(np.stack([
+        contour_segments(e, contour_segments_per_image) if edge_source != "none"
+        else np.zeros(e.shape, dtype=np.int64) for e in edges
+    ]).astype(np.int64))
     features = None if model is None else compute_features(model, images, batch_size, progress)
     return PreparedSet(
         images=images,
@@ -108,8 +109,11 @@ def compute_edges(images: torch.Tensor, source: str, batch_size: int, progress: 
     """(N, 3, H, W) uint8 -> (N, H, W) float32 edge strength in [0, 1].
 
     "hed": the ported HED detector (the paper's choice); "sobel": a gradient magnitude, for
-    tests and the from-scratch backbone where loading VGG16 would dominate the run time.
+    tests and the from-scratch backbone where loading VGG16 would dominate the run time;
+    "none": no edges (one contour region per image), for runs that do not use relation V.
     """
+    if source == "none":  # the CE baselines use no contour relation
+        return np.zeros((images.shape[0], *images.shape[2:]), dtype=np.float32)
     if source == "sobel":
         return np.stack([_sobel(img.permute(1, 2, 0).numpy()) for img in images])
     if source != "hed":

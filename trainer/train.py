@@ -83,6 +83,7 @@ def prepare_training_data(config: TrainConfig, model: EmbeddingNet | None):
         weak_label_config(config, split.background_class),
         model if needs_features else None,
         edge_source=config.edge_source if config.method == "spml" else "none",
+        contour_segments_per_image=config.contour_regions,
         progress=config.progress,
     )
     if config.supervision == "tags":
@@ -175,7 +176,7 @@ def _train_step(config, model, optimizer, prepared: PreparedSet, bank, loss_conf
         features = model.features(prepared.images[index].to(device).float())
     raw = model.raw_embeddings(features)
     if config.method == "spml":
-        losses = _spml_losses(config, raw, prepared, index, bank, loss_config, device)
+        losses = _spml_losses(config, raw, prepared, index, bank, loss_config, device, step)
     else:
         targets = prepared.weak_labels if config.method == "partial_ce" else prepared.dense_labels
         losses = {"CE": F.cross_entropy(model.logits(raw), targets[index].to(device),
@@ -184,10 +185,10 @@ def _train_step(config, model, optimizer, prepared: PreparedSet, bank, loss_conf
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()
-    return {"loss": float(total), **{k: float(v) for k, v in losses.items()}}
+    return {"loss": total.item(), **{k: v.item() for k, v in losses.items()}}
 
 
-def _spml_losses(config, raw, prepared, index, bank, loss_config, device):
+def _spml_losses(config, raw, prepared, index, bank, loss_config, device, step):
     embeddings = F.normalize(raw, dim=1)
     kmeans = KMeansConfig(grid=tuple(config.train_grid), iterations=config.kmeans_iterations)
     with torch.no_grad():
@@ -197,8 +198,14 @@ def _spml_losses(config, raw, prepared, index, bank, loss_config, device):
         embeddings, clusters, prepared.contours[index].to(device), prepared.weak_labels[index].to(device)
     )
     pixels = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])
+    if 0 < config.loss_pixels < pixels.shape[0]:
+        generator = torch.Generator().manual_seed(config.seed * 7919 + step)
+        pick = torch.randperm(pixels.shape[0], generator=generator)[: config.loss_pixels].to(device)
+        pixels, segments_seen = pixels[pick], segments.select_pixels(pick)
+    else:
+        segments_seen = segments
     banked = bank.concat(embeddings.shape[1], tags.shape[1], device)
-    losses = relation_losses(pixels, segments, tags, banked, loss_config)
+    losses = relation_losses(pixels, segments_seen, tags, banked, loss_config)
     bank.push(segments, tags)
     return losses
 

@@ -7,7 +7,7 @@ relations need: its image, contour region, weak label, and the image's tags.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,17 @@ class TrainingSegments:
     @property
     def num_segments(self) -> int:
         return self.prototypes.shape[0]
+
+    def select_pixels(self, index: torch.Tensor) -> "TrainingSegments":
+        """The same segments, seen from a subset of pixels (the loss samples pixels; the
+        prototypes stay the means over *all* pixels)."""
+        return replace(
+            self,
+            pixel_segment=self.pixel_segment[index],
+            pixel_image=self.pixel_image[index],
+            pixel_label=self.pixel_label[index],
+            pixel_contour=self.pixel_contour[index],
+        )
 
 
 def build_training_segments(

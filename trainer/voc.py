@@ -74,7 +74,8 @@ class VocDataset:
                 f"holds JPEGImages/, SegmentationClass/ and ImageSets/, e.g. VOCdevkit/VOC2012"
             )
         self.mask_dir = self.root / self._pick_mask_dir(mask_dir)
-        list_file = Path(image_set_file) if image_set_file else self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        default_list = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        list_file = Path(image_set_file) if image_set_file else default_list
         self.image_ids = _read_image_list(list_file)
         self._check_files_exist()
         logger.info("VOC %s: %d images, masks from %s", list_file.name, len(self.image_ids), self.mask_dir.name)
@@ -123,7 +124,9 @@ class VocDataset:
         for image_id in self.image_ids:
             for path, kind in ((self.image_path(image_id), "image"), (self.mask_path(image_id), "mask")):
                 if not path.is_file():
-                    raise DatasetError(f"{kind} {path} listed for id {image_id!r} is missing: restore it or drop the id from the list")
+                    raise DatasetError(
+                        f"{kind} {path} listed for id {image_id!r} is missing: restore it or drop the id from the list"
+                    )
 
 
 def _read_image_list(list_file: Path) -> list[str]:

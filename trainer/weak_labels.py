@@ -91,10 +91,23 @@ class WeakLabels:
 
 @dataclass(frozen=True)
 class Region:
-    """One connected component of one class: `pixels` is an `(H, W)` bool mask."""
+    """One connected component of one class.
+
+    window: `(rows, cols)` slices of its bounding box in the image; local: `(h, w)` bool, the
+    component inside that box. Work happens in the box, so small regions cost little.
+    """
 
     class_index: int
-    pixels: np.ndarray
+    window: tuple[slice, slice]
+    local: np.ndarray
+    image_shape: tuple[int, int]
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """`(H, W)` bool: the component in image coordinates."""
+        full = np.zeros(self.image_shape, dtype=bool)
+        full[self.window] = self.local
+        return full
 
 
 def rng_for_image(seed: int, image_id: str) -> np.random.Generator:
@@ -121,13 +134,12 @@ def make_weak_labels(
     if config.kind == "tags":
         return WeakLabels(tags, labels)
     regions = find_regions(mask, present, config.min_region_area)
-    if config.kind == "points":
+    if config.kind in ("points", "scribbles"):
+        draw = _point_pixels if config.kind == "points" else _scribble_pixels
         for region in regions:
-            labels[_point_pixels(region.pixels, config, rng)] = region.class_index
-        return WeakLabels(tags, labels)
-    if config.kind == "scribbles":
-        for region in regions:
-            labels[_scribble_pixels(region.pixels, config, rng)] = region.class_index
+            # Strokes are drawn in a box one radius larger than the region so thickening fits.
+            window, local = _grow_window(region, max(config.point_radius, config.scribble_radius))
+            labels[window][draw(local, config, rng)] = region.class_index
         return WeakLabels(tags, labels)
     boxes = [_tight_box(r) for r in regions if r.class_index != config.background_class]
     return WeakLabels(tags, _paint_boxes(boxes, mask, config.background_class), boxes)
@@ -153,10 +165,25 @@ def find_regions(mask: np.ndarray, classes: np.ndarray, min_area: int) -> list[R
     for class_index in classes:
         components, count = ndimage.label(mask == class_index, structure=_EIGHT_CONNECTED)
         areas = np.bincount(components.ravel(), minlength=count + 1)
-        for component in range(1, count + 1):
-            if areas[component] >= min_area:
-                regions.append(Region(int(class_index), components == component))
+        for component, window in enumerate(ndimage.find_objects(components), start=1):
+            if window is not None and areas[component] >= min_area:
+                local = components[window] == component
+                regions.append(Region(int(class_index), window, local, mask.shape))
     return regions
+
+
+def _grow_window(region: Region, margin: int) -> tuple[tuple[slice, slice], np.ndarray]:
+    """The region's box grown by `margin` pixels (clipped to the image), and the region in it."""
+    rows, cols = region.window
+    height, width = region.image_shape
+    grown = (
+        slice(max(0, rows.start - margin), min(height, rows.stop + margin)),
+        slice(max(0, cols.start - margin), min(width, cols.stop + margin)),
+    )
+    local = np.zeros((grown[0].stop - grown[0].start, grown[1].stop - grown[1].start), dtype=bool)
+    top, left = rows.start - grown[0].start, cols.start - grown[1].start
+    local[top : top + region.local.shape[0], left : left + region.local.shape[1]] = region.local
+    return grown, local
 
 
 def _point_pixels(region: np.ndarray, config: WeakLabelConfig, rng: np.random.Generator) -> np.ndarray:
@@ -233,8 +260,8 @@ def _thicken(pixels: np.ndarray, radius: int) -> np.ndarray:
 
 
 def _tight_box(region: Region) -> Box:
-    ys, xs = np.nonzero(region.pixels)
-    return (region.class_index, int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    rows, cols = region.window  # find_objects boxes are already tight
+    return (region.class_index, cols.start, rows.start, cols.stop, rows.stop)
 
 
 def _paint_boxes(boxes: list[Box], mask: np.ndarray, background_class: int | None) -> np.ndarray:

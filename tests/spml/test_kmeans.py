@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from segsearch.spml.kmeans import (
     KMeansConfig,
+    _cluster_sums,
     coordinate_grid,
     grid_labels,
     initial_centroids,
@@ -14,6 +15,7 @@ from segsearch.spml.kmeans import (
     kmeans_objective,
     reseed_empty,
     spherical_kmeans,
+    update_centroids,
 )
 
 
@@ -104,7 +106,9 @@ def test_batched_equals_per_image():
     for b in range(3):
         alone = spherical_kmeans(embeddings[b : b + 1], config)
         assert torch.equal(together.segment_ids[b], alone.segment_ids[0])
-        torch.testing.assert_close(together.prototypes[b], alone.prototypes[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            together.prototypes[b], alone.prototypes[0], atol=1e-6, rtol=1e-5
+        )
     again = spherical_kmeans(embeddings, config)
     assert torch.equal(together.segment_ids, again.segment_ids)  # deterministic
 
@@ -125,10 +129,8 @@ def test_planted_regions_give_pure_segments(coord_weight):
 
 
 def test_coordinate_weight_makes_segments_compact():
-    noisy_constant = F.normalize(
-        torch.ones(1, 8, 24, 24) + 0.3 * torch.randn(1, 8, 24, 24, generator=torch.Generator().manual_seed(4)),
-        dim=1,
-    )
+    noise = torch.randn(1, 8, 24, 24, generator=torch.Generator().manual_seed(4))
+    noisy_constant = F.normalize(torch.ones(1, 8, 24, 24) + 0.3 * noise, dim=1)
     scattered = spherical_kmeans(noisy_constant, KMeansConfig(grid=(4, 4), coord_weight=0.0))
     compact = spherical_kmeans(noisy_constant, KMeansConfig(grid=(4, 4), coord_weight=2.0))
     assert _within_segment_coord_std(compact.segment_ids[0]) < 0.5 * _within_segment_coord_std(
@@ -157,13 +159,37 @@ def test_objective_never_decreases_with_more_iterations():
 def test_objective_matches_hand_computation():
     features = F.normalize(torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(6)), dim=-1)
     ids = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 1]])
-    centroids = F.normalize(torch.randn(2, 2, 3, generator=torch.Generator().manual_seed(7)), dim=-1)
+    generator = torch.Generator().manual_seed(7)
+    centroids = F.normalize(torch.randn(2, 2, 3, generator=generator), dim=-1)
     expected = torch.stack(
         [sum(features[b, i] @ centroids[b, ids[b, i]] for i in range(5)) for b in range(2)]
     )
     torch.testing.assert_close(kmeans_objective(features, ids, centroids), expected)
     # Without centroids, the segments' normalised means are used: never worse than given ones.
     assert (kmeans_objective(features, ids) >= expected - 1e-6).all()
+
+
+def test_cluster_sums_cpu_and_matmul_paths_agree():
+    """The CUDA path (one-hot matmul) must sum the same features as the CPU path (index_add)."""
+    generator = torch.Generator().manual_seed(12)
+    features = torch.randn(3, 50, 4, generator=generator, dtype=torch.float64)
+    ids = torch.randint(0, 6, (3, 50), generator=generator)
+    via_index_add = _cluster_sums(features, ids, 7, matmul=False)
+    via_matmul = _cluster_sums(features, ids, 7, matmul=True)
+    torch.testing.assert_close(via_index_add, via_matmul)
+    expected = torch.stack([features[1][ids[1] == k].sum(0) for k in range(7)])
+    torch.testing.assert_close(via_index_add[1], expected)
+
+
+def test_update_keeps_previous_centroid_of_empty_and_cancelling_clusters():
+    features = torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]])
+    ids = torch.tensor([[0, 0, 1, 1]])  # cluster 0 cancels to zero, cluster 2 is empty
+    previous = F.normalize(torch.tensor([[[1.0, 1.0], [1.0, -1.0], [-1.0, 0.5]]]), dim=-1)
+    centroids, counts = update_centroids(features, ids, previous)
+    assert counts.tolist() == [[2, 2, 0]]
+    assert torch.equal(centroids[0, 0], previous[0, 0])
+    assert torch.equal(centroids[0, 2], previous[0, 2])
+    torch.testing.assert_close(centroids[0, 1], torch.tensor([0.0, 1.0]))
 
 
 def test_reseed_moves_empty_clusters_to_distinct_worst_pixels():
@@ -173,7 +199,8 @@ def test_reseed_moves_empty_clusters_to_distinct_worst_pixels():
     similarity = torch.tensor([[1.0, 0.2, 0.1, 0.5]])  # worst: pixel 2, then pixel 1
     reseeded = reseed_empty(features, similarity, centroids, counts)
     assert torch.equal(reseeded[0, :2], centroids[0, :2])
-    assert torch.equal(reseeded[0, 2], features[0, 2]) and torch.equal(reseeded[0, 3], features[0, 1])
+    assert torch.equal(reseeded[0, 2], features[0, 2])
+    assert torch.equal(reseeded[0, 3], features[0, 1])
 
 
 def test_prototypes_carry_gradients_but_segment_ids_do_not():
@@ -188,7 +215,14 @@ def test_prototypes_carry_gradients_but_segment_ids_do_not():
 def test_config_validation_and_inference_grid():
     assert KMeansConfig().grid == (6, 6) and KMeansConfig().num_segments == 36
     assert KMeansConfig.for_inference().num_segments == 144
-    for bad in [dict(grid=(0, 3)), dict(iterations=0), dict(coord_weight=-1.0), dict(init="x"), dict(empty_cluster="x")]:
+    bad_settings = [
+        dict(grid=(0, 3)),
+        dict(iterations=0),
+        dict(coord_weight=-1.0),
+        dict(init="x"),
+        dict(empty_cluster="x"),
+    ]
+    for bad in bad_settings:
         with pytest.raises(ValueError):
             KMeansConfig(**bad)
 
@@ -223,7 +257,8 @@ def test_same_assignment_as_faiss_from_the_same_grid_init():
     kmeans = faiss.Kmeans(points.shape[1], 9, niter=5, spherical=True, verbose=False)
     kmeans.train(points, init_centroids=start)
     _, faiss_ids = kmeans.index.search(points, 1)
-    agreement = (torch.from_numpy(faiss_ids.reshape(-1)) == ours.segment_ids.reshape(-1)).float().mean()
+    faiss_ids = torch.from_numpy(faiss_ids.reshape(-1))
+    agreement = (faiss_ids == ours.segment_ids.reshape(-1)).float().mean()
     assert agreement > 0.999
 
 

@@ -49,7 +49,9 @@ def test_prototypes_unit_norm_and_empty_segments_zero():
 
 
 def test_gradcheck_through_prototypes_float64():
-    embeddings, ids = _random_case(batch=2, dim=3, height=2, width=3, num_segments=4, dtype=torch.float64)
+    embeddings, ids = _random_case(
+        batch=2, dim=3, height=2, width=3, num_segments=4, dtype=torch.float64
+    )
     embeddings.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda e: segment_prototypes(e, ids, 4), (embeddings,))
 
@@ -63,8 +65,9 @@ def test_gradient_finite_with_empty_segment_and_zero_for_unused_pixels():
     grad = embeddings.grad
     assert torch.isfinite(grad).all()
     in_segment = (ids == 0) & (torch.arange(2).view(2, 1, 1) == 0)
-    assert grad.permute(0, 2, 3, 1)[in_segment].abs().sum() > 0
-    assert torch.equal(grad.permute(0, 2, 3, 1)[~in_segment], torch.zeros_like(grad.permute(0, 2, 3, 1)[~in_segment]))
+    per_pixel = grad.permute(0, 2, 3, 1)  # (B, H, W, D)
+    assert per_pixel[in_segment].abs().sum() > 0
+    assert torch.equal(per_pixel[~in_segment], torch.zeros_like(per_pixel[~in_segment]))
 
 
 def test_flatten_segments_offsets_by_image():

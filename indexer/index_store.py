@@ -1,0 +1,471 @@
+"""One index directory: the LMDB metadata store + the FAISS vector index, kept consistent.
+
+Layout of `INDEX_DIR`:
+
+    metadata.lmdb/     LMDB environment (records, prototypes, meta) — the source of truth
+    vectors.faiss      FAISS index + tombstones + the LMDB generation it reflects
+    writer.lock        flock held by the one process allowed to write
+
+Crash safety. LMDB is the write-ahead log. Every chunk is committed in this order:
+
+1. ONE LMDB write transaction stores the chunk's records (prototypes included), allocates
+   their segment ids and bumps `IndexMeta.generation`;
+2. then the in-memory FAISS index is updated and its `generation` set to LMDB's;
+3. then (every `save_every` chunks) the FAISS file is written atomically (temp + fsync +
+   rename + directory fsync) *with that generation inside it*.
+
+A crash before (1) commits leaves nothing; a crash after (1) leaves a FAISS file whose
+generation is older than LMDB's (or a missing/corrupt file, which is also possible through
+disk damage). `open` detects both and repairs: it adds the LMDB segments FAISS lacks (from
+the stored prototypes), removes the ids FAISS holds that LMDB lacks (deleted images), records
+LMDB's generation and saves. So after any crash the two agree after the next open.
+
+`save_every > 1` trades repair work for speed: on big indexes writing the FAISS file after
+every chunk costs more than the chunk; with `save_every=N` a crash costs re-adding at most
+N chunks' vectors from LMDB on the next open (no model work is redone). `close` and `flush`
+always save.
+
+Searches only return segments that LMDB holds too, so a segment exists for search only when
+both stores hold it, even in the instant between steps (1) and (2) of a delete.
+
+Only one process may write an index (the `writer.lock` flock, released by the kernel when a
+process dies); readers open with `read_only=True` and repair in memory only. Do not open the
+same index twice in one process (LMDB's rule).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from segsearch.errors import IndexError_
+from segsearch.indexer.metadata_store import DEFAULT_MAP_SIZE, MetadataStore
+from segsearch.indexer.records import ImageRecord, IndexMeta, SegmentRecord
+from segsearch.indexer.vector_index import DEFAULT_EF_SEARCH, VectorIndex
+
+log = logging.getLogger(__name__)
+
+LMDB_DIR = "metadata.lmdb"
+VECTORS_FILE = "vectors.faiss"
+LOCK_FILE = "writer.lock"
+_REBUILD_BATCH = 65536
+
+
+@dataclass
+class SearchHit:
+    """One search result: the segment's id, its inner-product score and its record."""
+
+    segment_id: int
+    score: float
+    segment: SegmentRecord
+
+
+@dataclass
+class AddResult:
+    """What `add_images` did: new segment ids, images stored, images skipped and why."""
+
+    segment_ids: list[int] = field(default_factory=list)
+    image_ids: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+class IndexStore:
+    """Read/write access to one index directory (see the module docstring)."""
+
+    def __init__(self, root: Path, metadata: MetadataStore, vectors: VectorIndex,
+                 lock_fd: int | None, save_every: int) -> None:
+        self.root = root
+        self._metadata = metadata
+        self._vectors = vectors
+        self._lock_fd = lock_fd
+        self._save_every = max(1, int(save_every))
+        self._unsaved_chunks = 0
+        self._stale = False  # the in-memory FAISS index may disagree with LMDB
+        self._mutex = threading.RLock()
+        self._closed = False
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, root: str | Path, model_version: str, embedding_dim: int, index_spec: str = "auto",
+               map_size: int = DEFAULT_MAP_SIZE, *, save_every: int = 1,
+               ef_search: int = DEFAULT_EF_SEARCH, nprobe: int | None = None) -> IndexStore:
+        """Create an empty index in `root` (which must not exist or be empty)."""
+        root = Path(root)
+        if root.exists() and any(root.iterdir()):
+            raise IndexError_(
+                f"{root} is not empty; choose a new --out directory, or add to an existing "
+                "index with `segsearch index add`"
+            )
+        vectors = VectorIndex(embedding_dim, index_spec, ef_search=ef_search, nprobe=nprobe)  # validates spec
+        meta = IndexMeta(model_version=model_version, embedding_dim=int(embedding_dim), index_type=index_spec)
+        # Built in a staging directory and renamed into place, so that a crash during create
+        # leaves either no index or a complete empty one (never a half-made directory).
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = root.parent / f".{root.name}.creating-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        lock_fd = _acquire_writer_lock(staging)
+        metadata = None
+        try:
+            metadata = MetadataStore.create(staging / LMDB_DIR, meta, map_size)
+            vectors.save(staging / VECTORS_FILE)
+            if root.exists():
+                root.rmdir()  # checked empty above
+            os.rename(staging, root)
+            _fsync_dir(root.parent)
+        except BaseException:
+            if metadata is not None:
+                metadata.close()
+            os.close(lock_fd)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        metadata.path = root / LMDB_DIR
+        log.info("created index %s (model %s, %d-d, %s)", root, model_version, embedding_dim, index_spec)
+        return cls(root, metadata, vectors, lock_fd, save_every)
+
+    @classmethod
+    def open(cls, root: str | Path, model_version: str | None = None, *, map_size: int | None = None,
+             read_only: bool = False, repair: bool = True, save_every: int = 1,
+             ef_search: int | None = None, nprobe: int | None = None) -> IndexStore:
+        """Open an existing index, refusing another model version, repairing FAISS if needed.
+
+        `repair=False` loads the FAISS file as it is (an error if it is unreadable) so that
+        `verify` reports the on-disk state; read-only stores repair in memory only.
+        """
+        root = Path(root)
+        if not (root / LMDB_DIR / "data.mdb").exists():
+            raise IndexError_(f"no segsearch index at {root} (missing {LMDB_DIR}); create one with `segsearch index`")
+        lock_fd = None if read_only else _acquire_writer_lock(root)
+        try:
+            metadata = MetadataStore.open(root / LMDB_DIR, map_size=map_size, read_only=read_only)
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        try:
+            _check_model_version(root, metadata.meta(), model_version)
+            if not read_only:
+                _remove_stale_temp_files(root)
+            vectors = _load_vectors(root, metadata, repair)
+        except BaseException:
+            metadata.close()
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        store = cls(root, metadata, vectors, lock_fd, save_every)
+        try:
+            if ef_search is not None or nprobe is not None:
+                vectors.set_search_params(ef_search=ef_search, nprobe=nprobe)
+            if repair and vectors.generation != metadata.meta().generation:
+                store._repair()
+            if not read_only and store._unsaved_chunks:
+                store.flush()
+        except BaseException:
+            store._unsaved_chunks = 0
+            store.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        """Save unsaved FAISS changes (writers), then release LMDB and the writer lock."""
+        if self._closed:
+            return
+        try:
+            if self._lock_fd is not None and self._unsaved_chunks:
+                self.flush()
+        finally:
+            self._closed = True
+            self._metadata.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def __enter__(self) -> IndexStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ---- writes ----------------------------------------------------------------------
+
+    def add_images(self, batch: Sequence[tuple[ImageRecord, Sequence[SegmentRecord]]]) -> AddResult:
+        """Add a chunk of images with their segments (ids assigned here); one LMDB transaction.
+
+        An image whose sha256 is already indexed (or whose id is taken) is skipped, so
+        re-indexing adds nothing. Segments must carry this index's model version.
+        """
+        with self._mutex:
+            self._check_writable()
+            self._ensure_consistent()
+            put = self._metadata.put_images(batch)  # (1) LMDB commit: the source of truth
+            result = AddResult(put.segment_ids, [img.image_id for img, _ in put.added], put.skipped)
+            if not put.added:
+                return result
+            ids = np.asarray(result.segment_ids, dtype=np.int64)
+            vectors = np.stack([seg.prototype for _, segs in put.added for seg in segs]) if ids.size else None
+            self._apply(put.generation, lambda: vectors is None or self._vectors.add(ids, vectors))
+            return result
+
+    def delete_images(self, image_ids: Sequence[str]) -> list[int]:
+        """Delete images and their segments from both stores; returns the removed segment ids.
+
+        Unknown image ids raise IndexError_ listing them, and nothing is deleted.
+        """
+        with self._mutex:
+            self._check_writable()
+            self._ensure_consistent()
+            removed, generation = self._metadata.delete_images(image_ids)  # (1) LMDB commit
+            self._apply(generation, lambda: self._vectors.remove(np.asarray(removed, dtype=np.int64)))
+            return removed
+
+    def flush(self) -> None:
+        """Write the FAISS file now (atomically), with the generation it reflects."""
+        with self._mutex:
+            self._check_writable()
+            self._ensure_consistent()
+            self._vectors.save(self.root / VECTORS_FILE)
+            self._unsaved_chunks = 0
+
+    def rebuild_vectors(self) -> None:
+        """Rebuild the FAISS index from LMDB, choosing its type for the current size, and save."""
+        with self._mutex:
+            self._check_writable()
+            self._vectors = _vectors_from_lmdb(self._metadata)
+            self._stale = False
+            self._unsaved_chunks += 1
+            self.flush()
+
+    def refresh(self) -> bool:
+        """Catch up with LMDB commits made by another process (readers); True if changed."""
+        with self._mutex:
+            if self._vectors.generation == self._metadata.meta().generation and not self._stale:
+                return False
+            self._repair()
+            return True
+
+    # ---- reads -----------------------------------------------------------------------
+
+    @property
+    def meta(self) -> IndexMeta:
+        return self._metadata.meta()
+
+    def search(self, vectors: np.ndarray, k: int) -> list[list[SearchHit]]:
+        """Nearest segments of each query `(Q, D)` (or one `(D,)`), best first, at most k each."""
+        queries = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        with self._mutex:
+            self._ensure_consistent()
+            scores, ids = self._vectors.search(queries, k)
+        records = self._metadata.get_segments(ids.reshape(-1).tolist())
+        hits: list[list[SearchHit]] = []
+        for row in range(len(queries)):
+            row_hits = []
+            for col in range(ids.shape[1]):
+                record = records[row * ids.shape[1] + col]
+                if record is not None:  # a segment exists for search only if LMDB holds it too
+                    row_hits.append(SearchHit(int(ids[row, col]), float(scores[row, col]), record))
+            hits.append(row_hits)
+        return hits
+
+    def get_segment(self, segment_id: int) -> SegmentRecord:
+        record = self._metadata.get_segment(segment_id)
+        if record is None:
+            raise IndexError_(f"segment id {segment_id} is not in the index at {self.root}")
+        return record
+
+    def get_image(self, image_id: str) -> ImageRecord:
+        record = self._metadata.get_image(image_id)
+        if record is None:
+            raise IndexError_(f"image id {image_id!r} is not in the index at {self.root}")
+        return record
+
+    def image_id_for_sha256(self, sha256: str) -> str | None:
+        """The id under which content with this digest is indexed (lets a resumed job skip it)."""
+        return self._metadata.image_id_for_sha256(sha256)
+
+    def segment_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """`(LMDB ids, FAISS ids)`, each sorted `(N,)` int64; equal when consistent."""
+        with self._mutex:
+            return self._metadata.segment_ids(), self._vectors.ids()
+
+    def stats(self) -> dict[str, object]:
+        meta = self._metadata.meta()
+        path = self.root / VECTORS_FILE
+        with self._mutex:
+            return {
+                "path": str(self.root), "model_version": meta.model_version,
+                "embedding_dim": meta.embedding_dim, "num_images": meta.num_images,
+                "num_segments": meta.num_segments, "index_spec": meta.index_type,
+                "faiss_index": self._vectors.describe(), "faiss_vectors": len(self._vectors),
+                "faiss_tombstones": self._vectors.num_tombstones, "generation": meta.generation,
+                "faiss_generation": self._vectors.generation, "format_version": meta.format_version,
+                "faiss_file_bytes": path.stat().st_size if path.exists() else 0,
+                **{f"lmdb_{key}": value for key, value in self._metadata.usage().items()},
+            }
+
+    def verify(self) -> list[str]:
+        """Problems found (empty = consistent): FAISS vs LMDB ids, versions, counts, links."""
+        meta = self._metadata.meta()
+        with self._mutex:
+            faiss_ids, faiss_gen, faiss_dim = self._vectors.ids(), self._vectors.generation, self._vectors.dim
+            faiss_spec = self._vectors.spec
+        lmdb_ids = self._metadata.segment_ids()
+        problems = _id_problems(faiss_ids, lmdb_ids)
+        if faiss_gen != meta.generation:
+            problems.append(f"FAISS index reflects generation {faiss_gen}, LMDB is at {meta.generation}")
+        if faiss_dim != meta.embedding_dim:
+            problems.append(f"FAISS index holds {faiss_dim}-d vectors, meta says {meta.embedding_dim}")
+        if faiss_spec != meta.index_type:
+            problems.append(f"FAISS index spec {faiss_spec!r} differs from meta {meta.index_type!r}")
+        problems += _record_problems(self._metadata, meta, lmdb_ids)
+        return problems
+
+    # ---- internals -------------------------------------------------------------------
+
+    def _apply(self, generation: int, update) -> None:
+        """Steps (2) and (3) of a chunk: update FAISS in memory, then save per `save_every`."""
+        try:
+            update()
+        except BaseException:
+            self._stale = True  # LMDB committed; the next operation repairs FAISS from it
+            raise
+        self._vectors.generation = generation
+        self._unsaved_chunks += 1
+        if self._unsaved_chunks >= self._save_every:
+            self.flush()
+
+    def _ensure_consistent(self) -> None:
+        if self._stale:
+            self._repair()
+
+    def _repair(self) -> None:
+        """Make the in-memory FAISS index hold exactly LMDB's ids (from stored prototypes)."""
+        generation, lmdb_ids = self._metadata.segment_ids_with_generation()
+        faiss_ids = self._vectors.ids()
+        extra = np.setdiff1d(faiss_ids, lmdb_ids, assume_unique=True)
+        missing = np.setdiff1d(lmdb_ids, faiss_ids, assume_unique=True)
+        log.warning(
+            "repairing %s from LMDB: FAISS was at generation %d, LMDB at %d; removing %d, adding %d",
+            self.root / VECTORS_FILE, self._vectors.generation, generation, extra.size, missing.size,
+        )
+        self._vectors.remove(extra)
+        for ids, vectors in self._metadata.prototypes(missing, skip_missing=self._lock_fd is None):
+            self._vectors.add(ids, vectors)
+        self._vectors.generation = generation
+        self._stale = False
+        self._unsaved_chunks += 1
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise IndexError_(f"index at {self.root} is closed")
+        if self._lock_fd is None:
+            raise IndexError_(f"index at {self.root} was opened read-only")
+
+
+def _load_vectors(root: Path, metadata: MetadataStore, repair: bool) -> VectorIndex:
+    """The FAISS file, or (when `repair`) a rebuild from LMDB if it is missing or damaged."""
+    path = root / VECTORS_FILE
+    meta = metadata.meta()
+    try:
+        vectors = VectorIndex.load(path)
+        if vectors.dim != meta.embedding_dim:
+            raise IndexError_(f"FAISS index file {path} holds {vectors.dim}-d vectors, the index {meta.embedding_dim}-d")
+        return vectors
+    except IndexError_ as exc:
+        if not repair:
+            raise
+        log.warning("%s; rebuilding it from the LMDB store (%d segments)", exc, meta.num_segments)
+    vectors = _vectors_from_lmdb(metadata)
+    vectors.generation = -1  # forces the open to save the rebuilt file
+    return vectors
+
+
+def _vectors_from_lmdb(metadata: MetadataStore) -> VectorIndex:
+    generation, _ = metadata.segment_ids_with_generation()
+    meta = metadata.meta()
+    vectors = VectorIndex(meta.embedding_dim, meta.index_type)
+    for ids, protos in metadata.prototypes(batch_size=_REBUILD_BATCH, skip_missing=True):
+        vectors.add(ids, protos)
+    vectors.generation = generation
+    return vectors
+
+
+def _check_model_version(root: Path, meta: IndexMeta, model_version: str | None) -> None:
+    if model_version is not None and model_version != meta.model_version:
+        raise IndexError_(
+            f"the index at {root} holds segments of model version {meta.model_version!r}, but "
+            f"the model is version {model_version!r}; one index never mixes versions: use the "
+            "checkpoint it was built with, or index into a new --out directory"
+        )
+
+
+def _acquire_writer_lock(root: Path) -> int:
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(fd)
+        raise IndexError_(
+            f"the index at {root} is open for writing by another process (or another IndexStore "
+            "in this one); wait for it to finish, or open it read-only"
+        ) from exc
+    return fd
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temp_files(root: Path) -> None:
+    """Temp files of a save interrupted by a crash (the real file is intact)."""
+    for tmp in root.glob(f".{VECTORS_FILE}.tmp-*"):
+        log.info("removing %s left by an interrupted save", tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def _id_problems(faiss_ids: np.ndarray, lmdb_ids: np.ndarray) -> list[str]:
+    problems = []
+    for name, only in (("FAISS but not LMDB", np.setdiff1d(faiss_ids, lmdb_ids)),
+                       ("LMDB but not FAISS", np.setdiff1d(lmdb_ids, faiss_ids))):
+        if only.size:
+            problems.append(f"{only.size} segment id(s) in {name}: {only[:10].tolist()}")
+    return problems
+
+
+def _record_problems(metadata: MetadataStore, meta: IndexMeta, lmdb_ids: np.ndarray) -> list[str]:
+    """Counts, model versions, dimensions, and the image <-> segment <-> sha256 links."""
+    problems = []
+    if meta.num_segments != lmdb_ids.size:
+        problems.append(f"meta counts {meta.num_segments} segments, LMDB holds {lmdb_ids.size}")
+    if lmdb_ids.size and lmdb_ids.max() >= meta.next_segment_id:
+        problems.append(f"segment id {lmdb_ids.max()} >= next id counter {meta.next_segment_id}")
+    owner: dict[int, str] = {}
+    for seg in metadata.iter_segments():
+        owner[seg.segment_id] = seg.image_id
+        if seg.model_version != meta.model_version:
+            problems.append(f"segment {seg.segment_id} has model version {seg.model_version!r}, "
+                            f"the index {meta.model_version!r}")
+        if seg.prototype.shape != (meta.embedding_dim,):
+            problems.append(f"segment {seg.segment_id} prototype has shape {seg.prototype.shape}")
+    images = list(metadata.iter_images())
+    if meta.num_images != len(images):
+        problems.append(f"meta counts {meta.num_images} images, LMDB holds {len(images)}")
+    listed = [(sid, image.image_id) for image in images for sid in image.segment_ids]
+    if sorted(listed) != sorted(owner.items()):
+        problems.append("image records and segment records disagree on which segments each image has")
+    sha_table = dict(metadata.iter_sha256())
+    if sha_table != {image.sha256: image.image_id for image in images}:
+        problems.append("the sha256 table does not match the image records")
+    return problems[:50]

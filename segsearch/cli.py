@@ -1,0 +1,43 @@
+"""The `segsearch` command: one entry point, a subcommand per job.
+
+User mistakes raise `SegsearchError`; they are printed as one line (no traceback) and the
+command exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from segsearch.errors import SegsearchError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from segsearch.demo import add_demo_parser
+    from segsearch.trainer.cli import add_eval_parser, add_train_parser
+
+    parser = argparse.ArgumentParser(prog="segsearch", description="Segment retrieval with SPML embeddings.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(subparsers)
+    add_eval_parser(subparsers)
+    add_demo_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except SegsearchError as error:
+        print(f"segsearch {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The FAISS wrapper: self-retrieval, deletions and persistence for every index type offered."""
+
+import os
+
+import numpy as np
+import pytest
+
+from segsearch.errors import IndexError_
+from segsearch.indexer import vector_index
+from segsearch.indexer.vector_index import VectorIndex, ivf_nlist_for
+
+DIM = 16
+# spec -> the faiss type it must have become at N=2000 vectors
+SPECS = {"flat": "Flat", "hnsw": "HNSW32,Flat", "IVF16,Flat": "IVF16,Flat", "auto": "Flat"}
+
+
+def _unit(n: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _filled(spec: str, n: int = 2000, chunk: int = 500) -> tuple[VectorIndex, np.ndarray, np.ndarray]:
+    index = VectorIndex(DIM, spec)
+    ids = np.arange(1000, 1000 + n, dtype=np.int64) * 7  # sparse, large ids
+    x = _unit(n)
+    for start in range(0, n, chunk):
+        index.add(ids[start:start + chunk], x[start:start + chunk])
+    return index, ids, x
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_each_vector_is_its_own_nearest_neighbour(spec):
+    index, ids, x = _filled(spec)
+    assert index.factory == SPECS[spec]
+    scores, found = index.search(x, 3)
+    assert np.array_equal(found[:, 0], ids)
+    assert np.allclose(scores[:, 0], 1.0, atol=1e-5)
+    assert np.all(scores[:, 0] >= scores[:, 1])
+    assert np.array_equal(index.ids(), ids)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_removed_ids_are_never_returned(spec):
+    index, ids, x = _filled(spec)
+    gone = ids[::10]  # 10%: below the HNSW compaction threshold, so tombstones are used
+    assert index.remove(np.concatenate([gone, [123456789]])) == gone.size  # absent id ignored
+    assert index.remove(gone) == 0  # removing twice removes nothing
+    assert len(index) == ids.size - gone.size
+    assert np.array_equal(index.ids(), np.setdiff1d(ids, gone))
+    _, found = index.search(x, 10)
+    assert not np.isin(found, gone).any()
+    keep = ~np.isin(ids, gone)
+    assert np.array_equal(found[keep, 0], ids[keep])
+    if spec == "hnsw":
+        assert index.num_tombstones == gone.size
+
+
+def test_hnsw_tombstones_survive_save_and_load(tmp_path):
+    index, ids, x = _filled("hnsw")
+    gone = ids[:50]
+    index.remove(gone)
+    index.generation = 42
+    index.save(tmp_path / "v.faiss")
+    loaded = VectorIndex.load(tmp_path / "v.faiss")
+    assert loaded.generation == 42 and loaded.num_tombstones == 50
+    _, found = loaded.search(x[:50], 5)
+    assert not np.isin(found, gone).any()
+    assert np.array_equal(loaded.ids(), ids[50:])
+
+
+def test_hnsw_compacts_when_tombstones_pile_up():
+    index, ids, x = _filled("hnsw", n=1000)
+    index.remove(ids[:400])  # 40% > HNSW_COMPACT_FRACTION
+    assert index.num_tombstones == 0 and index.factory == "HNSW32,Flat"
+    assert index._index.ntotal == 600  # physically gone, not just hidden
+    _, found = index.search(x[400:], 1)
+    assert np.array_equal(found[:, 0], ids[400:])
+
+
+def test_auto_switches_from_exact_to_hnsw_at_the_threshold(monkeypatch):
+    monkeypatch.setattr(vector_index, "AUTO_EXACT_MAX", 700)
+    index, ids, x = _filled("auto", n=1000, chunk=300)
+    assert index.factory == "HNSW32,Flat"  # switched while adding the third chunk
+    _, found = index.search(x, 1)
+    assert np.array_equal(found[:, 0], ids)
+    assert np.array_equal(index.ids(), ids)
+
+
+def test_ivf_spec_trains_with_nlist_from_size(monkeypatch):
+    monkeypatch.setattr(vector_index, "AUTO_EXACT_MAX", 1000)
+    index, ids, x = _filled("ivf", n=1500)
+    assert index.factory == f"IVF{ivf_nlist_for(1500)},Flat"
+    _, found = index.search(x, 1)
+    assert np.array_equal(found[:, 0], ids)
+    assert index.remove(ids[:10]) == 10 and len(index) == 1490
+
+
+def test_ivf_factory_string_stays_exact_until_it_can_train():
+    index = VectorIndex(DIM, "IVF16,Flat")
+    index.add(np.arange(100), _unit(100))
+    assert index.factory == "Flat"  # 100 < 39 * 16 training points
+    index.add(np.arange(100, 700), _unit(600, seed=1))
+    assert index.factory == "IVF16,Flat"
+    assert np.array_equal(index.ids(), np.arange(700))
+
+
+def test_search_fills_missing_slots_with_minus_one():
+    index = VectorIndex(DIM, "flat")
+    scores, found = index.search(_unit(2), 3)
+    assert (found == -1).all() and np.isneginf(scores).all()
+    index.add(np.array([5]), _unit(1))
+    scores, found = index.search(_unit(2), 3)
+    assert (found[:, 0] == 5).all() and (found[:, 1:] == -1).all() and np.isneginf(scores[:, 1:]).all()
+
+
+def test_add_rejects_bad_input():
+    index = VectorIndex(DIM, "hnsw")
+    index.add(np.arange(1, 11), _unit(10))
+    with pytest.raises(ValueError, match="already in the vector index"):
+        index.add(np.array([2, 30]), _unit(2))
+    index.remove(np.array([1]))
+    assert index.num_tombstones == 1
+    with pytest.raises(ValueError, match="already in the vector index"):  # tombstoned ids too
+        index.add(np.array([1]), _unit(1))
+    with pytest.raises(ValueError, match="duplicate"):
+        index.add(np.array([70, 70]), _unit(2))
+    with pytest.raises(ValueError, match="unit-norm"):
+        index.add(np.array([80]), 2 * _unit(1))
+    with pytest.raises(ValueError, match=r"\(N, 16\)"):
+        index.add(np.array([90]), np.ones((1, 8), np.float32))
+
+
+@pytest.mark.parametrize("spec", ["IDMap2,Flat", "nonsense42", "PCA8,Flat"])
+def test_bad_or_unsupported_specs_are_refused(spec):
+    with pytest.raises(IndexError_):
+        VectorIndex(DIM, spec)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_save_load_round_trip(tmp_path, spec):
+    index, ids, x = _filled(spec)
+    index.generation = 9
+    index.save(tmp_path / "v.faiss")
+    loaded = VectorIndex.load(tmp_path / "v.faiss")
+    assert loaded.generation == 9 and loaded.factory == index.factory and loaded.spec == spec
+    assert np.array_equal(loaded.ids(), ids)
+    assert np.array_equal(loaded.search(x[:100], 5)[1], index.search(x[:100], 5)[1])
+    assert [p.name for p in tmp_path.iterdir()] == ["v.faiss"]  # no temp file left
+
+
+def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "v.faiss"
+    index, ids, x = _filled("flat", n=100)
+    index.save(path)
+    before = path.read_bytes()
+    index.add(np.array([1]), _unit(1, seed=5))
+
+    def crash(*args):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(vector_index.os, "replace", crash)
+    with pytest.raises(OSError):
+        index.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["v.faiss"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "magic", "empty"])
+def test_damaged_files_raise_naming_the_file(tmp_path, damage):
+    path = tmp_path / "v.faiss"
+    _filled("hnsw", n=200)[0].save(path)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[-100] ^= 0xFF
+    elif damage == "magic":
+        data[:4] = b"XXXX"
+    else:
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexError_, match="corrupt or truncated") as info:
+        VectorIndex.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_raises_naming_it(tmp_path):
+    with pytest.raises(IndexError_, match="does not exist") as info:
+        VectorIndex.load(tmp_path / "nope.faiss")
+    assert os.fspath(tmp_path / "nope.faiss") in str(info.value)

@@ -1,0 +1,95 @@
+import torch
+import torch.nn.functional as F
+
+from segsearch.trainer.relations import (
+    LossConfig, MemoryBank, Relation, default_loss_config, relation_losses,
+)
+from segsearch.trainer.training_segments import IGNORE, build_training_segments
+
+
+def _tiny_batch():
+    """2 images of 2x4 pixels; image 0 has two labelled halves, image 1 is unlabelled."""
+    torch.manual_seed(0)
+    embeddings = F.normalize(torch.randn(2, 3, 2, 4), dim=1)
+    clusters = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1]], [[0, 1, 1, 1], [0, 1, 1, 1]]])
+    contours = torch.tensor([[[0, 0, 0, 1], [0, 0, 0, 1]], [[0, 0, 1, 1], [0, 0, 1, 1]]])
+    labels = torch.tensor([[[2, 2, 3, 3], [2, 2, 3, 3]], [[IGNORE] * 4, [IGNORE] * 4]])
+    tags = torch.tensor([[False, False, True, True], [False, True, False, False]])  # no shared tag
+    return embeddings, clusters, contours, labels, tags
+
+
+def test_segments_are_pure_in_cluster_contour_and_label():
+    embeddings, clusters, contours, labels, _ = _tiny_batch()
+    segments = build_training_segments(embeddings, clusters, contours, labels)
+    # image 0: (c0,r0,l2), (c1,r0,l3), (c1,r1,l3); image 1: (c0,r0), (c1,r0), (c1,r1)
+    assert segments.num_segments == 6
+    for pixel, segment in enumerate(segments.pixel_segment.tolist()):
+        assert segments.segment_image[segment] == segments.pixel_image[pixel]
+        assert segments.segment_label[segment] == segments.pixel_label[pixel]
+        assert segments.segment_contour[segment] == segments.pixel_contour[pixel]
+    norms = segments.prototypes.norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
+
+
+def test_prototypes_carry_gradients_to_embeddings():
+    embeddings, clusters, contours, labels, tags = _tiny_batch()
+    embeddings.requires_grad_(True)
+    segments = build_training_segments(embeddings, clusters, contours, labels)
+    segments.prototypes.sum().backward()
+    assert embeddings.grad is not None and embeddings.grad.abs().sum() > 0
+
+
+def _losses(config: LossConfig, embeddings, clusters, contours, labels, tags):
+    segments = build_training_segments(embeddings, clusters, contours, labels)
+    pixels = embeddings.permute(0, 2, 3, 1).reshape(-1, 3)
+    bank = MemoryBank(0).concat(3, tags.shape[1], "cpu")
+    return relation_losses(pixels, segments, tags, bank, config)
+
+
+def test_unlabelled_image_still_gets_lowlevel_and_cooccurrence_gradients():
+    embeddings, clusters, contours, labels, tags = _tiny_batch()
+    embeddings.requires_grad_(True)
+    only = lambda **on: LossConfig(  # noqa: E731
+        annotation=Relation(on.get("C", 0.0), 6), cooccurrence=Relation(on.get("O", 0.0), 8),
+        lowlevel=Relation(on.get("V", 0.0), 16))
+    for relation in ("V", "O"):
+        embeddings.grad = None
+        losses = _losses(only(**{relation: 1.0}), embeddings, clusters, contours, labels, tags)
+        losses[relation].backward()
+        assert embeddings.grad[1].abs().sum() > 0, relation  # image 1 has no weak label
+    embeddings.grad = None
+    losses = _losses(only(C=1.0), embeddings, clusters, contours, labels, tags)
+    losses["C"].backward()
+    assert embeddings.grad[1].abs().sum() == 0  # C needs a label: image 1 takes no part
+
+
+def test_annotation_loss_is_low_when_embeddings_match_labels():
+    _, clusters, contours, labels, tags = _tiny_batch()
+    axis = torch.eye(3)
+    good = torch.stack([axis[0], axis[0], axis[1], axis[1]]).t().reshape(3, 1, 4).expand(3, 2, 4)
+    good = torch.stack([good, good])
+    bad = axis[0].view(1, 3, 1, 1).expand(2, 3, 2, 4)  # every pixel alike: labels inseparable
+    config = LossConfig(annotation=Relation(1.0, 6), cooccurrence=Relation(0, 8), lowlevel=Relation(0, 16))
+    low = _losses(config, good, clusters, contours, labels, tags)["C"]
+    high = _losses(config, bad.contiguous(), clusters, contours, labels, tags)["C"]
+    assert low < high
+
+
+def test_memory_bank_keeps_last_batches_detached():
+    embeddings, clusters, contours, labels, tags = _tiny_batch()
+    embeddings.requires_grad_(True)
+    bank = MemoryBank(2)
+    for _ in range(3):
+        bank.push(build_training_segments(embeddings, clusters, contours, labels), tags)
+    entry = bank.concat(3, 4, "cpu")
+    assert entry.prototypes.shape == (12, 3) and not entry.prototypes.requires_grad
+    assert entry.tags.shape == (12, 4)
+
+
+def test_reference_values_per_supervision():
+    scribbles = default_loss_config("scribbles")
+    assert (scribbles.annotation.weight, scribbles.annotation.concentration) == (1.0, 6)
+    assert (scribbles.cooccurrence.weight, scribbles.cooccurrence.concentration) == (0.5, 12)
+    points = default_loss_config("points")
+    assert points.annotation.weight == 0.1 and points.lowlevel.concentration == 16
+    assert default_loss_config("tags").affinity.weight == 0.0  # A off, as in SPML's configs

