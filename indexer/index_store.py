@@ -106,6 +106,7 @@ class IndexStore:
                 "index with `segsearch index add`"
             )
         vectors = VectorIndex(embedding_dim, index_spec, ef_search=ef_search, nprobe=nprobe)  # validates spec
+        vectors.model_version = model_version
         meta = IndexMeta(model_version=model_version, embedding_dim=int(embedding_dim), index_type=index_spec)
         # Built in a staging directory and renamed into place, so that a crash during create
         # leaves either no index or a complete empty one (never a half-made directory).
@@ -166,7 +167,7 @@ class IndexStore:
             if ef_search is not None or nprobe is not None:
                 vectors.set_search_params(ef_search=ef_search, nprobe=nprobe)
             if repair and vectors.generation != metadata.meta().generation:
-                store._repair()
+                store._repair(logging.WARNING)
             if not read_only and store._unsaved_chunks:
                 store.flush()
         except BaseException:
@@ -210,9 +211,8 @@ class IndexStore:
             result = AddResult(put.segment_ids, [img.image_id for img, _ in put.added], put.skipped)
             if not put.added:
                 return result
-            ids = np.asarray(result.segment_ids, dtype=np.int64)
-            vectors = np.stack([seg.prototype for _, segs in put.added for seg in segs]) if ids.size else None
-            self._apply(put.generation, lambda: vectors is None or self._vectors.add(ids, vectors))
+            segments = [seg for _, segs in put.added for seg in segs]
+            self._apply(put.generation, lambda: self._add_vectors(segments))
             return result
 
     def delete_images(self, image_ids: Sequence[str]) -> list[int]:
@@ -220,6 +220,8 @@ class IndexStore:
 
         Unknown image ids raise IndexError_ listing them, and nothing is deleted.
         """
+        if not image_ids:
+            return []
         with self._mutex:
             self._check_writable()
             self._ensure_consistent()
@@ -239,7 +241,8 @@ class IndexStore:
         """Rebuild the FAISS index from LMDB, choosing its type for the current size, and save."""
         with self._mutex:
             self._check_writable()
-            self._vectors = _vectors_from_lmdb(self._metadata)
+            old = self._vectors
+            self._vectors = _vectors_from_lmdb(self._metadata, ef_search=old.ef_search, nprobe=old.nprobe)
             self._stale = False
             self._unsaved_chunks += 1
             self.flush()
@@ -249,7 +252,7 @@ class IndexStore:
         with self._mutex:
             if self._vectors.generation == self._metadata.meta().generation and not self._stale:
                 return False
-            self._repair()
+            self._repair(logging.INFO)  # routine for a reader following a writer
             return True
 
     # ---- reads -----------------------------------------------------------------------
@@ -316,13 +319,15 @@ class IndexStore:
         meta = self._metadata.meta()
         with self._mutex:
             faiss_ids, faiss_gen, faiss_dim = self._vectors.ids(), self._vectors.generation, self._vectors.dim
-            faiss_spec = self._vectors.spec
+            faiss_spec, faiss_model = self._vectors.spec, self._vectors.model_version
         lmdb_ids = self._metadata.segment_ids()
         problems = _id_problems(faiss_ids, lmdb_ids)
         if faiss_gen != meta.generation:
             problems.append(f"FAISS index reflects generation {faiss_gen}, LMDB is at {meta.generation}")
         if faiss_dim != meta.embedding_dim:
             problems.append(f"FAISS index holds {faiss_dim}-d vectors, meta says {meta.embedding_dim}")
+        if faiss_model != meta.model_version:
+            problems.append(f"FAISS index was built for model {faiss_model!r}, LMDB holds {meta.model_version!r}")
         if faiss_spec != meta.index_type:
             problems.append(f"FAISS index spec {faiss_spec!r} differs from meta {meta.index_type!r}")
         problems += _record_problems(self._metadata, meta, lmdb_ids)
@@ -342,18 +347,23 @@ class IndexStore:
         if self._unsaved_chunks >= self._save_every:
             self.flush()
 
+    def _add_vectors(self, segments: list[SegmentRecord]) -> None:
+        if segments:  # images without segments are stored in LMDB only
+            ids = np.asarray([seg.segment_id for seg in segments], dtype=np.int64)
+            self._vectors.add(ids, np.stack([seg.prototype for seg in segments]))
+
     def _ensure_consistent(self) -> None:
         if self._stale:
-            self._repair()
+            self._repair(logging.WARNING)
 
-    def _repair(self) -> None:
+    def _repair(self, level: int) -> None:
         """Make the in-memory FAISS index hold exactly LMDB's ids (from stored prototypes)."""
         generation, lmdb_ids = self._metadata.segment_ids_with_generation()
         faiss_ids = self._vectors.ids()
         extra = np.setdiff1d(faiss_ids, lmdb_ids, assume_unique=True)
         missing = np.setdiff1d(lmdb_ids, faiss_ids, assume_unique=True)
-        log.warning(
-            "repairing %s from LMDB: FAISS was at generation %d, LMDB at %d; removing %d, adding %d",
+        log.log(
+            level, "repairing %s from LMDB: FAISS was at generation %d, LMDB at %d; removing %d, adding %d",
             self.root / VECTORS_FILE, self._vectors.generation, generation, extra.size, missing.size,
         )
         self._vectors.remove(extra)
@@ -376,8 +386,11 @@ def _load_vectors(root: Path, metadata: MetadataStore, repair: bool) -> VectorIn
     meta = metadata.meta()
     try:
         vectors = VectorIndex.load(path)
-        if vectors.dim != meta.embedding_dim:
-            raise IndexError_(f"FAISS index file {path} holds {vectors.dim}-d vectors, the index {meta.embedding_dim}-d")
+        if vectors.dim != meta.embedding_dim or vectors.model_version != meta.model_version:
+            raise IndexError_(
+                f"FAISS index file {path} belongs to another index ({vectors.dim}-d, model "
+                f"{vectors.model_version!r}; this one is {meta.embedding_dim}-d, {meta.model_version!r})"
+            )
         return vectors
     except IndexError_ as exc:
         if not repair:
@@ -388,10 +401,12 @@ def _load_vectors(root: Path, metadata: MetadataStore, repair: bool) -> VectorIn
     return vectors
 
 
-def _vectors_from_lmdb(metadata: MetadataStore) -> VectorIndex:
+def _vectors_from_lmdb(metadata: MetadataStore, ef_search: int = DEFAULT_EF_SEARCH,
+                       nprobe: int | None = None) -> VectorIndex:
     generation, _ = metadata.segment_ids_with_generation()
     meta = metadata.meta()
-    vectors = VectorIndex(meta.embedding_dim, meta.index_type)
+    vectors = VectorIndex(meta.embedding_dim, meta.index_type, ef_search=ef_search, nprobe=nprobe)
+    vectors.model_version = meta.model_version
     for ids, protos in metadata.prototypes(batch_size=_REBUILD_BATCH, skip_missing=True):
         vectors.add(ids, protos)
     vectors.generation = generation

@@ -62,6 +62,7 @@ class VectorIndex:
 
     `generation` is the LMDB generation whose segment set this index holds; the index store
     sets it and compares it on open to detect a file saved before the last LMDB commit.
+    `model_version` is saved too, so a file copied in from another index is recognised.
     """
 
     def __init__(self, dim: int, spec: str = "auto", *, ef_search: int = DEFAULT_EF_SEARCH,
@@ -71,6 +72,8 @@ class VectorIndex:
         self.ef_search = int(ef_search)
         self.nprobe = nprobe
         self.generation = 0
+        self.model_version = ""
+        self._selector: tuple | None = None  # cached IDSelector excluding the tombstones
         _validate_spec(self.dim, self.spec)
         self._train_min = _train_min(self.dim, self.spec)
         # Types that need training start exact (see the module docstring); others start as asked.
@@ -156,6 +159,7 @@ class VectorIndex:
             return int(self._index.remove_ids(ids))
         live = ids[np.isin(ids, self._stored_ids()) & ~np.isin(ids, self._tombstones)]
         self._tombstones = np.union1d(self._tombstones, live)
+        self._selector = None
         if self._tombstones.size > HNSW_COMPACT_FRACTION * self._index.ntotal:
             self.compact()
         return int(live.size)
@@ -174,6 +178,7 @@ class VectorIndex:
         tombstones = self._tombstones.astype("<i8").tobytes()
         header = json.dumps({
             "format": FILE_FORMAT, "generation": int(self.generation), "spec": self.spec,
+            "model_version": self.model_version,
             "factory": self._factory, "dim": self.dim, "ef_search": self.ef_search,
             "nprobe": self.nprobe, "faiss_bytes": int(payload.nbytes),
             "faiss_crc32": zlib.crc32(payload), "tombstones": int(self._tombstones.size),
@@ -196,6 +201,7 @@ class VectorIndex:
         self.dim, self.spec = int(header["dim"]), header["spec"]
         self.ef_search, self.nprobe = int(header["ef_search"]), header["nprobe"]
         self.generation, self._factory = int(header["generation"]), header["factory"]
+        self.model_version, self._selector = header["model_version"], None
         self._train_min = _train_min(self.dim, self.spec)
         try:
             index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
@@ -234,6 +240,7 @@ class VectorIndex:
             index.add_with_ids(vectors, ids)
         self._factory = factory
         self._tombstones = np.empty(0, dtype=np.int64)
+        self._selector = None
         self._set_index(index)
 
     def _set_index(self, index: faiss.Index) -> None:
@@ -252,7 +259,10 @@ class VectorIndex:
         params = faiss.SearchParametersHNSW()
         params.efSearch = max(self.ef_search, k)
         if self._tombstones.size:
-            params.sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(self._tombstones))
+            if self._selector is None:  # built once per tombstone set, not per search
+                batch = faiss.IDSelectorBatch(self._tombstones)
+                self._selector = (batch, faiss.IDSelectorNot(batch))  # keep both alive
+            params.sel = self._selector[1]
         return params
 
     def _stored_ids(self) -> np.ndarray:

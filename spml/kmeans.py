@@ -24,7 +24,8 @@ it is deterministic on CUDA too). In float32 that is ``4 * B * H * W * K`` bytes
 at 64x64 with K=144 (12x12 inference grid) is about 38 MB, B=16 at 40x40 with K=36 about
 3.7 MB, plus the ``(B, H*W, D+2)`` features.
 
-Same code on CPU and CUDA: everything follows the device of ``embeddings``.
+Same code on CPU and CUDA: everything follows the device of ``embeddings`` (only the
+centroid sums pick ``index_add`` or the one-hot matmul by device; both are tested to agree).
 """
 
 from __future__ import annotations

@@ -84,6 +84,18 @@ class MemoryBank:
                 )
             )
 
+    def state(self) -> list[dict]:
+        """Plain tensors, saved in checkpoints so that a resumed run contrasts against the
+        same negatives as an uninterrupted one."""
+        return [{"prototypes": e.prototypes.cpu(), "labels": e.labels.cpu(), "tags": e.tags.cpu()}
+                for e in self.entries]
+
+    def load_state(self, state: list[dict], device) -> None:
+        self.entries.clear()
+        for entry in state:
+            self.entries.append(BankEntry(entry["prototypes"].to(device), entry["labels"].to(device),
+                                          entry["tags"].to(device)))
+
     def concat(self, dim: int, num_classes: int, device) -> BankEntry:
         if not self.entries:
             return BankEntry(

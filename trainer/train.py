@@ -101,13 +101,12 @@ def train(config: TrainConfig) -> TrainResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     model, prepared, split = _build(config, device)
     optimizer = _optimizer(config, model)
-    start_step = _maybe_resume(config, model, optimizer, out_dir)
+    bank = MemoryBank(config.memory_batches)
+    start_step = _maybe_resume(config, model, optimizer, bank, out_dir, device)
     loss_config = default_loss_config(config.supervision)
     loss_config.affinity.weight = config.affinity_weight
-    bank = MemoryBank(config.memory_batches)
     metrics_path = out_dir / "metrics.jsonl"
-    if start_step == 0 and metrics_path.exists():
-        metrics_path.unlink()
+    _truncate_metrics(metrics_path, start_step)
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
                desc=f"train {config.method}/{config.supervision}", disable=not config.progress)
     started, last_loss = time.perf_counter(), float("nan")
@@ -120,12 +119,12 @@ def train(config: TrainConfig) -> TrainResult:
             handle.write(json.dumps({"step": step + 1, **terms,
                                      "lr": optimizer.param_groups[0]["lr"]}) + "\n")
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            _save(config, model, optimizer, step + 1, out_dir, label_bank=None)
+            _save(config, model, optimizer, bank, step + 1, out_dir, label_bank=None)
     elapsed = time.perf_counter() - started
     steps_run = config.steps - start_step
     images_per_second = steps_run * config.batch_size / elapsed if elapsed > 0 else 0.0
     bank_result = build_label_bank(model, prepared, config, device)
-    path, version = _save(config, model, optimizer, config.steps, out_dir, bank_result)
+    path, version = _save(config, model, optimizer, bank, config.steps, out_dir, bank_result)
     plot_loss_curves(metrics_path, out_dir / "loss_curve.png")
     logger.info("trained %d steps at %.1f images/s; checkpoint %s (model version %s)",
                 steps_run, images_per_second, path, version)
@@ -210,7 +209,18 @@ def _spml_losses(config, raw, prepared, index, bank, loss_config, device, step):
     return losses
 
 
-def _maybe_resume(config: TrainConfig, model, optimizer, out_dir: Path) -> int:
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only rows up to the step we (re)start from: a killed run may have logged steps
+    past its last checkpoint, which the resumed run will log again."""
+    if not path.exists():
+        return
+    with open(path) as handle:
+        rows = [line for line in handle if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path, "w") as handle:
+        handle.writelines(rows)
+
+
+def _maybe_resume(config: TrainConfig, model, optimizer, bank, out_dir: Path, device) -> int:
     path = out_dir / CHECKPOINT_NAME
     if not config.resume or not path.exists():
         return 0
@@ -219,19 +229,20 @@ def _maybe_resume(config: TrainConfig, model, optimizer, out_dir: Path) -> int:
     state = checkpoint.train_state
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
+    bank.load_state(state.get("memory_bank", []), device)
     step = int(state.get("step", 0))
     logger.info("resumed from %s at step %d", path, step)
     return min(step, config.steps)
 
 
-def _save(config, model, optimizer, step, out_dir: Path, label_bank):
+def _save(config, model, optimizer, bank, step, out_dir: Path, label_bank):
     checkpoint = Checkpoint(
         config=model.config,
         state_dict=model.state_dict(),
         label_bank=label_bank,
         method=config.method,
         train_state={"step": step, "optimizer": optimizer.state_dict(),
-                     "train_config": config.to_dict()},
+                     "memory_bank": bank.state(), "train_config": config.to_dict()},
     )
     path = out_dir / CHECKPOINT_NAME
     return path, save_checkpoint(checkpoint, path)

@@ -24,7 +24,7 @@ from segsearch.indexer.vector_index import VectorIndex
 sys.path.insert(0, str(Path(__file__).parent))
 from test_index_store import DIM, MODEL, fill, make_batch, make_image  # noqa: E402
 
-CHUNKS, PER_CHUNK = 40, 5
+CHUNKS, PER_CHUNK = 24, 5
 
 # Adds CHUNKS chunks of PER_CHUNK images, deleting the first image of each chunk right after,
 # printing the chunk number when both are committed. Re-running it resumes: images already
@@ -116,15 +116,15 @@ def _assert_final_state(root: Path) -> None:
     assert VectorIndex.load(root / VECTORS_FILE).generation == stats["generation"]
 
 
-@pytest.mark.parametrize("point,at", [
-    ("after_lmdb_commit", 8),  # 1 = create, then add / delete alternate: 8 is an add
-    ("after_lmdb_commit", 9),  # a delete
-    ("mid_faiss_save", 8),
+@pytest.mark.parametrize("point,at,spec", [
+    ("after_lmdb_commit", 8, "flat"),  # 1 = create, then add / delete alternate: 8 is an add
+    ("after_lmdb_commit", 9, "hnsw"),  # a delete
+    ("mid_faiss_save", 8, "hnsw"),
 ])
-def test_kill_9_inside_the_commit_window(tmp_path, point, at):
+def test_kill_9_inside_the_commit_window(tmp_path, point, at, spec):
     """SIGKILL exactly between the LMDB commit and the FAISS file replace."""
     root = tmp_path / "index"
-    assert not _run_child(root, "hnsw", 1, None, 0.0, point, str(at))
+    assert not _run_child(root, spec, 1, None, 0.0, point, str(at))
     with IndexStore.open(root, MODEL, read_only=True, repair=False) as raw:
         assert raw.verify() != []  # the crash really left the two stores apart...
     if point == "mid_faiss_save":
@@ -132,12 +132,12 @@ def test_kill_9_inside_the_commit_window(tmp_path, point, at):
     with IndexStore.open(root, MODEL) as store:  # ...and the next open puts them together
         _assert_consistent(store)
     assert not list(root.glob(f".{VECTORS_FILE}.tmp-*"))
-    assert _run_child(root, "hnsw", 1, None, 0.0)
+    assert _run_child(root, spec, 1, None, 0.0)
     _assert_final_state(root)
 
 
-@pytest.mark.parametrize("spec,save_every", [("hnsw", 2), ("IVF8,Flat", 1)])
-def test_kill_9_at_random_points_then_resume(tmp_path, spec, save_every):
+def test_kill_9_at_random_points_then_resume(tmp_path):
+    spec, save_every = "hnsw", 2
     root = tmp_path / "index"
     rng = random.Random(1234)
     kills = 0
@@ -216,6 +216,25 @@ def test_damaged_faiss_file_is_rebuilt_from_lmdb(tmp_path, caplog, damage):
         assert [[h.segment_id for h in row] for row in store.search(queries, 5)] == before
     assert str(path) in caplog.text and "rebuilding it from the LMDB store" in caplog.text
     assert len(VectorIndex.load(path)) == 236
+
+
+def test_faiss_file_of_another_index_is_not_trusted(tmp_path, caplog):
+    """Two indexes of the same corpus share ids and generations; the model version tells them apart."""
+    for name, model in (("a", MODEL), ("b", "spml-other")):
+        with IndexStore.create(tmp_path / name, model, DIM) as store:
+            batch = make_batch(["img1", "img2"])
+            for _, segments in batch:
+                for seg in segments:
+                    seg.model_version = model
+            store.add_images(batch)
+    (tmp_path / "a" / VECTORS_FILE).write_bytes((tmp_path / "b" / VECTORS_FILE).read_bytes())
+    with pytest.raises(IndexError_, match="belongs to another index"):
+        IndexStore.open(tmp_path / "a", repair=False)
+    with caplog.at_level(logging.WARNING), IndexStore.open(tmp_path / "a") as store:
+        _assert_consistent(store)
+        query = store.get_segment(3).prototype
+        assert store.search(query, 1)[0][0].segment_id == 3
+    assert "belongs to another index" in caplog.text
 
 
 def test_verify_without_repair_reports_the_disagreement(tmp_path, monkeypatch):

@@ -71,7 +71,8 @@ def test_records_round_trip_with_assigned_ids(tmp_path):
             assert got.segment_id == sid
             assert got.box == original.box and got.label == original.label
             assert np.array_equal(got.prototype, original.prototype)
-            assert np.array_equal(decode_mask(got.mask_rle, got.mask_shape), decode_mask(original.mask_rle, original.mask_shape))
+            assert got.mask_rle == original.mask_rle and got.mask_shape == (12, 20)
+            assert decode_mask(got.mask_rle, got.mask_shape)[:, got.box[0]:got.box[2]].all()
         stats = store.stats()
         assert (stats["num_images"], stats["num_segments"], stats["faiss_vectors"]) == (1, 4, 4)
         assert stats["model_version"] == MODEL and stats["generation"] == 1
@@ -212,6 +213,21 @@ def test_save_every_defers_the_faiss_file_and_close_flushes(tmp_path):
     store.close()
     on_disk = VectorIndex.load(tmp_path / "index" / VECTORS_FILE)
     assert on_disk.generation == 4 and len(on_disk) == 160
+
+
+def test_rebuild_vectors_rechooses_the_type_for_the_size(tmp_path, monkeypatch):
+    from segsearch.indexer import vector_index
+
+    with IndexStore.create(tmp_path / "index", MODEL, DIM, "auto") as store:
+        fill(store, 100, 50)
+        assert store.stats()["faiss_index"] == "Flat"
+        monkeypatch.setattr(vector_index, "AUTO_EXACT_MAX", 300)
+        store.rebuild_vectors()
+        assert store.stats()["faiss_index"].startswith("HNSW32,Flat")
+        protos = np.stack([store.get_segment(i).prototype for i in (1, 99, 400)])
+        assert [row[0].segment_id for row in store.search(protos, 1)] == [1, 99, 400]
+        assert store.verify() == []
+    assert VectorIndex.load(tmp_path / "index" / VECTORS_FILE).factory == "HNSW32,Flat"
 
 
 def test_verify_reports_records_that_break_the_contracts(tmp_path):
