@@ -26,7 +26,7 @@ class ModelConfig:
     backbone: str = "vgg16"  # "vgg16" (HED-pretrained) or "small" (from scratch, tests)
     pretrained: bool = True
     feature_blocks: tuple[int, ...] = (3, 4, 5)  # 1-based backbone blocks in the hypercolumn
-    hidden_dim: int = 256
+    hidden_dim: int = 128
     embedding_dim: int = 64
     num_classes: int = 0  # > 0 adds a 1x1 classifier (the cross-entropy baselines)
     class_names: list[str] = field(default_factory=list)

@@ -18,7 +18,7 @@ class TrainConfig:
     pretrained: bool = True
     freeze_backbone: bool = True
     embedding_dim: int = 64
-    hidden_dim: int = 256
+    hidden_dim: int = 128
     steps: int = 300
     batch_size: int = 8
     optimizer: str = "adam"  # adam | sgd

@@ -141,7 +141,7 @@ def evaluate_checkpoint(config: EvalConfig) -> EvalReport:
 def _baseline_banks(model: EmbeddingNet, train_config: TrainConfig, config: EvalConfig, device):
     """Baseline banks from the training images, weak labels and the model's segments."""
     train_config.freeze_backbone = True  # features are needed for every descriptor
-    prepared, _ = prepare_training_data(train_config, model)
+    prepared, _ = prepare_training_data(train_config, model, contours=False)
     kmeans = KMeansConfig(grid=tuple(config.inference_grid), iterations=config.kmeans_iterations)
     return build_label_banks(model, prepared, kmeans, device, BASELINE_DESCRIPTORS)
 

@@ -73,8 +73,10 @@ def weak_label_config(config: TrainConfig, background_class: int | None) -> Weak
     )
 
 
-def prepare_training_data(config: TrainConfig, model: EmbeddingNet | None):
-    """Train split -> PreparedSet (weak labels, contours, cached features) + class names."""
+def prepare_training_data(config: TrainConfig, model: EmbeddingNet | None, contours: bool = True):
+    """Train split -> PreparedSet (weak labels, contours, cached features) + class names.
+
+    contours=False skips the HED pass (for label banks, which need no relation V)."""
     split = load_split(config.data, "train")
     needs_features = config.freeze_backbone or config.supervision == "tags"
     prepared = prepare_set(
@@ -82,24 +84,26 @@ def prepare_training_data(config: TrainConfig, model: EmbeddingNet | None):
         len(split.class_names),
         weak_label_config(config, split.background_class),
         model if needs_features else None,
-        edge_source=config.edge_source if config.method == "spml" else "none",
+        edge_source=config.edge_source if config.method == "spml" and contours else "none",
         contour_segments_per_image=config.contour_regions,
         progress=config.progress,
     )
     if config.supervision == "tags":
         prepared = with_cam_labels(prepared, split.background_class, config.seed)
-    if config.method != "full_ce" and not bool((prepared.weak_labels != IGNORE_INDEX).any()) \
-            and config.method == "partial_ce":
+    if config.method == "partial_ce" and not bool((prepared.weak_labels != IGNORE_INDEX).any()):
         raise DatasetError("the weak labels label no pixel at all; check the supervision type")
     return prepared, split
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train(config: TrainConfig, prepared: PreparedSet | None = None,
+          class_names: list[str] | None = None) -> TrainResult:
+    """Train and write OUT/checkpoint.pt. `prepared` (with `class_names`) lets a benchmark
+    share one feature/edge cache between runs on the same images."""
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, prepared, split = _build(config, device)
+    model, prepared = _build(config, device, prepared, class_names)
     optimizer = _optimizer(config, model)
     bank = MemoryBank(config.memory_batches)
     start_step = _maybe_resume(config, model, optimizer, bank, out_dir, device)
@@ -131,14 +135,17 @@ def train(config: TrainConfig) -> TrainResult:
     return TrainResult(path, version, last_loss, images_per_second, steps_run)
 
 
-def _build(config: TrainConfig, device: torch.device):
-    split = load_split(config.data, "train")
-    model = EmbeddingNet(build_model_config(config, split.class_names)).to(device)
+def _build(config: TrainConfig, device: torch.device, prepared=None, class_names=None):
+    if class_names is None:
+        class_names = load_split(config.data, "train").class_names
+    torch.manual_seed(config.seed)
+    model = EmbeddingNet(build_model_config(config, class_names)).to(device)
     if config.freeze_backbone:
         model.backbone.requires_grad_(False)
         model.backbone.eval()
-    prepared, split = prepare_training_data(config, model)
-    return model, prepared, split
+    if prepared is None:
+        prepared, _ = prepare_training_data(config, model)
+    return model, prepared
 
 
 def _optimizer(config: TrainConfig, model: EmbeddingNet) -> torch.optim.Optimizer:

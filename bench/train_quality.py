@@ -1,0 +1,155 @@
+"""Quality table: test mIoU of SPML vs partial-CE vs full supervision, per supervision type.
+
+Runs on the built-in texture mosaic. Backbone features and HED contour regions of the
+training images are computed once and shared by every run (they do not depend on the
+supervision), so the whole default table trains on 2 CPU cores in well under 30 minutes.
+Every row also carries the trivial baselines on the same segments (chance, colour
+histogram, untrained backbone), as DESIGN.md asks.
+
+    python bench/train_quality.py            # default size (CPU)
+    python bench/train_quality.py --large    # bigger images/steps, for a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from segsearch.spml.embedding import EmbeddingNet
+from segsearch.spml.kmeans import KMeansConfig
+from segsearch.trainer.cam import cam_pseudo_labels
+from segsearch.trainer.config import TrainConfig
+from segsearch.trainer.datasets import DataConfig, load_split
+from segsearch.trainer.evaluate import EvalConfig, evaluate_prepared
+from segsearch.trainer.label_bank import build_label_banks
+from segsearch.trainer.prepared import downsample_labels, prepare_set
+from segsearch.trainer.train import build_model_config, resolve_device, train, weak_label_config
+from segsearch.trainer.weak_labels import WeakLabelConfig, make_weak_labels, rng_for_image
+
+SUPERVISIONS = ("tags", "boxes", "scribbles", "points")
+SIZES = {
+    "default": dict(image_size=128, num_train=240, num_test=60, steps=200),
+    "large": dict(image_size=256, num_train=1000, num_test=200, steps=2000),
+    "smoke": dict(image_size=64, num_train=16, num_test=8, steps=3),  # checks the script runs
+}
+
+
+def shared_data(base: TrainConfig, device):
+    """Features + contours of train, features of test: computed once for all runs."""
+    train_split = load_split(base.data, "train")
+    test_split = load_split(base.data, "test")
+    feature_model = EmbeddingNet(build_model_config(base, train_split.class_names)).to(device).eval()
+    started = time.perf_counter()
+    train_set = prepare_set(train_split.samples, len(train_split.class_names),
+                            WeakLabelConfig(kind="full"), feature_model, edge_source=base.edge_source,
+                            contour_segments_per_image=base.contour_regions)
+    test_set = prepare_set(test_split.samples, len(train_split.class_names), WeakLabelConfig(kind="full"),
+                           feature_model, edge_source="none")
+    logging.info("shared features and edges in %.0f s", time.perf_counter() - started)
+    return train_split, train_set, test_set
+
+
+def with_supervision(train_set, train_split, config: TrainConfig):
+    """A shallow copy of the shared set whose weak labels/tags follow `config.supervision`."""
+    weak_config = weak_label_config(config, train_split.background_class)
+    num_classes = len(train_split.class_names)
+    weak = [make_weak_labels(s.mask, num_classes, weak_config, rng_for_image(weak_config.seed, s.image_id))
+            for s in train_split.samples]
+    prepared = copy.copy(train_set)
+    prepared.tags = torch.stack([torch.from_numpy(w.tags) for w in weak])
+    full_res = torch.stack([torch.from_numpy(w.pixel_labels) for w in weak])
+    prepared.weak_labels = downsample_labels(full_res, num_classes)
+    if config.supervision == "tags":
+        prepared.weak_labels = cam_pseudo_labels(prepared.features, prepared.tags,
+                                                 train_split.background_class, seed=config.seed)
+    return prepared
+
+
+def run_one(base, method, supervision, prepared, test_set, class_names, out_root, device):
+    config = copy.deepcopy(base)
+    config.method, config.supervision = method, supervision
+    config.out_dir = str(out_root / f"{method}-{supervision}")
+    result = train(config, prepared, class_names)
+    from segsearch.spml.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(result.checkpoint_path)
+    model = checkpoint.build_model().to(device)
+    kmeans = KMeansConfig(grid=tuple(config.inference_grid), iterations=config.kmeans_iterations)
+    banks = {"model": checkpoint.label_bank}
+    banks.update(build_label_banks(model, prepared, kmeans, device, ("colour_histogram", "backbone")))
+    eval_config = EvalConfig(inference_grid=config.inference_grid, overlays=6)
+    report, examples = evaluate_prepared(model, method, banks, test_set, class_names, eval_config, device)
+    from segsearch.trainer.evaluate import write_report
+
+    write_report(report, examples, test_set, Path(config.out_dir), checkpoint.model_version)
+    return {name: s.miou for name, s in report.scores.items()}, result.images_per_second
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="default",
+                        help="default: the CPU table; large: bigger images and more steps (GPU)")
+    parser.add_argument("--large", action="store_true", help="same as --size large")
+    parser.add_argument("--steps", type=int, default=None, help="override training steps per run")
+    parser.add_argument("--out", default="bench/out/train_quality", help="run directories and table.json")
+    parser.add_argument("--supervisions", default=",".join(SUPERVISIONS), help="comma-separated subset")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    size = SIZES["large" if args.large else args.size]
+    device = resolve_device("auto")
+    base = TrainConfig(
+        data=DataConfig(image_size=size["image_size"], num_train=size["num_train"], num_test=size["num_test"]),
+        steps=args.steps or size["steps"], progress=True, checkpoint_every=10**9,
+    )
+    out_root = Path(args.out)
+    started = time.perf_counter()
+    train_split, train_set, test_set = shared_data(base, device)
+    names = train_split.class_names
+    rows, speeds = {}, {}
+    full_scores, speeds["full_ce"] = run_one(base, "full_ce", "full", with_supervision(
+        train_set, train_split, _with(base, "full")), test_set, names, out_root, device)
+    for supervision in args.supervisions.split(","):
+        prepared = with_supervision(train_set, train_split, _with(base, supervision))
+        spml, speeds["spml"] = run_one(base, "spml", supervision, prepared, test_set, names, out_root, device)
+        partial, speeds["partial_ce"] = run_one(base, "partial_ce", supervision, prepared, test_set, names,
+                                                out_root, device)
+        rows[supervision] = dict(
+            spml=spml["SPML k-NN"], partial_ce=partial["partial_ce classifier"],
+            full_ce=full_scores["full_ce classifier"], chance=spml["chance"],
+            colour_histogram=spml["colour_histogram k-NN"], backbone=spml["backbone k-NN"],
+        )
+        print_table(rows, speeds, base, time.perf_counter() - started)
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "table.json").write_text(json.dumps({"rows": rows, "images_per_second": speeds}, indent=1))
+
+
+def _with(base: TrainConfig, supervision: str) -> TrainConfig:
+    config = copy.deepcopy(base)
+    config.supervision = supervision
+    return config
+
+
+def print_table(rows, speeds, base, seconds) -> None:
+    print(f"\nTest mIoU (%) on the texture mosaic ({base.data.image_size}px, {base.data.num_train} train / "
+          f"{base.data.num_test} test images, {base.steps} steps per run, frozen HED-VGG16 + trained head)")
+    header = ["supervision", "SPML", "partial CE", "SPML - pCE", "full CE", "SPML / full",
+              "chance", "colour hist", "backbone"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, r in rows.items():
+        cells = [name, f"{100 * r['spml']:.1f}", f"{100 * r['partial_ce']:.1f}",
+                 f"{100 * (r['spml'] - r['partial_ce']):+.1f}", f"{100 * r['full_ce']:.1f}",
+                 f"{r['spml'] / r['full_ce']:.2f}", f"{100 * r['chance']:.1f}",
+                 f"{100 * r['colour_histogram']:.1f}", f"{100 * r['backbone']:.1f}"]
+        print("| " + " | ".join(cells) + " |")
+    print("training images/s: " + ", ".join(f"{k} {v:.1f}" for k, v in speeds.items())
+          + f"; wall time so far {seconds / 60:.1f} min\n")
+
+
+if __name__ == "__main__":
+    main()
