@@ -98,6 +98,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="override training steps per run")
     parser.add_argument("--out", default="bench/out/train_quality", help="run directories and table.json")
     parser.add_argument("--supervisions", default=",".join(SUPERVISIONS), help="comma-separated subset")
+    parser.add_argument("--methods", default="spml,partial_ce,full_ce",
+                        help="comma-separated subset of the methods to train")
+    parser.add_argument("--affinity-weight", type=float, default=0.0,
+                        help="also train SPML with relation A at this weight, per supervision, "
+                             "and report it beside plain SPML (0 = skip)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     size = SIZES["large" if args.large else args.size]
@@ -111,14 +116,27 @@ def main() -> None:
     train_split, train_set, test_set = shared_data(base, device)
     names = train_split.class_names
     rows, speeds = {}, {}
-    full_scores, speeds["full_ce"] = run_one(base, "full_ce", "full", with_supervision(
-        train_set, train_split, _with(base, "full")), test_set, names, out_root, device)
+    methods = args.methods.split(",")
+    nan = {"full_ce classifier": float("nan"), "partial_ce classifier": float("nan")}
+    full_scores = nan
+    if "full_ce" in methods:
+        full_scores, speeds["full_ce"] = run_one(base, "full_ce", "full", with_supervision(
+            train_set, train_split, _with(base, "full")), test_set, names, out_root, device)
     for supervision in args.supervisions.split(","):
         prepared = with_supervision(train_set, train_split, _with(base, supervision))
         spml, speeds["spml"] = run_one(base, "spml", supervision, prepared, test_set, names, out_root, device)
-        partial, speeds["partial_ce"] = run_one(base, "partial_ce", supervision, prepared, test_set, names,
-                                                out_root, device)
+        partial = nan
+        if "partial_ce" in methods:
+            partial, speeds["partial_ce"] = run_one(base, "partial_ce", supervision, prepared, test_set,
+                                                    names, out_root, device)
+        if args.affinity_weight:
+            with_a = copy.deepcopy(base)
+            with_a.affinity_weight = args.affinity_weight
+            with_a.out_dir = ""
+            affinity, _ = run_one(with_a, "spml", supervision, prepared, test_set, names,
+                                  out_root / "with_affinity", device)
         rows[supervision] = dict(
+            spml_with_affinity=affinity["SPML k-NN"] if args.affinity_weight else None,
             spml=spml["SPML k-NN"], partial_ce=partial["partial_ce classifier"],
             full_ce=full_scores["full_ce classifier"], chance=spml["chance"],
             colour_histogram=spml["colour_histogram k-NN"], backbone=spml["backbone k-NN"],
@@ -139,6 +157,8 @@ def print_table(rows, speeds, base, seconds) -> None:
           f"{base.data.num_test} test images, {base.steps} steps per run, frozen HED-VGG16 + trained head)")
     header = ["supervision", "SPML", "partial CE", "SPML - pCE", "full CE", "SPML / full",
               "chance", "colour hist", "backbone"]
+    if any(r.get("spml_with_affinity") is not None for r in rows.values()):
+        header.append("SPML + A")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name, r in rows.items():
@@ -146,6 +166,8 @@ def print_table(rows, speeds, base, seconds) -> None:
                  f"{100 * (r['spml'] - r['partial_ce']):+.1f}", f"{100 * r['full_ce']:.1f}",
                  f"{r['spml'] / r['full_ce']:.2f}", f"{100 * r['chance']:.1f}",
                  f"{100 * r['colour_histogram']:.1f}", f"{100 * r['backbone']:.1f}"]
+        if r.get("spml_with_affinity") is not None:
+            cells.append(f"{100 * r['spml_with_affinity']:.1f}")
         print("| " + " | ".join(cells) + " |")
     print("training images/s: " + ", ".join(f"{k} {v:.1f}" for k, v in speeds.items())
           + f"; wall time so far {seconds / 60:.1f} min\n")

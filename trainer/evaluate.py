@@ -26,7 +26,7 @@ from segsearch.trainer.datasets import DataConfig, load_split
 from segsearch.trainer.descriptors import pixel_descriptors
 from segsearch.trainer.label_bank import build_label_banks, knn_vote, segment_batch
 from segsearch.trainer.metrics import Scores, confusion_matrix
-from segsearch.trainer.overlays import overlay_sheet
+from segsearch.trainer.overlays import overlay_sheet, plot_confusion
 from segsearch.trainer.prepared import PreparedSet, prepare_set
 from segsearch.trainer.train import prepare_training_data, resolve_device
 from segsearch.trainer.weak_labels import WeakLabelConfig
@@ -58,10 +58,19 @@ class EvalReport:
     def to_dict(self) -> dict:
         return {name: s.to_dict(self.class_names) for name, s in self.scores.items()}
 
+    @property
+    def primary(self) -> str | None:
+        """The model's own prediction: SPML k-NN, or a CE baseline's classifier."""
+        return next((n for n in self.scores if "SPML" in n or "classifier" in n), None)
+
     def summary(self) -> str:
         lines = [f"{'predictor':<28}{'mIoU':>8}{'pixel acc':>11}"]
         lines += [f"{name:<28}{100 * s.miou:>7.1f}%{100 * s.pixel_accuracy:>10.1f}%"
                   for name, s in self.scores.items()]
+        if self.primary is not None:
+            lines.append(f"\nper-class IoU ({self.primary}):")
+            lines += [f"  {name:<26}{'-' if iou != iou else f'{100 * iou:.1f}%':>8}"
+                      for name, iou in zip(self.class_names, self.scores[self.primary].iou)]
         return "\n".join(lines)
 
 
@@ -154,8 +163,10 @@ def write_report(report: EvalReport, examples: dict, test: PreparedSet, out_dir:
     count = len(next(iter(examples.values()), []))
     images = [img.permute(1, 2, 0).numpy() for img in test.images[:count]]
     truths = [mask.numpy() for mask in test.masks[:count]]
-    primary = next((n for n in report.scores if "SPML" in n or "classifier" in n), None)
+    primary = report.primary
     if primary is not None and count:
         overlay_sheet(images, truths, examples[primary], report.class_names,
                       out_dir / "eval_overlays.png", title=primary)
-    logger.info("wrote %s and %s", out_dir / "eval.json", out_dir / "eval_overlays.png")
+        plot_confusion(report.scores[primary].confusion, report.class_names,
+                       out_dir / "eval_confusion.png", title=primary)
+    logger.info("wrote eval.json, eval_overlays.png and eval_confusion.png in %s", out_dir)

@@ -53,3 +53,28 @@ def overlay_sheet(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out_path)
     return out_path
+
+
+def plot_confusion(confusion: np.ndarray, class_names: list[str], out_path: Path, title: str = "") -> Path:
+    """Row-normalised confusion matrix (rows: ground truth) as a labelled heat map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    figure, axis = plt.subplots(figsize=(1.2 + 0.6 * len(class_names), 1.0 + 0.6 * len(class_names)))
+    axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    axis.set_xticks(range(len(class_names)), class_names, rotation=60, ha="right", fontsize=8)
+    axis.set_yticks(range(len(class_names)), class_names, fontsize=8)
+    for row in range(len(class_names)):
+        for column in range(len(class_names)):
+            axis.text(column, row, f"{rates[row, column]:.2f}", ha="center", va="center", fontsize=7,
+                      color="white" if rates[row, column] > 0.5 else "black")
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("ground truth")
+    axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(out_path, dpi=100)
+    plt.close(figure)
+    return Path(out_path)
