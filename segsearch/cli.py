@@ -14,6 +14,8 @@ from segsearch.errors import SegsearchError
 
 def build_parser() -> argparse.ArgumentParser:
     from segsearch.demo import add_demo_parser
+    from segsearch.indexer.cli import add_index_parser
+    from segsearch.service.cli import add_service_parsers
     from segsearch.trainer.cli import add_eval_parser, add_train_parser
 
     parser = argparse.ArgumentParser(prog="segsearch", description="Segment retrieval with SPML embeddings.")
@@ -21,11 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_train_parser(subparsers)
     add_eval_parser(subparsers)
+    add_index_parser(subparsers)
+    add_service_parsers(subparsers)
     add_demo_parser(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from segsearch.indexer.cli import normalize_index_argv
+
+    argv = normalize_index_argv(sys.argv[1:] if argv is None else argv)  # `index CORPUS` -> `index build CORPUS`
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

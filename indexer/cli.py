@@ -1,0 +1,240 @@
+"""`segsearch index`: build an index from a corpus, add to it, delete from it, verify it, stats.
+
+    segsearch index CORPUS --model CKPT --out INDEX_DIR [options]   (build, or finish one)
+    segsearch index add INDEX_DIR CORPUS --model CKPT [options]
+    segsearch index delete INDEX_DIR --image-id ID [--image-id ID ...]
+    segsearch index verify INDEX_DIR [--model CKPT] [--repair]
+    segsearch index stats INDEX_DIR [--json]
+
+argparse cannot mix a positional CORPUS with sub-commands, so `index CORPUS ...` is the hidden
+sub-command `build`: `normalize_index_argv` inserts it when the word after `index` is not one
+of the sub-commands (a corpus folder literally named "add" needs `segsearch index build add`).
+Segmentation flags left out take the values the index was built with (`indexing.json`), or
+the defaults for a new index.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from segsearch.errors import SegsearchError
+from segsearch.indexer.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, DecodeConfig
+
+ACTIONS = ("build", "add", "delete", "verify", "stats")
+# SegmenterConfig's defaults, for the help text only: importing segmenter.py imports torch,
+# which would cost every `segsearch` command seconds (a test keeps these equal).
+HELP_DEFAULTS = {"embed_size": 320, "grid": (8, 8), "iterations": 10, "min_area_fraction": 0.005, "knn_k": 20}
+
+
+def normalize_index_argv(argv: list[str]) -> list[str]:
+    """Insert the hidden `build` after `index` when the next word is not a sub-command."""
+    argv = list(argv)
+    position = next((n for n, token in enumerate(argv) if not token.startswith("-")), None)
+    if position is None or argv[position] != "index":
+        return argv
+    following = argv[position + 1] if position + 1 < len(argv) else None
+    if following is None or following in ACTIONS or following in ("-h", "--help"):
+        return argv
+    return argv[: position + 1] + ["build"] + argv[position + 1:]
+
+
+def _grid(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS such as 8x8, got {text!r}") from None
+    return rows, cols
+
+
+def add_index_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "index", help="build and maintain a segment index (FAISS + LMDB)",
+        usage="segsearch index CORPUS --model CKPT --out INDEX_DIR [options]\n"
+              "       segsearch index {add,delete,verify,stats} INDEX_DIR ...",
+        description="Segment every image of CORPUS (a folder of JPEG/PNG/WebP/BMP/TIFF images or a "
+                    "JSONL manifest of {\"uri\", \"image_id\", \"tags\"}) with the checkpoint, and store "
+                    "the segments' prototypes in FAISS and their records in LMDB. Re-running the same "
+                    "command after an interruption finishes the job; see also the sub-commands.")
+    actions = parser.add_subparsers(dest="index_action", required=True, metavar="{CORPUS,add,delete,verify,stats}")
+    build = actions.add_parser("build", prog="segsearch index", help="(default, the word may be left out) index CORPUS into --out",
+                               description="Index CORPUS into a new index at --out, or finish the "
+                                           "unfinished index there.")
+    build.add_argument("corpus", help="folder of images, or a JSONL manifest")
+    build.add_argument("--model", required=True, help="checkpoint written by `segsearch train`")
+    build.add_argument("--out", required=True, help="index directory (new, or an unfinished index to complete)")
+    build.add_argument("--resume", action="store_true",
+                       help="require an existing index at --out and continue it (the same command "
+                            "without --resume also continues one)")
+    _add_job_flags(build)
+    build.set_defaults(handler=run_build)
+
+    add = actions.add_parser("add", prog="segsearch index add", help="add the images of CORPUS to an existing index",
+                             description="Index more images into an existing index (same model "
+                                         "version and settings; images already there are skipped).")
+    add.add_argument("index_dir", help="existing index directory")
+    add.add_argument("corpus", help="folder of images, or a JSONL manifest")
+    add.add_argument("--model", required=True, help="the checkpoint the index was built with")
+    _add_job_flags(add)
+    add.set_defaults(handler=run_add)
+
+    delete = actions.add_parser("delete", prog="segsearch index delete", help="delete images and their segments",
+                                description="Remove images and all their segments from LMDB and FAISS.")
+    delete.add_argument("index_dir", help="index directory")
+    delete.add_argument("--image-id", action="append", required=True, dest="image_ids",
+                        help="image id to delete (repeat the flag for several)")
+    delete.set_defaults(handler=run_delete)
+
+    verify = actions.add_parser("verify", prog="segsearch index verify", help="check FAISS/LMDB agreement; non-zero exit on problems",
+                                description="Check that FAISS and LMDB hold the same segment ids, that "
+                                            "every record has the index's model version, and the counts "
+                                            "and links. Prints each problem; exits 1 if there is any.")
+    verify.add_argument("index_dir", help="index directory")
+    verify.add_argument("--model", help="also check that the index was built with this checkpoint")
+    verify.add_argument("--repair", action="store_true",
+                        help="first open the index for writing, which repairs FAISS from LMDB after a crash")
+    verify.set_defaults(handler=run_verify)
+
+    stats = actions.add_parser("stats", prog="segsearch index stats", help="print counts, model version, index type and sizes",
+                               description="Print what the index holds.")
+    stats.add_argument("index_dir", help="index directory")
+    stats.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    stats.set_defaults(handler=run_stats)
+
+
+def _add_job_flags(parser: argparse.ArgumentParser) -> None:
+    seg = parser.add_argument_group("segmentation (fixed per index; omitted flags take the index's values)")
+    seg.add_argument("--max-side", type=int, help=f"longest image side after resizing (default {DEFAULT_MAX_SIDE})")
+    seg.add_argument("--max-pixels", type=int,
+                     help=f"refuse images with more pixels than this, before decoding (default {DEFAULT_MAX_PIXELS})")
+    seg.add_argument("--embed-size", type=int,
+                     help="side of the square network input; aspect not preserved "
+                          f"(default {HELP_DEFAULTS['embed_size']})")
+    seg.add_argument("--grid", type=_grid,
+                     help="k-means grid initialisation ROWSxCOLS, i.e. at most ROWS*COLS segments per "
+                          "image (default {}x{})".format(*HELP_DEFAULTS["grid"]))
+    seg.add_argument("--kmeans-iterations", type=int,
+                     help=f"k-means iterations (default {HELP_DEFAULTS['iterations']})")
+    seg.add_argument("--min-area", type=float,
+                     help="segments below this fraction of the image are merged into their neighbour "
+                          f"with the longest shared border (default {HELP_DEFAULTS['min_area_fraction']})")
+    seg.add_argument("--knn-k", type=int, help=f"neighbours in the label vote (default {HELP_DEFAULTS['knn_k']})")
+    seg.add_argument("--index-type",
+                     help="auto (exact, then HNSW above 50k segments), flat, hnsw, ivf, or a faiss "
+                          "index_factory string such as 'IVF256,Flat' (default auto; fixed at creation)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s)")
+    run.add_argument("--chunk-size", type=int, default=64,
+                     help="images per store commit; a crash redoes at most one chunk (default: %(default)s)")
+    run.add_argument("--save-every", type=int, default=8,
+                     help="chunks between FAISS file writes (default: %(default)s)")
+    run.add_argument("--workers", type=int, default=0, help="decoding threads, 0 = min(4, CPUs) (default: %(default)s)")
+    run.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def index_config(args, index_dir: Path, must_exist: bool):
+    """IndexConfig from the flags; omitted segmentation flags from the index's settings."""
+    from segsearch.indexer.pipeline import IndexConfig, load_settings
+    from segsearch.indexer.segmenter import SegmenterConfig
+
+    stored = load_settings(index_dir) or {}
+    decode = _config_from(DecodeConfig, stored.get("decode", {}),
+                          {"max_side": args.max_side, "max_pixels": args.max_pixels})
+    segmenter = _config_from(SegmenterConfig, stored.get("segmenter", {}), {
+        "embed_size": args.embed_size, "grid": args.grid, "iterations": args.kmeans_iterations,
+        "min_area_fraction": args.min_area, "knn_k": args.knn_k})
+    try:
+        return IndexConfig(
+            batch_size=args.batch_size, chunk_size=args.chunk_size, decode=decode, segmenter=segmenter,
+            index_type=args.index_type or stored.get("index_type", "auto"), decode_workers=args.workers,
+            device=args.device, progress=not args.no_progress, must_exist=must_exist,
+            save_every=args.save_every)
+    except ValueError as exc:
+        raise SegsearchError(f"invalid setting: {exc}") from None
+
+
+def _config_from(cls, stored: dict, flags: dict):
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in known}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return cls(**values)
+    except ValueError as exc:
+        raise SegsearchError(f"invalid setting: {exc}") from None
+
+
+def _run_job(corpus: str, model: str, index_dir: str, args, must_exist: bool) -> int:
+    from segsearch.indexer.pipeline import index_corpus
+
+    config = index_config(args, Path(index_dir), must_exist)
+    summary = index_corpus(corpus, model, index_dir, config)
+    print(summary.format())
+    return 0
+
+
+def run_build(args) -> int:
+    return _run_job(args.corpus, args.model, args.out, args, must_exist=args.resume)
+
+
+def run_add(args) -> int:
+    return _run_job(args.corpus, args.model, args.index_dir, args, must_exist=True)
+
+
+def run_delete(args) -> int:
+    from segsearch.indexer.index_store import IndexStore
+
+    with IndexStore.open(args.index_dir) as store:
+        removed = store.delete_images(args.image_ids)
+        meta = store.meta
+    print(f"deleted {len(set(args.image_ids))} images ({len(removed)} segments); the index now holds "
+          f"{meta.num_images} images, {meta.num_segments} segments")
+    return 0
+
+
+def run_verify(args) -> int:
+    from segsearch.errors import IndexError_
+    from segsearch.indexer.index_store import IndexStore
+    from segsearch.spml.checkpoint import load_checkpoint
+
+    problems: list[str] = []
+    try:
+        if args.repair:
+            IndexStore.open(args.index_dir).close()
+        with IndexStore.open(args.index_dir, read_only=True, repair=False) as store:
+            problems = store.verify()
+            meta = store.meta
+    except IndexError_ as exc:
+        problems = [str(exc)]
+        meta = None
+    if args.model and meta is not None:
+        version = load_checkpoint(args.model).model_version
+        if version != meta.model_version:
+            problems.append(f"the index holds model version {meta.model_version!r}, "
+                            f"the checkpoint {args.model} is version {version!r}")
+    for problem in problems:
+        print(f"PROBLEM: {problem}")
+    if problems:
+        print(f"index {args.index_dir}: {len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print(f"index {args.index_dir} OK: {meta.num_images} images, {meta.num_segments} segments, "
+          f"FAISS and LMDB agree, model version {meta.model_version}")
+    return 0
+
+
+def run_stats(args) -> int:
+    from segsearch.indexer.index_store import IndexStore
+    from segsearch.indexer.pipeline import SKIPPED_FILE, SkipReport, load_settings
+
+    with IndexStore.open(args.index_dir, read_only=True) as store:
+        stats = store.stats()
+    stats["skipped_images"] = len(SkipReport(Path(args.index_dir) / SKIPPED_FILE).entries())
+    stats["settings"] = load_settings(args.index_dir)
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+    else:
+        for key, value in stats.items():
+            print(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")
+    return 0

@@ -1,0 +1,432 @@
+"""The indexing job: corpus -> decoded images -> segments -> LMDB + FAISS, resumable.
+
+Flow (one process; the model runs in the main thread):
+
+    corpus items ──► thread pool: read, sha256, decode, resize (decode.py, resize_for_embedding)
+                       │  up to `prefetch` images ahead, in corpus order
+                       ▼
+    main thread: batch of `batch_size` ─► Segmenter (embed, k-means, tiny-segment rule,
+                 prototypes, k-NN labels) ─► records ─► every `chunk_size` images ONE
+                 `IndexStore.add_images` (one LMDB transaction, then FAISS)
+
+**Overlap**: while the main thread embeds batch i, the pool is already decoding the
+following images (batch i+1 and beyond), so decoding costs no wall time as long as it is
+faster than the forward pass; `stage_seconds["wait_decode"]` says how long the main thread
+still waited for images.
+
+**Resumable, exactly once**: before work starts, corpus items whose `image_id` the index
+already holds are set aside (they are not read again; to re-index a changed file, delete
+its image first). After decoding, an image whose content (sha256) is already indexed, or
+seen earlier in this run, is skipped as a duplicate. The store commits each chunk in one
+LMDB transaction before touching FAISS and repairs FAISS from LMDB on open, so after a
+`kill -9` at any point, running the same command again indexes exactly the images that
+are missing and leaves `IndexStore.verify()` clean.
+
+**Skipped images** (unreadable, empty, not an image, corrupt, too many pixels, duplicate)
+are logged with the reason, appended to `OUT/skipped.jsonl` as they happen, and at the
+end of a run the file is rewritten (atomically) with one line per image, without images
+that have been indexed since. The job goes on.
+
+**Settings**: the segmentation settings (`decode` and `segmenter` configs) are written to
+`OUT/indexing.json` when the index is created; continuing or adding to an index with other
+settings is refused, so one index never mixes segmentations. The model version is checked
+by the store: a checkpoint of another version is refused with both versions named.
+
+Sizes stored: `ImageRecord.width/height` are the file's size (after EXIF orientation);
+masks, boxes and `mask_shape` are in the pixels of the image as indexed (longest side
+bounded by `max_side`), so `width / mask_shape[1]` maps a box back onto the file.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from segsearch.errors import IndexError_
+from segsearch.indexer.corpus import CorpusItem, read_corpus
+from segsearch.indexer.decode import DecodeConfig, DecodedImage, SkippedImage, SkipReason, decode_file
+from segsearch.indexer.index_store import LMDB_DIR, IndexStore
+from segsearch.indexer.records import ImageRecord, SegmentRecord
+from segsearch.indexer.segmenter import ImageSegments, Segmenter, SegmenterConfig, StageTimes, resize_for_embedding
+from segsearch.spml.checkpoint import Checkpoint, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+SKIPPED_FILE = "skipped.jsonl"
+SETTINGS_FILE = "indexing.json"
+SETTINGS_VERSION = 1
+
+
+@dataclass
+class IndexConfig:
+    """Settings of one indexing run.
+
+    batch_size: images per forward pass; chunk_size: images per store commit (one LMDB
+    transaction; a crash loses at most one chunk of work). save_every: chunks between FAISS
+    file writes (LMDB is always committed; a crash re-adds at most that many chunks' vectors
+    from LMDB on the next open). decode_workers: decoding threads (0 = min(4, CPUs)).
+    must_exist: refuse to create a new index (`--resume`, `index add`).
+    """
+
+    batch_size: int = 8
+    chunk_size: int = 64
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    index_type: str = "auto"
+    decode_workers: int = 0
+    device: str = "auto"
+    progress: bool = True
+    must_exist: bool = False
+    save_every: int = 8
+    map_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.chunk_size < 1 or self.save_every < 1:
+            raise ValueError("batch_size, chunk_size and save_every must be >= 1")
+        if self.decode_workers < 0:
+            raise ValueError(f"decode_workers must be >= 0, got {self.decode_workers}")
+
+
+@dataclass
+class IndexSummary:
+    """What a run did (counts of this run) and what the index holds afterwards."""
+
+    out_dir: str
+    model_version: str
+    images_indexed: int = 0
+    segments_indexed: int = 0
+    skipped: int = 0
+    already_indexed: int = 0
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    index_images: int = 0
+    index_segments: int = 0
+    skipped_path: str = ""
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_indexed / self.seconds if self.seconds > 0 else 0.0
+
+    def format(self) -> str:
+        stages = ", ".join(f"{name} {sec:.2f}s" for name, sec in self.stage_seconds.items())
+        lines = [
+            f"indexed {self.images_indexed} images ({self.segments_indexed} segments) in "
+            f"{self.seconds:.1f} s ({self.images_per_second:.2f} images/s); skipped {self.skipped}"
+            + (f" (listed in {self.skipped_path})" if self.skipped else "")
+            + f"; {self.already_indexed} already indexed",
+            f"index {self.out_dir}: {self.index_images} images, {self.index_segments} segments, "
+            f"model version {self.model_version}",
+            f"time per stage: {stages}",
+        ]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Prepared:
+    """One decoded corpus item (worker output)."""
+
+    item: CorpusItem
+    result: DecodedImage | SkippedImage
+    resized: np.ndarray | None
+    seconds: float
+
+
+def index_corpus(corpus: str | Path | Sequence[CorpusItem], checkpoint_path: str | Path,
+                 out_dir: str | Path, config: IndexConfig | None = None) -> IndexSummary:
+    """Index `corpus` (a folder, a JSONL manifest, or items) with the checkpoint into `out_dir`.
+
+    Creates the index, or continues / adds to the one there (see the module docstring).
+    """
+    config = config or IndexConfig()
+    started = time.perf_counter()
+    items = list(corpus) if isinstance(corpus, (list, tuple)) else read_corpus(corpus)
+    checkpoint = load_checkpoint(checkpoint_path)
+    out = Path(out_dir)
+    store = open_or_create_index(out, checkpoint, config)
+    try:
+        _remove_stale_temp_files(out)  # we hold the writer lock: nobody else is writing
+        _check_settings(out, store, config)
+        todo = [item for item in items if not _has_image(store, item.image_id)]
+        summary = IndexSummary(str(out), checkpoint.model_version, already_indexed=len(items) - len(todo),
+                               skipped_path=str(out / SKIPPED_FILE))
+        if summary.already_indexed:
+            log.info("%d of %d images are already in %s; indexing the other %d",
+                     summary.already_indexed, len(items), out, len(todo))
+        report = SkipReport(out / SKIPPED_FILE)
+        if todo:
+            segmenter = Segmenter(checkpoint.build_model().to(_device(config.device)),
+                                  checkpoint.label_bank, config.segmenter)
+            _Run(store, segmenter, config, report, summary, checkpoint.model_version).process(todo)
+        report.compact(store)
+        meta = store.meta
+        summary.index_images, summary.index_segments = meta.num_images, meta.num_segments
+    finally:
+        store.close()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def open_or_create_index(out: Path, checkpoint: Checkpoint, config: IndexConfig) -> IndexStore:
+    """The index at `out` (model version checked by the store), or a new one there."""
+    version = checkpoint.model_version
+    if (out / LMDB_DIR / "data.mdb").exists():
+        log.info("continuing the index at %s", out)
+        return IndexStore.open(out, version, save_every=config.save_every, map_size=config.map_size)
+    if config.must_exist:
+        raise IndexError_(f"no segsearch index at {out} to add to or resume; "
+                          "create one with `segsearch index CORPUS --model CKPT --out DIR`")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise IndexError_(f"{out} exists and is not a segsearch index; choose a new --out directory")
+    kwargs = {} if config.map_size is None else {"map_size": config.map_size}
+    store = IndexStore.create(out, version, checkpoint.config.embedding_dim, config.index_type,
+                              save_every=config.save_every, **kwargs)
+    _write_json_atomic(out / SETTINGS_FILE, _settings(config))
+    return store
+
+
+def load_settings(out_dir: str | Path) -> dict | None:
+    """The segmentation settings an index was built with (`indexing.json`), or None."""
+    path = Path(out_dir) / SETTINGS_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise IndexError_(f"cannot read {path} ({exc}); delete it to accept the current settings") from exc
+
+
+def _settings(config: IndexConfig) -> dict:
+    return {"version": SETTINGS_VERSION, "index_type": config.index_type,
+            "decode": dataclasses.asdict(config.decode),
+            "segmenter": {k: list(v) if isinstance(v, tuple) else v
+                          for k, v in dataclasses.asdict(config.segmenter).items()}}
+
+
+def _check_settings(out: Path, store: IndexStore, config: IndexConfig) -> None:
+    """Refuse to extend an index with other segmentation settings or another index type."""
+    wanted = _settings(config)
+    stored = load_settings(out)
+    if stored is None:  # a crash between creating the index and writing the file
+        _write_json_atomic(out / SETTINGS_FILE, wanted)
+        stored = wanted
+    differences = [f"{group}.{key}={wanted[group].get(key)!r} (index: {value!r})"
+                   for group in ("decode", "segmenter") for key, value in stored.get(group, {}).items()
+                   if wanted[group].get(key) != value]
+    if config.index_type != store.meta.index_type:
+        differences.append(f"index_type={config.index_type!r} (index: {store.meta.index_type!r})")
+    if differences:
+        raise IndexError_(f"the index at {out} was built with other settings: {'; '.join(differences)}; "
+                          "use the index's settings (omit the flags) or index into a new --out directory")
+
+
+class SkipReport:
+    """`skipped.jsonl`: one JSON line per skipped image (image_id, uri, reason, detail)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def add(self, item: CorpusItem, reason: SkipReason, detail: str) -> None:
+        log.warning("skipped %s (%s): %s", item.image_id, reason.value, detail)
+        line = json.dumps({"image_id": item.image_id, "uri": item.uri, "reason": reason.value, "detail": detail})
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+    def entries(self) -> list[dict]:
+        """The entries on file; a line cut short by a crash is ignored."""
+        if not self.path.exists():
+            return []
+        entries = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and "image_id" in entry:
+                entries.append(entry)
+        return entries
+
+    def compact(self, store: IndexStore) -> int:
+        """Keep the latest entry per image, drop images indexed since; returns the count."""
+        latest = {entry["image_id"]: entry for entry in self.entries()}
+        kept = [entry for image_id, entry in latest.items() if not _has_image(store, image_id)]
+        if not kept and not self.path.exists():
+            return 0
+        text = "".join(json.dumps(entry) + "\n" for entry in kept)
+        _write_atomic(self.path, text.encode("utf-8"))
+        return len(kept)
+
+
+class _Run:
+    """One pass over the items still to index (the loop of `index_corpus`)."""
+
+    def __init__(self, store: IndexStore, segmenter: Segmenter, config: IndexConfig, report: SkipReport,
+                 summary: IndexSummary, model_version: str) -> None:
+        self.store, self.segmenter, self.config = store, segmenter, config
+        self.report, self.summary, self.model_version = report, summary, model_version
+        self.times = StageTimes()
+        self.wait_decode = 0.0
+        self.pending: list[tuple[ImageRecord, list[SegmentRecord]]] = []
+        self.pending_items: dict[str, CorpusItem] = {}
+        self.seen_sha: dict[str, str] = {}
+        self.chunks = 0
+        self.bar: tqdm | None = None
+        self.workers = config.decode_workers or min(4, os.cpu_count() or 1)
+
+    def process(self, todo: list[CorpusItem]) -> None:
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool, \
+                logging_redirect_tqdm(), \
+                tqdm(total=len(todo), unit="img", desc="index", disable=not self.config.progress,
+                     dynamic_ncols=True, smoothing=0.05) as self.bar:
+            batch: list[_Prepared] = []
+            for prepared in self._decoded(pool, todo):
+                if self._accept(prepared):
+                    batch.append(prepared)
+                else:
+                    self._advance(1)
+                if len(batch) == self.config.batch_size:
+                    self._segment_batch(batch)
+                    batch = []
+            if batch:
+                self._segment_batch(batch)
+            self._commit()
+        self.summary.stage_seconds = {**self.times.as_dict(), "wait_decode": self.wait_decode}
+
+    def _decoded(self, pool: ThreadPoolExecutor, todo: list[CorpusItem]) -> Iterator[_Prepared]:
+        """Decode in the pool, `prefetch` items ahead of the consumer, yielding in order."""
+        prefetch = 2 * self.config.batch_size + self.workers
+        pending: collections.deque[Future] = collections.deque()
+        items = iter(todo)
+        try:
+            for item in items:
+                pending.append(pool.submit(_prepare, item, self.config))
+                if len(pending) >= prefetch:
+                    yield self._next(pending)
+            while pending:
+                yield self._next(pending)
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def _next(self, pending: collections.deque) -> _Prepared:
+        start = time.perf_counter()
+        prepared = pending.popleft().result()
+        self.wait_decode += time.perf_counter() - start
+        self.times.decode += prepared.seconds
+        return prepared
+
+    def _accept(self, prepared: _Prepared) -> bool:
+        """True for a decoded image to index; skips (reported) failures and duplicates."""
+        item, result = prepared.item, prepared.result
+        if isinstance(result, SkippedImage):
+            self._skip(item, result.reason, result.detail)
+            return False
+        owner = self.seen_sha.get(result.sha256) or self.store.image_id_for_sha256(result.sha256)
+        if owner is not None:
+            self._skip(item, SkipReason.DUPLICATE, f"same content (sha256) as image {owner!r}")
+            return False
+        self.seen_sha[result.sha256] = item.image_id
+        return True
+
+    def _skip(self, item: CorpusItem, reason: SkipReason, detail: str) -> None:
+        self.report.add(item, reason, detail)
+        self.summary.skipped += 1
+
+    def _segment_batch(self, batch: list[_Prepared]) -> None:
+        images = [p.result.pixels for p in batch]
+        segmented = self.segmenter(images, resized=[p.resized for p in batch], timings=self.times)
+        with self.times.measure("store"):
+            for prepared, segments in zip(batch, segmented):
+                self.pending.append(self._records(prepared, segments))
+                self.pending_items[prepared.item.image_id] = prepared.item
+        if len(self.pending) >= self.config.chunk_size:
+            self._commit()
+        self._advance(len(batch))
+
+    def _records(self, prepared: _Prepared, segments: ImageSegments) -> tuple[ImageRecord, list[SegmentRecord]]:
+        item, decoded = prepared.item, prepared.result
+        shape = segments.shape
+        records = [
+            SegmentRecord(0, item.image_id, seg.box, seg.area_fraction, rle, shape, seg.label,
+                          seg.label_score, self.model_version, seg.prototype)
+            for seg, rle in zip(segments.segments, segments.masks_rle())
+        ]
+        width, height = decoded.original_size
+        return ImageRecord(item.image_id, item.uri, width, height, decoded.sha256), records
+
+    def _commit(self) -> None:
+        if not self.pending:
+            return
+        with self.times.measure("store"):
+            result = self.store.add_images(self.pending)
+        for image_id, reason in result.skipped:  # raced with another writer or a duplicate id
+            self._skip(self.pending_items[image_id], SkipReason.DUPLICATE, reason)
+        self.summary.images_indexed += len(result.image_ids)
+        self.summary.segments_indexed += len(result.segment_ids)
+        self.chunks += 1
+        log.info("committed chunk %d: %d images, %d segments (this run: %d images, %d segments)",
+                 self.chunks, len(result.image_ids), len(result.segment_ids),
+                 self.summary.images_indexed, self.summary.segments_indexed)
+        self.pending, self.pending_items = [], {}
+
+    def _advance(self, count: int) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(segments=self.summary.segments_indexed, skipped=self.summary.skipped,
+                                 refresh=False)
+            self.bar.update(count)
+
+
+def _prepare(item: CorpusItem, config: IndexConfig) -> _Prepared:
+    """Worker: read + decode + resize to the embedding input (never raises)."""
+    start = time.perf_counter()
+    result = decode_file(item.uri, config.decode)
+    resized = None
+    if isinstance(result, DecodedImage):
+        resized = resize_for_embedding(result.pixels, config.segmenter.embed_size)
+    return _Prepared(item, result, resized, time.perf_counter() - start)
+
+
+def _has_image(store: IndexStore, image_id: str) -> bool:
+    try:
+        store.get_image(image_id)
+    except IndexError_:
+        return False
+    return True
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _remove_stale_temp_files(out: Path) -> None:
+    for name in (SKIPPED_FILE, SETTINGS_FILE):
+        for temp in out.glob(f".{name}.tmp-*"):
+            temp.unlink(missing_ok=True)
+
+
+def _write_json_atomic(path: Path, value: dict) -> None:
+    _write_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """temp file + fsync + rename, so a crash leaves the old file or the new one."""
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)

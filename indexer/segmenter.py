@@ -1,0 +1,357 @@
+"""Batched segmentation for indexing: images -> segments with masks, prototypes and labels.
+
+One batch of `B` images of any sizes goes through:
+
+1. **resize** each image to one fixed square `embed_size x embed_size` (bilinear, PIL). The
+   aspect ratio is *not* preserved: a batch must be one `(B, 3, E, E)` tensor, and padding
+   would spend the forward pass on pixels that are not there. The stretch is undone in step
+   4, because the segment maps are resized back to each image's own size.
+2. **embed** the batch in one forward pass: unit-norm embeddings `(B, D, E/4, E/4)`.
+3. **over-segment** with batched spherical k-means (`spml.kmeans`, grid initialisation,
+   `config.grid`, default 8x8 = up to 64 segments per image), then per image:
+   **tiny segments** (fewer than `min_area_fraction` of the image's pixels at embedding
+   resolution) are merged, smallest first, into the neighbouring segment with which they
+   share the longest border (4-connected pixel pairs; ties go to the lower segment index);
+   a merged segment that is still tiny is considered again. A tiny segment with no
+   neighbour at all (it would have to be alone in the image, so in practice never) is
+   dropped, and its pixels belong to no segment (-1 in `label_map`).
+   **prototypes**: the re-normalised mean embedding of each final segment, `(D,)`.
+4. **back to image size**: each final segment map is resized (nearest, pixel-centre
+   aligned) from `(E/4, E/4)` to the image's `(H, W)`; masks, boxes and area fractions are
+   measured there. A segment that vanishes in that resize (images smaller than the
+   embedding map) is left out.
+5. **label** every segment by k-NN vote among the checkpoint's labelled training
+   prototypes (`trainer.label_bank.knn_vote`); `label_score` is the vote share in (0, 1].
+
+Everything runs on the model's device (CUDA when the model is there; the same code on CPU);
+the per-image steps 3-4 that are cheap bookkeeping over a few dozen segments run in numpy.
+`StageTimes` accumulates the seconds spent per stage (embed, segment, label here; decode and
+store are added by the pipeline).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+from PIL import Image
+
+from segsearch.spml.checkpoint import LabelBank
+from segsearch.spml.embedding import EmbeddingNet
+from segsearch.spml.kmeans import KMeansConfig, spherical_kmeans
+from segsearch.spml.prototypes import segment_prototypes
+from segsearch.trainer.label_bank import knn_vote
+
+DEFAULT_EMBED_SIZE = 320
+DEFAULT_GRID = (8, 8)
+DEFAULT_MIN_AREA_FRACTION = 0.005
+DROPPED = -1  # label_map value of pixels that belong to no segment
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """How images become segments (see the module docstring for each step).
+
+    embed_size: side of the square network input E (the embedding map is E/4).
+    grid / iterations / coord_weight: the spherical k-means settings (``K = rows * cols``).
+    min_area_fraction: segments smaller than this fraction of the image are merged away.
+    knn_k: neighbours in the label vote.
+    """
+
+    embed_size: int = DEFAULT_EMBED_SIZE
+    grid: tuple[int, int] = DEFAULT_GRID
+    iterations: int = 10
+    coord_weight: float = 1.0
+    min_area_fraction: float = DEFAULT_MIN_AREA_FRACTION
+    knn_k: int = 20
+
+    def __post_init__(self) -> None:
+        if self.embed_size < 16:
+            raise ValueError(f"embed_size must be >= 16, got {self.embed_size}")
+        if not 0.0 <= self.min_area_fraction < 1.0:
+            raise ValueError(f"min_area_fraction must be in [0, 1), got {self.min_area_fraction}")
+        if self.knn_k < 1:
+            raise ValueError(f"knn_k must be >= 1, got {self.knn_k}")
+        self.kmeans()  # validates grid, iterations and coord_weight
+
+    def kmeans(self) -> KMeansConfig:
+        return KMeansConfig(grid=tuple(self.grid), iterations=self.iterations, coord_weight=self.coord_weight)
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per indexing stage, accumulated over batches."""
+
+    decode: float = 0.0
+    embed: float = 0.0
+    segment: float = 0.0
+    label: float = 0.0
+    store: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @contextmanager
+    def measure(self, stage: str, device: torch.device | None = None) -> Iterator[None]:
+        """Add the wall time of the block to `stage`; on CUDA, wait for queued kernels first."""
+        _synchronize(device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _synchronize(device)
+            setattr(self, stage, getattr(self, stage) + time.perf_counter() - start)
+
+
+@dataclass(eq=False)
+class Segment:
+    """One segment of one image, in that image's pixels.
+
+    box: `(x0, y0, x1, y1)` end-exclusive; area_fraction: its pixels / all pixels;
+    prototype: unit-norm `(D,)` float32; label / label_score: k-NN vote and its share.
+    `index` is its value in the image's `label_map`; `mask` is computed from it on demand.
+    """
+
+    index: int
+    box: tuple[int, int, int, int]
+    area_fraction: float
+    prototype: np.ndarray
+    label: str
+    label_score: float
+    label_map: np.ndarray = field(repr=False)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """`(H, W)` bool."""
+        return self.label_map == self.index
+
+
+@dataclass(eq=False)
+class ImageSegments:
+    """The segments of one image; `label_map` `(H, W)` int32 holds each pixel's segment index
+    (0..n-1, in the order of `segments`) or -1 for pixels of a dropped segment."""
+
+    label_map: np.ndarray
+    segments: list[Segment]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.label_map.shape[0]), int(self.label_map.shape[1])
+
+    def masks_rle(self) -> list[list[int]]:
+        """Each segment's mask in `indexer.rle` format, from one pass over the label map."""
+        return label_map_rles(self.label_map, len(self.segments))
+
+
+class Segmenter:
+    """A model, its label bank and class names, ready to segment batches on the model's device."""
+
+    def __init__(self, model: EmbeddingNet, label_bank: LabelBank | None, config: SegmenterConfig,
+                 class_names: Sequence[str] | None = None) -> None:
+        self.model = model.eval()
+        self.config = config
+        self.device = next(model.parameters()).device
+        self.class_names = list(class_names if class_names is not None else model.config.class_names)
+        self.bank = None
+        self.num_classes = len(self.class_names)
+        if label_bank is not None and label_bank.prototypes.shape[0] > 0:
+            self.bank = LabelBank(label_bank.prototypes.to(self.device).float(), label_bank.labels.to(self.device))
+            self.num_classes = max(self.num_classes, int(label_bank.labels.max()) + 1)
+
+    def __call__(self, images: Sequence[np.ndarray], resized: Sequence[np.ndarray] | None = None,
+                 timings: StageTimes | None = None) -> list[ImageSegments]:
+        """Segment `images` (each `(H, W, 3)` uint8). `resized`: the same images already passed
+        through `resize_for_embedding` (lets the pipeline do it in its decode threads)."""
+        if not images:
+            return []
+        timings = timings if timings is not None else StageTimes()
+        size = self.config.embed_size
+        with timings.measure("embed", self.device):
+            inputs = resized if resized is not None else [resize_for_embedding(im, size) for im in images]
+            embeddings = self._embed(inputs)
+        with timings.measure("segment", self.device):
+            maps, prototypes = self._segment(embeddings)
+            layouts = [_layout(low_res, image.shape[:2]) for low_res, image in zip(maps, images)]
+        with timings.measure("label", self.device):
+            kept = [proto[ids] for proto, (_, ids, _, _) in zip(prototypes, layouts)]
+            labels, scores = self._label(np.concatenate(kept) if kept else np.zeros((0, 1), np.float32))
+        return _assemble(layouts, kept, labels, scores)
+
+    @torch.inference_mode()
+    def _embed(self, inputs: Sequence[np.ndarray]) -> torch.Tensor:
+        """`(B, E, E, 3)` uint8 -> unit-norm embeddings `(B, D, E/4, E/4)` float32."""
+        batch = torch.from_numpy(np.stack(inputs)).to(self.device, non_blocking=True)
+        return self.model(batch.permute(0, 3, 1, 2).float())
+
+    @torch.inference_mode()
+    def _segment(self, embeddings: torch.Tensor) -> tuple[list[np.ndarray], np.ndarray]:
+        """Embeddings -> (per image final low-res map `(h, w)` with -1 = dropped,
+        prototypes `(B, K, D)` float32 indexed by those map values)."""
+        kmeans = self.config.kmeans()
+        num = kmeans.num_segments
+        ids = spherical_kmeans(embeddings, kmeans).segment_ids.cpu().numpy()
+        maps = [merge_small_segments(m, num, self.config.min_area_fraction) for m in ids]
+        final = torch.from_numpy(np.stack(maps)).to(self.device)
+        final = torch.where(final < 0, torch.full_like(final, num), final)  # dropped -> spare id K
+        prototypes = segment_prototypes(embeddings, final, num + 1)[:, :num]
+        return maps, prototypes.float().cpu().numpy()
+
+    def _label(self, prototypes: np.ndarray) -> tuple[list[str], list[float]]:
+        if prototypes.shape[0] == 0 or self.bank is None:
+            return [""] * prototypes.shape[0], [0.0] * prototypes.shape[0]
+        queries = torch.from_numpy(prototypes).to(self.device)
+        labels, shares = knn_vote(queries, self.bank, self.num_classes, k=self.config.knn_k)
+        names = [self.class_names[i] if i < len(self.class_names) else str(i) for i in labels.tolist()]
+        return names, shares.float().cpu().tolist()
+
+
+def segment_images(model: EmbeddingNet, label_bank: LabelBank | None, images: Sequence[np.ndarray],
+                   config: SegmenterConfig | None = None, timings: StageTimes | None = None
+                   ) -> list[ImageSegments]:
+    """Segment a batch of `(H, W, 3)` uint8 RGB images (any sizes) in one forward pass.
+
+    Class names come from `model.config.class_names` (the checkpoint's). See the module
+    docstring for the steps; `timings` (if given) accumulates embed/segment/label seconds.
+    """
+    return Segmenter(model, label_bank, config or SegmenterConfig())(images, timings=timings)
+
+
+def resize_for_embedding(image: np.ndarray, size: int) -> np.ndarray:
+    """`(H, W, 3)` uint8 -> `(size, size, 3)` uint8, bilinear (antialiased when shrinking)."""
+    if image.shape[:2] == (size, size):
+        return np.ascontiguousarray(image)
+    resized = Image.fromarray(np.ascontiguousarray(image)).resize((size, size), Image.Resampling.BILINEAR)
+    return np.array(resized)  # writable, so torch.from_numpy accepts it without a warning
+
+
+def merge_small_segments(segment_ids: np.ndarray, num_segments: int, min_area_fraction: float) -> np.ndarray:
+    """Apply the tiny-segment rule to one map `(h, w)` of ids in [0, K); returns int64 `(h, w)`.
+
+    Segments with fewer than `min_area_fraction * h * w` pixels are merged, smallest first
+    (ties: lower index), into the neighbour sharing the longest 4-connected border (ties:
+    lower index), repeatedly until none is tiny; one with no neighbour becomes -1 (dropped).
+    Surviving segments keep their original index.
+    """
+    ids = np.asarray(segment_ids, dtype=np.int64)
+    total = ids.size
+    area = np.bincount(ids.ravel(), minlength=num_segments).astype(np.int64)
+    threshold = min_area_fraction * total
+    if not np.any((area > 0) & (area < threshold)):
+        return ids
+    border = _border_lengths(ids, num_segments)
+    target = np.arange(num_segments)
+    while True:
+        tiny = np.flatnonzero((area > 0) & (area < threshold))
+        if tiny.size == 0:
+            break
+        small = int(tiny[np.argmin(area[tiny])])
+        if border[small].max() == 0:
+            target[target == small], area[small] = DROPPED, 0
+            continue
+        into = int(np.argmax(border[small]))
+        area[into] += area[small]
+        area[small] = 0
+        border[into] += border[small]
+        border[:, into] += border[:, small]
+        border[small], border[:, small] = 0, 0
+        border[into, into] = 0
+        target[target == small] = into
+    return target[ids]
+
+
+def _border_lengths(ids: np.ndarray, num: int) -> np.ndarray:
+    """`(K, K)` symmetric counts of 4-connected pixel pairs between different segments."""
+    pairs = []
+    for a, b in ((ids[:, :-1], ids[:, 1:]), (ids[:-1, :], ids[1:, :])):
+        differ = a != b
+        pairs.append(a[differ] * num + b[differ])
+    counts = np.bincount(np.concatenate(pairs), minlength=num * num).reshape(num, num)
+    return counts + counts.T
+
+
+def upsample_nearest(low_res: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`(h, w)` -> `(height, width)`, nearest neighbour with pixel centres aligned."""
+    h, w = low_res.shape
+    rows = np.minimum((2 * np.arange(height) + 1) * h // (2 * height), h - 1)
+    cols = np.minimum((2 * np.arange(width) + 1) * w // (2 * width), w - 1)
+    return low_res[rows[:, None], cols[None, :]]
+
+
+def _layout(low_res: np.ndarray, shape: tuple[int, int]):
+    """Low-res final map -> (label map `(H, W)` int32 relabelled 0..n-1 / -1, the k-means ids
+    of those n segments `(n,)`, their boxes `(n, 4)`, their area fractions `(n,)`)."""
+    height, width = int(shape[0]), int(shape[1])
+    full = upsample_nearest(low_res, height, width)
+    present = np.unique(full)
+    ids = present[present >= 0]
+    relabel = np.full(int(low_res.max(initial=0)) + 2, DROPPED, dtype=np.int32)
+    relabel[ids] = np.arange(ids.size, dtype=np.int32)
+    label_map = relabel[full]  # index -1 hits the last slot, which stays DROPPED
+    areas = np.bincount(label_map[label_map >= 0], minlength=ids.size)[: ids.size]
+    return label_map, ids, _boxes(label_map, ids.size), areas / float(height * width)
+
+
+def _boxes(label_map: np.ndarray, num: int) -> np.ndarray:
+    """Tight end-exclusive boxes `(n, 4)` = (x0, y0, x1, y1) of segments 0..n-1."""
+    height, width = label_map.shape
+    valid = label_map >= 0
+    values = label_map[valid]
+    rows = np.zeros((num, height), dtype=bool)
+    cols = np.zeros((num, width), dtype=bool)
+    ys, xs = np.nonzero(valid)
+    rows[values, ys] = True
+    cols[values, xs] = True
+    x0 = cols.argmax(axis=1)
+    x1 = width - cols[:, ::-1].argmax(axis=1)
+    y0 = rows.argmax(axis=1)
+    y1 = height - rows[:, ::-1].argmax(axis=1)
+    return np.stack([x0, y0, x1, y1], axis=1)
+
+
+def _assemble(layouts, kept_prototypes, labels, scores) -> list[ImageSegments]:
+    results, offset = [], 0
+    for (label_map, ids, boxes, areas), protos in zip(layouts, kept_prototypes):
+        segments = [
+            Segment(index=n, box=tuple(int(v) for v in boxes[n]), area_fraction=float(areas[n]),
+                    prototype=protos[n].astype(np.float32), label=labels[offset + n],
+                    label_score=float(scores[offset + n]), label_map=label_map)
+            for n in range(ids.size)
+        ]
+        offset += ids.size
+        results.append(ImageSegments(label_map, segments))
+    return results
+
+
+def label_map_rles(label_map: np.ndarray, num: int) -> list[list[int]]:
+    """RLE (`indexer.rle` format: column-major, first run = zeros) of `label_map == n` for
+    each n in 0..num-1, from one pass over the map instead of one per segment."""
+    flat = np.asarray(label_map).ravel(order="F")
+    total = flat.size
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    starts = np.concatenate(([0], change))
+    ends = np.concatenate((change, [total]))
+    values = flat[starts]
+    order = np.argsort(values, kind="stable")  # runs grouped by value, in position order
+    sorted_values = values[order]
+    bounds = np.searchsorted(sorted_values, np.arange(num + 1))
+    rles = []
+    for n in range(num):
+        runs = order[bounds[n]:bounds[n + 1]]
+        if runs.size == 0:
+            rles.append([total])
+            continue
+        run_starts, run_ends = starts[runs], ends[runs]
+        gaps = run_starts - np.concatenate(([0], run_ends[:-1]))
+        counts = np.stack([gaps, run_ends - run_starts], axis=1).ravel()
+        tail = total - int(run_ends[-1])
+        rles.append(counts.tolist() + ([tail] if tail else []))
+    return rles
+
+
+def _synchronize(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)

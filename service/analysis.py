@@ -1,0 +1,150 @@
+"""The model side of the service: decode a client's image, embed it, segment it.
+
+Everything goes through the indexer's own code (`indexer.decode` for safe decoding with the
+pixel guard, `indexer.segmenter` for resize -> embed -> k-means -> labels), so a query image
+is processed exactly as an indexed one and its vectors are comparable with the index.
+
+Adapter note: `Segmenter` has no public "embeddings only" call; `_embed_batch` below uses
+its `_embed` on the same resized input the segmenter builds (`resize_for_embedding`), so that
+a box/mask query costs one forward pass and no k-means.
+
+With a `BatchConfig`, concurrent requests' forward passes (embed) and segmentations (with the
+default grid) go through dynamic batchers: one batched model call for many requests.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from segsearch.indexer.decode import DecodeConfig, DecodedImage, ImageSkipped, decode_bytes
+from segsearch.indexer.segmenter import ImageSegments, Segmenter, StageTimes, resize_for_embedding, upsample_nearest
+from segsearch.service.batcher import DynamicBatcher
+from segsearch.service.errors import InvalidArgument
+from segsearch.service.request_scope import add_stage_seconds, check_deadline, current_scope, stage
+
+MAX_SEGMENTS = 1024
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Dynamic batching of model calls (see `batcher.py`); max_batch <= 1 turns it off."""
+
+    max_batch: int = 8
+    max_wait_ms: float = 2.0
+
+    @classmethod
+    def auto(cls, device: str) -> "BatchConfig":
+        """Batch on accelerators; on CPU one image already keeps every core busy, and
+        bench/service_batching.py measured no gain there (0.8-1.1x on 2 cores), so it is off."""
+        return cls(max_batch=8 if not device.startswith("cpu") else 1)
+
+
+class ImageAnalyzer:
+    """Decoding limits + one `Segmenter` (model, label bank, class names, config)."""
+
+    def __init__(self, segmenter: Segmenter, decode_config: DecodeConfig, batching: BatchConfig | None = None):
+        self.segmenter = segmenter
+        self.decode_config = decode_config
+        self._segmenters: dict[tuple[int, int], Segmenter] = {tuple(segmenter.config.grid): segmenter}
+        self._lock = threading.Lock()
+        self._embed_batcher = self._segment_batcher = None
+        if batching is not None and batching.max_batch > 1:
+            wait = batching.max_wait_ms / 1000
+            self._embed_batcher = DynamicBatcher(self._embed_batch, batching.max_batch, wait, "embed-batcher")
+            self._segment_batcher = DynamicBatcher(self._segment_batch, batching.max_batch, wait, "segment-batcher")
+
+    def close(self) -> None:
+        for batcher in (self._embed_batcher, self._segment_batcher):
+            if batcher is not None:
+                batcher.close()
+
+    @property
+    def embed_size(self) -> int:
+        return self.segmenter.config.embed_size
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.segmenter.class_names
+
+    def decode(self, data: bytes, field: str = "image.data") -> DecodedImage:
+        """Client bytes -> bounded RGB image; INVALID_ARGUMENT says why it cannot be used."""
+        if not data:
+            raise InvalidArgument(f"{field} is empty; send PNG, JPEG or WebP bytes")
+        with stage("decode"):
+            try:
+                return decode_bytes(data, self.decode_config)
+            except ImageSkipped as skipped:
+                raise InvalidArgument(
+                    f"{field} cannot be used ({skipped.skipped.reason.value}): {skipped.skipped.detail}") from None
+
+    def embed(self, image: DecodedImage) -> torch.Tensor:
+        """Unit-norm embeddings (D, E/4, E/4) of the whole image, resized to E x E like the indexer."""
+        with stage("embed"):
+            resized = resize_for_embedding(image.pixels, self.embed_size)
+            if self._embed_batcher is not None:
+                return self._embed_batcher.submit(resized, _deadline())
+            return self._embed_batch([resized])[0]
+
+    def _embed_batch(self, resized: list[np.ndarray]) -> list[torch.Tensor]:
+        return list(self.segmenter._embed(resized))  # adapter: see the module docstring
+
+    def segment(self, image: DecodedImage, num_segments: int = 0) -> ImageSegments:
+        """Over-segment and label one image (at its decoded size)."""
+        check_deadline("segmenting")
+        if num_segments == 0 and self._segment_batcher is not None:
+            segments, seconds = self._segment_batcher.submit(image.pixels, _deadline())
+        else:
+            segments, seconds = _segment_with(self._segmenter_for(num_segments), [image.pixels])[0]
+        add_stage_seconds(seconds)  # the segmenter times embed / segment / label itself
+        return segments
+
+    def _segment_batch(self, images: list[np.ndarray]) -> list[tuple[ImageSegments, dict[str, float]]]:
+        return _segment_with(self.segmenter, images)
+
+    def _segmenter_for(self, num_segments: int) -> Segmenter:
+        if num_segments == 0:
+            return self.segmenter
+        grid = grid_for(num_segments, self.embed_size)
+        with self._lock:
+            if grid not in self._segmenters:
+                base = self.segmenter
+                config = dataclasses.replace(base.config, grid=grid)
+                self._segmenters[grid] = Segmenter(base.model, base.bank, config, base.class_names)
+            return self._segmenters[grid]
+
+
+def _segment_with(segmenter: Segmenter, images: list[np.ndarray]) -> list[tuple[ImageSegments, dict[str, float]]]:
+    """Segment a batch; each image is charged the batch's stage times (it waited for them)."""
+    timings = StageTimes()
+    results = segmenter(images, timings=timings)
+    seconds = timings.as_dict()
+    return [(result, seconds) for result in results]
+
+
+def _deadline() -> float | None:
+    scope = current_scope()
+    return None if scope is None else scope.deadline
+
+
+def grid_for(num_segments: int, embed_size: int) -> tuple[int, int]:
+    """A square k-means grid with about `num_segments` cells (the embedding map is square)."""
+    cells = embed_size // 4
+    limit = min(MAX_SEGMENTS, cells * cells)
+    if not 1 <= num_segments <= limit:
+        raise InvalidArgument(f"num_segments must be between 1 and {limit} (0 = the server's default), "
+                              f"got {num_segments}")
+    side = max(1, min(cells, round(math.sqrt(num_segments))))
+    return side, side
+
+
+def to_original_size(label_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Decoded-size map (H', W') -> the image as sent (H, W) of `size` (W, H), nearest."""
+    width, height = size
+    if label_map.shape == (height, width):
+        return label_map
+    return upsample_nearest(label_map, height, width)

@@ -1,0 +1,84 @@
+"""What a running server holds once loaded: the model (as a `Segmenter`), the index, limits.
+
+Loading checks what must agree before anything is served: the checkpoint's model version
+against the index's (the store refuses another version: FAILED_PRECONDITION territory, so
+the server does not start), and the index's own segmentation settings (`indexing.json`)
+become the server's, so that a query image is decoded and segmented exactly like the
+images of the index.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from segsearch.indexer.decode import DecodeConfig
+from segsearch.indexer.index_store import IndexStore
+from segsearch.indexer.pipeline import load_settings
+from segsearch.indexer.segmenter import Segmenter, SegmenterConfig
+from segsearch.service.analysis import BatchConfig, ImageAnalyzer
+from segsearch.service.updates import IndexUpdater
+from segsearch.spml.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOP_K = 100
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    max_top_k: int = DEFAULT_MAX_TOP_K
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+    def __post_init__(self):
+        if self.max_top_k < 1 or self.max_image_pixels < 1:
+            raise ValueError("max_top_k and max_image_pixels must be >= 1")
+
+
+@dataclass
+class ServiceApp:
+    store: IndexStore
+    analyzer: ImageAnalyzer
+    updater: IndexUpdater
+    model_version: str
+    limits: ServiceLimits
+    read_only: bool
+
+    @classmethod
+    def load(cls, index_dir: str | Path, checkpoint_path: str | Path, limits: ServiceLimits | None = None,
+             read_only: bool = False, device: str = "cpu", batching: BatchConfig | None = None) -> "ServiceApp":
+        limits = limits or ServiceLimits()
+        checkpoint = load_checkpoint(checkpoint_path)
+        version = checkpoint.model_version
+        store = IndexStore.open(index_dir, version, read_only=read_only)
+        try:
+            decode_config, segmenter_config = index_settings(index_dir, limits)
+            model = checkpoint.build_model().to(torch.device(device))
+            segmenter = Segmenter(model, checkpoint.label_bank, segmenter_config)
+            analyzer = ImageAnalyzer(segmenter, decode_config, batching)
+        except BaseException:
+            store.close()
+            raise
+        log.info("serving %s (%d images, %d segments) with model %s", index_dir,
+                 store.meta.num_images, store.meta.num_segments, version)
+        return cls(store, analyzer, IndexUpdater(store, analyzer, version, read_only), version, limits, read_only)
+
+    def close(self) -> None:
+        self.analyzer.close()
+        self.store.close()
+
+
+def index_settings(index_dir: str | Path, limits: ServiceLimits) -> tuple[DecodeConfig, SegmenterConfig]:
+    """The index's decode and segmenter settings (defaults if it has none), with the server's
+    pixel limit (a guard, not a segmentation setting)."""
+    settings = load_settings(index_dir) or {}
+    decode = DecodeConfig(**settings.get("decode", {}))
+    decode = dataclasses.replace(decode, max_pixels=limits.max_image_pixels)
+    raw = dict(settings.get("segmenter", {}))
+    if "grid" in raw:
+        raw["grid"] = tuple(raw["grid"])
+    return decode, SegmenterConfig(**raw)

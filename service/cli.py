@@ -1,0 +1,269 @@
+"""`segsearch serve`, `segsearch query`, `segsearch segment`.
+
+The bearer token is never a plain flag value (it would show in `ps`): give a file with
+`--token-file`, or set SEGSEARCH_TOKEN. The same goes for the client commands.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from segsearch.errors import SegsearchError
+
+TOKEN_ENV = "SEGSEARCH_TOKEN"
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+def _pair(text: str, count: int, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != count:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return values
+
+
+def _box(text: str) -> tuple[int, ...]:
+    return _pair(text, 4, "x0,y0,x1,y1 (end-exclusive pixels)")
+
+
+def _point(text: str) -> tuple[int, ...]:
+    return _pair(text, 2, "x,y (pixels)")
+
+
+def _read_token(path: str | None) -> str | None:
+    if path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as error:
+            raise SegsearchError(f"cannot read the token file {path}: {error.strerror}") from None
+        if not token:
+            raise SegsearchError(f"the token file {path} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _read_bytes(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise SegsearchError(f"cannot read {what} {path}: {error.strerror}") from None
+
+
+# ---- serve -------------------------------------------------------------------------------
+
+def add_serve_parser(subparsers) -> None:
+    from segsearch.service.app import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_TOP_K
+    from segsearch.service.server import DEFAULT_METRICS_PORT, DEFAULT_PORT
+
+    p = subparsers.add_parser("serve", help="serve an index over gRPC (search, segment, live updates)",
+                              description="Serve INDEX_DIR with the model it was built with: gRPC "
+                              "segsearch.v1.SegmentSearch, grpc.health.v1, reflection, and Prometheus "
+                              "metrics on their own HTTP port. Stops cleanly on SIGTERM.")
+    p.add_argument("index_dir", metavar="INDEX_DIR")
+    p.add_argument("--model", required=True, metavar="CKPT", help="checkpoint the index was built with")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; "
+                   "0.0.0.0 exposes the service to the network)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port, 0 = any free (default: %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                   help="Prometheus /metrics port, 0 = any free (default: %(default)s)")
+    p.add_argument("--no-metrics", action="store_true", help="no metrics endpoint")
+    p.add_argument("--max-concurrent", type=int, default=8,
+                   help="concurrent requests before RESOURCE_EXHAUSTED (default: %(default)s)")
+    p.add_argument("--max-top-k", type=int, default=DEFAULT_MAX_TOP_K, help="(default: %(default)s)")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="larger images are refused before decoding (default: %(default)s)")
+    p.add_argument("--max-message-mib", type=int, default=16, help="gRPC message limit (default: %(default)s)")
+    p.add_argument("--token-file", help=f"require this bearer token (else ${TOKEN_ENV}, if set)")
+    p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
+    p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--read-only", action="store_true",
+                   help="open the index read-only (IndexImages/DeleteImages refused; follows another writer)")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
+    p.add_argument("--device", default="cpu", help="torch device of the model (default: %(default)s)")
+    p.add_argument("--batch-max", type=int, default=0,
+                   help="batch up to this many concurrent model calls; 1 = no batching; 0 = auto: 8 on "
+                        "CUDA, off on CPU where it measured no gain (default: %(default)s)")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0,
+                   help="how long a model call waits for others to batch with (default: %(default)s)")
+    p.set_defaults(handler=run_serve)
+
+
+def run_serve(args) -> int:
+    from segsearch.service.analysis import BatchConfig
+    from segsearch.service.app import ServiceLimits
+    from segsearch.service.server import ServerConfig, serve
+
+    config = ServerConfig(
+        index_dir=args.index_dir, checkpoint=args.model, host=args.host, port=args.port,
+        metrics_port=None if args.no_metrics else args.metrics_port,
+        max_message_bytes=args.max_message_mib << 20, max_concurrent=args.max_concurrent,
+        limits=ServiceLimits(max_top_k=args.max_top_k, max_image_pixels=args.max_image_pixels),
+        token=_read_token(args.token_file), tls_cert=args.tls_cert, tls_key=args.tls_key,
+        read_only=args.read_only, grace_seconds=args.grace, device=args.device,
+        batching=BatchConfig(args.batch_max, args.batch_wait_ms) if args.batch_max else None,
+    )
+    return serve(config, on_ready=lambda line: print(line, flush=True))
+
+
+# ---- client commands ---------------------------------------------------------------------
+
+def _add_client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=DEFAULT_SERVER, help="host:port (default: %(default)s)")
+    p.add_argument("--token-file", help=f"bearer token file (else ${TOKEN_ENV}, if set)")
+    p.add_argument("--tls-ca", help="PEM root certificate: connect with TLS")
+    p.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds (default: %(default)s)")
+
+
+def _client(args):
+    from segsearch.service.client import SegsearchClient
+
+    return SegsearchClient(args.server, token=_read_token(args.token_file), root_cert=args.tls_ca,
+                           timeout=args.timeout)
+
+
+def add_query_parser(subparsers) -> None:
+    p = subparsers.add_parser("query", help="find indexed segments like a region of an image",
+                              description="Ask a running `segsearch serve` for the segments most like "
+                              "a region of IMAGE (a box, a point, or a mask), or like a stored segment.")
+    p.add_argument("image", metavar="IMAGE", nargs="?", help="query image (PNG, JPEG, WebP)")
+    region = p.add_mutually_exclusive_group(required=True)
+    region.add_argument("--box", type=_box, metavar="x0,y0,x1,y1", help="end-exclusive pixel box")
+    region.add_argument("--point", type=_point, metavar="x,y", help="the over-segment containing it")
+    region.add_argument("--mask", metavar="MASK.png", help="PNG of the image's size, non-zero inside")
+    region.add_argument("--segment-id", type=int, help="a stored segment (no IMAGE needed)")
+    p.add_argument("--top-k", type=int, default=10, help="(default: %(default)s)")
+    p.add_argument("--labels", default="", help="comma-separated labels to keep")
+    p.add_argument("--exclude-image", action="append", default=[], help="image id to leave out (repeatable)")
+    p.add_argument("--min-area", type=float, default=0.0, help="minimum area fraction of a hit")
+    p.add_argument("--min-score", type=float, default=0.0, help="drop hits scoring below it")
+    p.add_argument("--out", help="write a contact sheet PNG: the query, then the hits")
+    p.add_argument("--json", action="store_true", help="print hits as JSON lines")
+    _add_client_flags(p)
+    p.set_defaults(handler=run_query)
+
+
+def run_query(args) -> int:
+    import grpc
+
+    if args.segment_id is None and not args.image:
+        raise SegsearchError("give IMAGE with --box, --point or --mask (or use --segment-id)")
+    options = dict(top_k=args.top_k, labels=[v for v in args.labels.split(",") if v],
+                   exclude_image_ids=args.exclude_image, min_area_fraction=args.min_area,
+                   min_score=args.min_score, include_masks=bool(args.out))
+    image = _read_bytes(args.image, "the image") if args.image else None
+    with _client(args) as client:
+        try:
+            if args.segment_id is not None:
+                response = client.search_segment(args.segment_id, **options)
+            elif args.box:
+                response = client.search_box(image, args.box, **options)
+            elif args.point:
+                response = client.search_point(image, args.point, **options)
+            else:
+                response = client.search_mask(image, _read_bytes(args.mask, "the mask"), **options)
+        except grpc.RpcError as error:
+            raise SegsearchError(f"{error.code().name}: {error.details()}") from None
+    _print_hits(response.hits, args.json)
+    if args.out:
+        _write_sheet(args, image, response)
+    return 0
+
+
+def _print_hits(hits, as_json: bool) -> None:
+    if as_json:
+        for hit in hits:
+            print(json.dumps({"segment_id": hit.segment_id, "score": round(hit.score, 5), "image_id": hit.image_id,
+                              "label": hit.label, "label_score": round(hit.label_score, 4),
+                              "area_fraction": round(hit.area_fraction, 5),
+                              "box": [hit.box.x0, hit.box.y0, hit.box.x1, hit.box.y1], "image_uri": hit.image_uri}))
+        return
+    print(f"{'rank':>4}  {'score':>6}  {'segment':>8}  {'label':<16} image")
+    for rank, hit in enumerate(hits, start=1):
+        print(f"{rank:>4}  {hit.score:6.3f}  {hit.segment_id:>8}  {hit.label:<16} {hit.image_id}")
+
+
+def _write_sheet(args, image: bytes | None, response) -> None:
+    from segsearch.service.sheets import contact_sheet, decode_mask
+
+    if image is not None:
+        picture = _decode_local(image)
+        mask = decode_mask(response.query_mask_png)
+        title = Path(args.image).name
+    else:  # a stored segment: its own hit (first) stands for the query
+        first = response.hits[0] if response.hits else None
+        picture = np.full((64, 64, 3), 200, np.uint8)
+        mask, title = None, f"segment {args.segment_id}"
+        if first is not None:
+            from segsearch.service.sheets import read_local_image
+
+            picture = read_local_image(first.image_uri, (first.image_width, first.image_height))
+            if picture is None:
+                picture = np.full((first.image_height, first.image_width, 3), 150, np.uint8)
+            mask = decode_mask(first.mask_png)
+    path = contact_sheet(picture, mask, list(response.hits), args.out, title=str(title))
+    print(f"contact sheet: {path}")
+
+
+def _decode_local(data: bytes) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+
+
+def add_segment_parser(subparsers) -> None:
+    p = subparsers.add_parser("segment", help="segment an image with a running server",
+                              description="Over-segment IMAGE and label each segment by k-NN vote "
+                              "(through a running `segsearch serve`).")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--out", help="write an overlay PNG: boundaries | labels, with a legend")
+    p.add_argument("--num-segments", type=int, default=0, help="about this many segments (0 = server default)")
+    p.add_argument("--maps", help="also write the 16-bit segment map and 8-bit label map as PREFIX_*.png")
+    _add_client_flags(p)
+    p.set_defaults(handler=run_segment)
+
+
+def run_segment(args) -> int:
+    import grpc
+
+    from segsearch.service.pngs import decode_png_array
+
+    image = _read_bytes(args.image, "the image")
+    with _client(args) as client:
+        try:
+            response = client.segment(image, args.num_segments)
+        except grpc.RpcError as error:
+            raise SegsearchError(f"{error.code().name}: {error.details()}") from None
+    print(f"{len(response.segments)} segments ({response.width}x{response.height})")
+    for info in response.segments:
+        print(f"  {info.index:>3}  {info.label:<16} {info.label_score:.2f}  area {info.area_fraction:.3f}")
+    if args.maps:
+        Path(f"{args.maps}_segments.png").write_bytes(response.segment_map_png)
+        Path(f"{args.maps}_labels.png").write_bytes(response.label_map_png)
+    if args.out:
+        from segsearch.service.sheets import segmentation_overlay
+
+        path = segmentation_overlay(_decode_local(image), decode_png_array(response.segment_map_png),
+                                    decode_png_array(response.label_map_png), list(response.labels), args.out)
+        print(f"overlay: {path}")
+    return 0
+
+
+def add_service_parsers(subparsers) -> None:
+    add_serve_parser(subparsers)
+    add_query_parser(subparsers)
+    add_segment_parser(subparsers)
+
+
+if __name__ == "__main__":
+    from segsearch.cli import main
+
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Server interceptors: metrics, bearer-token auth, the concurrency limit, error mapping.
+
+Installed outermost first, as `build_interceptors` returns them:
+
+1. `MetricsInterceptor` counts every SegmentSearch RPC by method and final status code
+   (rejections by the interceptors below included), times it, tracks the in-flight gauge,
+   and opens the `RequestScope` in which the logic records stage times and reads the
+   client's deadline. Handlers never touch Prometheus.
+2. `AuthInterceptor` (only with a token) rejects calls without `authorization: Bearer
+   <token>` with UNAUTHENTICATED; the token is compared in constant time; the standard
+   health service stays open so that probes work without the secret.
+3. `ConcurrencyLimitInterceptor` answers RESOURCE_EXHAUSTED at once when `limit` SegmentSearch
+   calls are already running, instead of queueing work that would miss its deadline.
+4. `ErrorInterceptor` turns a `ServiceError` raised by the logic into its status code and
+   message, and any other exception into INTERNAL (logged with its traceback), so the
+   servicer has no error handling of its own and the server survives every failure.
+
+Interceptors 1, 3 and 4 apply to the SegmentSearch service only; health and reflection
+pass through them untouched.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+
+from segsearch.service.errors import ResourceExhausted, ServiceError, Unauthenticated
+from segsearch.service.metrics import ServiceMetrics
+from segsearch.service.request_scope import RequestScope, request_scope
+
+log = logging.getLogger(__name__)
+
+SERVICE_PREFIX = "/segsearch.v1.SegmentSearch/"
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+
+Behavior = Callable[[object, grpc.ServicerContext], object]
+
+
+def method_name(full_method: str) -> str:
+    """"/segsearch.v1.SegmentSearch/SearchSimilar" -> "SearchSimilar"."""
+    return full_method.rsplit("/", 1)[-1]
+
+
+def _wrap_handler(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior], Behavior]) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour passed through `wrap` (any of the four kinds)."""
+    if handler.unary_unary:
+        factory, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+    elif handler.unary_stream:
+        factory, behavior = grpc.unary_stream_rpc_method_handler, handler.unary_stream
+    elif handler.stream_unary:
+        factory, behavior = grpc.stream_unary_rpc_method_handler, handler.stream_unary
+    else:
+        factory, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+    return factory(wrap(behavior), request_deserializer=handler.request_deserializer,
+                   response_serializer=handler.response_serializer)
+
+
+def abort_with(context: grpc.ServicerContext, error: ServiceError):
+    context.abort(error.code, error.message)
+
+
+def status_code_name(context: grpc.ServicerContext, raised: bool) -> str:
+    code = context.code()
+    if code is None:
+        return "UNKNOWN" if raised else "OK"
+    return code.name
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    def __init__(self, metrics: ServiceMetrics):
+        self.metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        full = handler_call_details.method
+        if handler is None or not full.startswith(SERVICE_PREFIX):
+            return handler
+        method = method_name(full)
+
+        def wrap(behavior: Behavior) -> Behavior:
+            def measured(request, context):
+                remaining = context.time_remaining()
+                deadline = None if remaining is None else time.monotonic() + remaining
+                scope = RequestScope(method=method, deadline=deadline)
+                started, raised = time.perf_counter(), False
+                self.metrics.inflight.inc()
+                try:
+                    with request_scope(scope):
+                        return behavior(request, context)
+                except BaseException:
+                    raised = True
+                    raise
+                finally:
+                    self.metrics.inflight.dec()
+                    self.metrics.observe_request(method, status_code_name(context, raised),
+                                                 time.perf_counter() - started, scope.stage_seconds)
+            return measured
+
+        return _wrap_handler(handler, wrap)
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` metadata on every call but health checks."""
+
+    def __init__(self, token: str):
+        if not token:
+            raise ValueError("the bearer token must not be empty")
+        self._expected = f"Bearer {token}".encode()
+
+    def _authorized(self, metadata) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else bytes(value)
+                return hmac.compare_digest(given, self._expected)
+        return False
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(OPEN_PREFIXES):
+            return handler
+        if self._authorized(handler_call_details.invocation_metadata):
+            return handler
+
+        def wrap(_behavior: Behavior) -> Behavior:
+            def reject(_request, context):
+                abort_with(context, Unauthenticated(
+                    "missing or invalid bearer token: send the metadata "
+                    "'authorization: Bearer <token>' (segsearch query --token)"))
+            return reject
+
+        return _wrap_handler(handler, wrap)
+
+
+class ConcurrencyLimitInterceptor(grpc.ServerInterceptor):
+    """At most `limit` SegmentSearch calls run at once; the next one fails at once."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"the concurrency limit must be >= 1, got {limit}")
+        self.limit = limit
+        self._running = 0
+        self._lock = threading.Lock()
+
+    def _try_enter(self) -> bool:
+        with self._lock:
+            if self._running >= self.limit:
+                return False
+            self._running += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._running -= 1
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
+            return handler
+
+        def wrap(behavior: Behavior) -> Behavior:
+            def limited(request, context):
+                if not self._try_enter():
+                    abort_with(context, ResourceExhausted(
+                        f"the server is at its limit of {self.limit} concurrent requests; "
+                        "retry with backoff"))
+                try:
+                    return behavior(request, context)
+                finally:
+                    self._leave()
+            return limited
+
+        return _wrap_handler(handler, wrap)
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """ServiceError -> its status; anything unexpected -> INTERNAL (logged)."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        full = handler_call_details.method
+        if handler is None or not full.startswith(SERVICE_PREFIX):
+            return handler
+
+        def wrap(behavior: Behavior) -> Behavior:
+            def mapped(request, context):
+                try:
+                    return behavior(request, context)
+                except ServiceError as error:
+                    abort_with(context, error)
+                except Exception as error:  # noqa: BLE001 - the server must survive anything
+                    if context.code() is not None:  # already aborted by the handler
+                        raise
+                    log.exception("unexpected error in %s", full)
+                    context.abort(grpc.StatusCode.INTERNAL,
+                                  f"internal error in {method_name(full)}: {type(error).__name__}")
+            return mapped
+
+        return _wrap_handler(handler, wrap)
+
+
+def build_interceptors(metrics: ServiceMetrics, max_concurrent: int,
+                       token: str | None = None) -> list[grpc.ServerInterceptor]:
+    """Outermost first: metrics, auth (when a token is set), limit, error mapping."""
+    chain: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
+    if token:
+        chain.append(AuthInterceptor(token))
+    chain += [ConcurrencyLimitInterceptor(max_concurrent), ErrorInterceptor()]
+    return chain

@@ -1,0 +1,75 @@
+"""A search request's query -> the unit-norm vector to search with (see `regions.py`).
+
+Cheap checks come first (a region with no shape, an empty box) so that a bad request costs
+no decoding; bounds need the image's size, so they follow the decode; the model runs last.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from segsearch.indexer.index_store import IndexStore
+from segsearch.service import regions
+from segsearch.service.analysis import ImageAnalyzer, to_original_size
+from segsearch.service.errors import InvalidArgument
+from segsearch.service.pngs import decode_mask_png
+from segsearch.service.search import get_segment
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """Exactly one of mask_png, box, point (the proto's `Region.shape` oneof)."""
+
+    mask_png: bytes | None = None
+    box: regions.Box | None = None
+    point: tuple[int, int] | None = None  # (x, y)
+
+
+@dataclass
+class QueryVector:
+    """vector: (D,) unit norm; mask: the region used, (H, W) bool at the image as sent, or None."""
+
+    vector: np.ndarray
+    mask: np.ndarray | None = None
+
+
+def region_query(analyzer: ImageAnalyzer, image_data: bytes, region: RegionSpec) -> QueryVector:
+    """Embed the whole image, then reduce the region to one vector."""
+    shapes = [s for s in (region.mask_png, region.box, region.point) if s is not None]
+    if len(shapes) != 1:
+        raise InvalidArgument("region must set exactly one of mask_png, box or point")
+    if region.box is not None:
+        regions.check_box_not_empty(region.box)
+    image = analyzer.decode(image_data)
+    size = image.original_size
+    if region.point is not None:
+        return _point_query(analyzer, image, region.point)
+    if region.box is not None:
+        mask = regions.box_mask(region.box, size)
+    else:
+        mask = decode_mask_png(region.mask_png, size)
+        regions.check_mask(mask)
+    embeddings = analyzer.embed(image)
+    model_size = (analyzer.embed_size, analyzer.embed_size)
+    return QueryVector(regions.region_vector(embeddings, mask, model_size), mask)
+
+
+def _point_query(analyzer: ImageAnalyzer, image, point: tuple[int, int]) -> QueryVector:
+    """The prototype of the over-segment containing the point (the indexer's segmentation)."""
+    x, y = point
+    regions.check_point(x, y, image.original_size)
+    segments = analyzer.segment(image)
+    row, col = regions.point_in_model(x, y, image.original_size, image.pixels.shape[:2])
+    index = int(segments.label_map[row, col])
+    if index < 0:
+        raise InvalidArgument(f"the point ({x},{y}) lies in no segment (its segment was too small "
+                              "and dropped); pick a point inside a larger region")
+    segment = segments.segments[index]
+    mask = to_original_size(segments.label_map == index, image.original_size)
+    return QueryVector(segment.prototype.astype(np.float32), mask)
+
+
+def segment_id_query(store: IndexStore, segment_id: int, model_version: str) -> QueryVector:
+    """The stored prototype of a segment (NOT_FOUND if unknown)."""
+    return QueryVector(get_segment(store, segment_id, model_version).prototype)

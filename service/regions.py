@@ -1,0 +1,137 @@
+"""Region semantics of a query, as SPML's context-aware retrieval.
+
+Embeddings are computed over the whole query image (so a region's vector carries its
+context), then:
+
+- a box or a mask queries with the re-normalised mean embedding of its pixels. The
+  embedding grid is coarser than the image (output stride 4), so each grid cell is weighted
+  by how many of the region's pixels it covers (`grid_weights`): exactly the mean over the
+  region's pixels of the embedding map upsampled by nearest neighbour, and a thin or tiny
+  region still gets a vector;
+- a point queries with the prototype of the over-segment that contains it (`segment_at`).
+
+Coordinates. Regions are given in pixels of the image as sent (after EXIF orientation),
+`size = (W, H)`; the model sees it resized so that the longest side is bounded
+(`indexer.decode`), `(H', W')`. Masks are carried to the model's size by area averaging,
+points by scaling pixel centres.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from segsearch.service.errors import InvalidArgument
+from segsearch.spml.embedding import OUTPUT_STRIDE
+
+
+@dataclass(frozen=True)
+class Box:
+    """End-exclusive pixel box."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+
+def check_box_not_empty(box: Box) -> None:
+    if box.x1 <= box.x0 or box.y1 <= box.y0:
+        raise InvalidArgument(
+            f"region.box ({box.x0},{box.y0},{box.x1},{box.y1}) is empty: need x0 < x1 and y0 < y1 "
+            "(end-exclusive pixels)")
+
+
+def box_mask(box: Box, size: tuple[int, int]) -> np.ndarray:
+    """Validated box -> boolean mask (H, W) of an image of `size` (W, H)."""
+    width, height = size
+    check_box_not_empty(box)
+    if box.x0 < 0 or box.y0 < 0 or box.x1 > width or box.y1 > height:
+        raise InvalidArgument(
+            f"region.box ({box.x0},{box.y0},{box.x1},{box.y1}) is outside the {width}x{height} image "
+            f"(need 0 <= x0 < x1 <= {width}, 0 <= y0 < y1 <= {height})")
+    mask = np.zeros((height, width), dtype=bool)
+    mask[box.y0:box.y1, box.x0:box.x1] = True
+    return mask
+
+
+def check_point(x: int, y: int, size: tuple[int, int]) -> None:
+    width, height = size
+    if not (0 <= x < width and 0 <= y < height):
+        raise InvalidArgument(
+            f"region.point ({x},{y}) is outside the {width}x{height} image (need 0 <= x < {width}, "
+            f"0 <= y < {height})")
+
+
+def check_mask(mask: np.ndarray) -> None:
+    if not mask.any():
+        raise InvalidArgument("region.mask_png selects no pixel (all zero); mark the region non-zero")
+
+
+def coverage_at(mask: np.ndarray, model_size: tuple[int, int]) -> np.ndarray:
+    """Fraction of each model-resolution pixel (H', W') covered by `mask` (H, W) (area average)."""
+    height, width = model_size
+    if mask.shape == (height, width):
+        return mask.astype(np.float32)
+    image = Image.fromarray(mask.astype(np.float32), mode="F")
+    return np.asarray(image.resize((width, height), Image.Resampling.BOX), dtype=np.float32)
+
+
+def _cell_edges(pixels: int, cells: int) -> np.ndarray:
+    """Start index of each of `cells` grid cells along an axis of `pixels` pixels."""
+    if cells == -(-pixels // OUTPUT_STRIDE):
+        return np.arange(cells) * OUTPUT_STRIDE
+    return np.round(np.arange(cells) * pixels / cells).astype(int)
+
+
+def grid_weights(coverage: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Covered pixels per embedding-grid cell, (h, w) float, from coverage (H', W')."""
+    rows = np.add.reduceat(coverage, _cell_edges(coverage.shape[0], grid[0]), axis=0)
+    return np.add.reduceat(rows, _cell_edges(coverage.shape[1], grid[1]), axis=1)
+
+
+def region_vector(embeddings: torch.Tensor, mask: np.ndarray, model_size: tuple[int, int]) -> np.ndarray:
+    """Unit-norm mean embedding (D,) of the region `mask` (H, W) of the image.
+
+    embeddings: (D, h, w) unit-norm map of the image as the model saw it, at `model_size`
+    (H', W'). The weighted sum is re-normalised (normalised sum = normalised mean).
+    """
+    check_mask(mask)
+    _, grid_h, grid_w = embeddings.shape
+    weights = grid_weights(coverage_at(mask, model_size), (grid_h, grid_w))
+    if weights.sum() <= 0:
+        raise InvalidArgument("the region covers no pixel of the image as the model sees it")
+    summed = (embeddings.float() * torch.from_numpy(weights).to(embeddings.device)).sum(dim=(1, 2))
+    vector = F.normalize(summed, dim=0).cpu().numpy().astype(np.float32)
+    if not np.isfinite(vector).all() or np.linalg.norm(vector) < 0.5:
+        raise InvalidArgument("the region's embeddings cancel out (no direction to search for)")
+    return vector
+
+
+def point_in_model(x: int, y: int, size: tuple[int, int], model_size: tuple[int, int]) -> tuple[int, int]:
+    """Pixel (x, y) of the image of `size` (W, H) -> (row, col) at model size (H', W')."""
+    width, height = size
+    model_h, model_w = model_size
+    row = min(model_h - 1, int((y + 0.5) * model_h / height))
+    col = min(model_w - 1, int((x + 0.5) * model_w / width))
+    return row, col
+
+
+def segment_at(segment_masks: list[np.ndarray], row: int, col: int) -> int:
+    """Index of the segment whose mask (H', W') contains pixel (row, col)."""
+    for index, mask in enumerate(segment_masks):
+        if mask[row, col]:
+            return index
+    raise InvalidArgument(f"no segment contains the point (model pixel {col},{row}); "
+                          "the segmentation left it out")
+
+
+def upscale_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Boolean mask (H', W') -> (H, W) of `size` (W, H), nearest neighbour."""
+    if mask.shape == (size[1], size[0]):
+        return mask
+    image = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+    return np.asarray(image.resize(size, Image.Resampling.NEAREST)) > 127

@@ -1,0 +1,179 @@
+"""Server lifecycle: bind, report NOT_SERVING, load, report SERVING, drain, stop.
+
+The port is bound before the model and index load, so an orchestrator sees the process
+come up and asks `grpc.health.v1.Health` (answering NOT_SERVING) until loading is done;
+then both the overall status ("") and "segsearch.v1.SegmentSearch" say SERVING. On SIGTERM
+(or SIGINT) health turns NOT_SERVING, the server stops accepting calls, in-flight calls get
+`grace_seconds` to finish, the index is closed (flushing FAISS) and `serve` returns 0.
+
+Limits: `max_message_bytes` both ways (default 16 MiB); `max_concurrent` SegmentSearch calls,
+beyond which RESOURCE_EXHAUSTED comes at once (the interceptor; the thread pool has a few
+spare workers for those answers, health and reflection; gRPC itself refuses anything
+beyond that pool rather than queueing it); the pixel limit of decoded images
+(`ServiceLimits.max_image_pixels`); client deadlines (work abandoned between stages).
+Binding is to 127.0.0.1 unless `host` says otherwise; optional TLS and bearer token.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from segsearch.errors import SegsearchError
+from segsearch.service import segment_search_pb2 as pb
+from segsearch.service import segment_search_pb2_grpc as pb_grpc
+from segsearch.service.analysis import BatchConfig
+from segsearch.service.app import ServiceApp, ServiceLimits
+from segsearch.service.interceptors import build_interceptors
+from segsearch.service.metrics import ServiceMetrics
+from segsearch.service.servicer import SegmentSearchServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentSearch"].full_name
+DEFAULT_PORT = 50051
+DEFAULT_METRICS_PORT = 9464
+MiB = 1 << 20
+SPARE_WORKERS = 8
+
+
+class ServerError(SegsearchError):
+    """The server cannot start (port in use, bad TLS files, ...)."""
+
+
+@dataclass
+class ServerConfig:
+    index_dir: str
+    checkpoint: str
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT  # 0 = any free port
+    metrics_port: int | None = DEFAULT_METRICS_PORT  # None = no metrics endpoint; 0 = any
+    metrics_host: str | None = None  # default: same as host
+    max_message_bytes: int = 16 * MiB
+    max_concurrent: int = 8
+    limits: ServiceLimits = field(default_factory=ServiceLimits)
+    token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    read_only: bool = False
+    grace_seconds: float = 10.0
+    device: str = "cpu"
+    batching: BatchConfig | None = None  # None: auto (batch on CUDA, not on CPU); max_batch <= 1: off
+
+
+class SegsearchServer:
+    """One gRPC server (SegmentSearch + health + reflection) and its metrics endpoint."""
+
+    def __init__(self, config: ServerConfig, metrics: ServiceMetrics | None = None):
+        self.config = config
+        self.metrics = metrics or ServiceMetrics()
+        self.servicer = SegmentSearchServicer()
+        self.health = health.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.Server | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def start(self) -> int:
+        """Bind and start answering (health NOT_SERVING, calls UNAVAILABLE); returns the port."""
+        config = self.config
+        workers = config.max_concurrent + SPARE_WORKERS
+        options = [("grpc.max_receive_message_length", config.max_message_bytes),
+                   ("grpc.max_send_message_length", config.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+                             interceptors=build_interceptors(self.metrics, config.max_concurrent, config.token),
+                             options=options, maximum_concurrent_rpcs=workers)
+        pb_grpc.add_SegmentSearchServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self._bind(server)
+        server.start()
+        self._server = server
+        if config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(config.metrics_port, config.metrics_host or config.host)
+        log.info("listening on %s (%s)", self.address, "TLS" if config.tls_cert else "plaintext")
+        return self.port
+
+    def _bind(self, server: grpc.Server) -> int:
+        config = self.config
+        address = f"{config.host}:{config.port}"
+        try:
+            if config.tls_cert or config.tls_key:
+                if not (config.tls_cert and config.tls_key):
+                    raise ServerError("TLS needs both --tls-cert and --tls-key")
+                key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
+                port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+            else:
+                port = server.add_insecure_port(address)
+        except OSError as error:
+            raise ServerError(f"cannot read the TLS files: {error}") from None
+        except RuntimeError as error:
+            raise ServerError(f"cannot listen on {address} ({error}); is the port in use?") from None
+        if not port:
+            raise ServerError(f"cannot listen on {address}; is the port in use?")
+        return port
+
+    def load(self) -> None:
+        """Load the model and index, then report SERVING."""
+        config = self.config
+        app = ServiceApp.load(config.index_dir, config.checkpoint, config.limits,
+                              read_only=config.read_only, device=config.device,
+                              batching=config.batching or BatchConfig.auto(config.device))
+        self.metrics.track_index(lambda: app.store.meta.num_segments, lambda: app.store.meta.num_images)
+        self.servicer.app = app
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`, close."""
+        grace = self.config.grace_seconds if grace is None else grace
+        self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+        app, self.servicer.app = self.servicer.app, None
+        if app is not None:
+            app.close()
+        self.metrics.stop_http()
+        log.info("server stopped")
+
+    def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+
+def serve(config: ServerConfig, on_ready=print) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status (0 after a clean drain)."""
+    stopping = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    server = SegsearchServer(config)
+    try:
+        server.start()
+        try:
+            server.load()
+        except BaseException:
+            server.stop(grace=0)
+            raise
+        metrics = f", metrics at http://{config.metrics_host or config.host}:{server.metrics_port}/metrics" \
+            if server.metrics_port else ""
+        on_ready(f"segsearch serving {config.index_dir} on {server.address}{metrics}")
+        stopping.wait()
+        log.info("stopping: draining in-flight calls (grace %.1f s)", config.grace_seconds)
+        server.stop()
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,102 @@
+"""The SegmentSearch servicer: request messages -> logic calls -> response messages.
+
+Thin by design: validation, region semantics, search, segmentation and updates live in
+plain modules; error statuses come from `ServiceError`s mapped by `ErrorInterceptor`; metrics,
+auth and the concurrency limit are interceptors. Until `app` is set (model and index
+loaded) every call answers UNAVAILABLE, as health answers NOT_SERVING.
+"""
+from __future__ import annotations
+
+from segsearch.errors import IndexError_
+from segsearch.service import convert
+from segsearch.service import segment_search_pb2 as pb
+from segsearch.service import segment_search_pb2_grpc as pb_grpc
+from segsearch.service.app import ServiceApp
+from segsearch.service.errors import FailedPrecondition, InvalidArgument, Unavailable
+from segsearch.service.queries import RegionSpec, region_query, segment_id_query
+from segsearch.service.search import get_segment, search, validate_options
+from segsearch.service.segmentation import segment_image
+from segsearch.service.updates import NewImage
+
+
+class SegmentSearchServicer(pb_grpc.SegmentSearchServicer):
+    def __init__(self, app: ServiceApp | None = None):
+        self.app = app
+
+    def _loaded(self) -> ServiceApp:
+        if self.app is None:
+            raise Unavailable("the server is still loading its model and index; retry shortly")
+        if self.app.read_only:
+            self.app.store.refresh()  # follow commits of the index's writer
+        return self.app
+
+    def SearchSimilar(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
+        app = self._loaded()
+        if request.model_version and request.model_version != app.model_version:
+            raise FailedPrecondition(f"the request expects model {request.model_version!r} but the server "
+                                     f"runs model {app.model_version!r}")
+        f = request.filter
+        options = validate_options(request.top_k, app.limits.max_top_k, request.min_score, f.labels,
+                                   f.exclude_image_ids, f.min_area_fraction)
+        kind = request.WhichOneof("query")
+        if kind == "segment_id":
+            query = segment_id_query(app.store, request.segment_id, app.model_version)
+        elif kind == "region":
+            query = region_query(app.analyzer, request.region.image.data, _region_spec(request.region.region))
+        else:
+            raise InvalidArgument("the request has no query: set region (image + region) or segment_id")
+        hits = search(app.store, query.vector, options)
+        return convert.search_response(hits, request.include_masks, query.mask, app.model_version)
+
+    def Segment(self, request: pb.SegmentRequest, context) -> pb.SegmentResponse:
+        app = self._loaded()
+        result = segment_image(app.analyzer, request.image.data, request.num_segments)
+        return convert.segment_response(result, app.model_version)
+
+    def GetSegment(self, request: pb.GetSegmentRequest, context) -> pb.SegmentRecord:
+        app = self._loaded()
+        record = get_segment(app.store, request.segment_id, app.model_version)
+        return convert.segment_record_message(record, _image_or_none(app, record.image_id))
+
+    def IndexImages(self, request_iterator, context) -> pb.IndexImagesResponse:
+        app = self._loaded()
+        images = (NewImage(r.image.data, r.image.image_id, r.uri) for r in request_iterator)
+        outcome = app.updater.add(images)
+        return pb.IndexImagesResponse(
+            indexed=[pb.IndexedImage(image_id=i, segment_ids=ids) for i, ids in outcome.indexed],
+            skipped=[pb.SkippedImage(image_id=i, reason=r) for i, r in outcome.skipped],
+            num_segments=outcome.num_segments,
+        )
+
+    def DeleteImages(self, request: pb.DeleteImagesRequest, context) -> pb.DeleteImagesResponse:
+        app = self._loaded()
+        removed = app.updater.delete(list(request.image_ids))
+        return pb.DeleteImagesResponse(deleted_segment_ids=removed, num_images=len(set(request.image_ids)))
+
+    def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.InfoResponse:
+        app = self._loaded()
+        stats = app.store.stats()
+        return pb.InfoResponse(
+            model_version=app.model_version, num_segments=stats["num_segments"], num_images=stats["num_images"],
+            embedding_dim=stats["embedding_dim"], label_names=app.analyzer.class_names,
+            index_type=stats["index_spec"], faiss_index=stats["faiss_index"], max_top_k=app.limits.max_top_k,
+            max_image_pixels=app.limits.max_image_pixels, read_only=app.read_only,
+        )
+
+
+def _region_spec(region: pb.Region) -> RegionSpec:
+    shape = region.WhichOneof("shape")
+    if shape == "mask_png":
+        return RegionSpec(mask_png=region.mask_png)
+    if shape == "box":
+        return RegionSpec(box=convert.box_from_message(region.box))
+    if shape == "point":
+        return RegionSpec(point=(region.point.x, region.point.y))
+    raise InvalidArgument("region has no shape: set mask_png, box or point")
+
+
+def _image_or_none(app: ServiceApp, image_id: str):
+    try:
+        return app.store.get_image(image_id)
+    except IndexError_:
+        return None

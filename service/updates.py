@@ -1,0 +1,141 @@
+"""Live index updates (IndexImages, DeleteImages) through the indexer's code path.
+
+An added image goes through the same steps as in `segsearch index`: `indexer.decode` (pixel
+guard, EXIF, bounded size, the index's decode settings), the index's `Segmenter`, the
+same records, and `IndexStore.add_images`: one LMDB transaction per chunk, then FAISS, so
+the images are visible to the next search and a crash leaves both stores consistent.
+Duplicates are skipped as the indexer skips them: an image id already indexed, or content
+(sha256) already indexed under another id.
+
+Adapter note: the indexing pipeline builds its records inside a private class (`_Run._records`)
+from corpus files; `image_records` below builds the same records from bytes received over
+gRPC (the server never reads a path sent by a client).
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from segsearch.errors import IndexError_
+from segsearch.indexer.decode import DecodedImage, ImageSkipped, SkipReason, decode_bytes
+from segsearch.indexer.index_store import IndexStore
+from segsearch.indexer.records import ImageRecord, SegmentRecord
+from segsearch.indexer.segmenter import ImageSegments
+from segsearch.service.analysis import ImageAnalyzer
+from segsearch.service.errors import FailedPrecondition, InvalidArgument, NotFound
+from segsearch.service.request_scope import stage
+
+CHUNK_IMAGES = 16
+MAX_IMAGE_ID_BYTES = 500
+
+
+@dataclass
+class NewImage:
+    data: bytes
+    image_id: str = ""
+    uri: str = ""
+
+
+@dataclass
+class IndexOutcome:
+    indexed: list[tuple[str, list[int]]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def num_segments(self) -> int:
+        return sum(len(ids) for _, ids in self.indexed)
+
+
+def image_records(image_id: str, uri: str, decoded: DecodedImage, segments: ImageSegments,
+                  model_version: str) -> tuple[ImageRecord, list[SegmentRecord]]:
+    """The store records of one segmented image (as the indexing pipeline writes them)."""
+    shape = segments.shape
+    records = [SegmentRecord(0, image_id, seg.box, seg.area_fraction, rle, shape, seg.label,
+                             seg.label_score, model_version, seg.prototype)
+               for seg, rle in zip(segments.segments, segments.masks_rle())]
+    width, height = decoded.original_size
+    return ImageRecord(image_id, uri, width, height, decoded.sha256), records
+
+
+class IndexUpdater:
+    """Serialises writers; one per served index."""
+
+    def __init__(self, store: IndexStore, analyzer: ImageAnalyzer, model_version: str, read_only: bool):
+        self.store, self.analyzer = store, analyzer
+        self.model_version, self.read_only = model_version, read_only
+        self._write_lock = threading.Lock()
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise FailedPrecondition("this server serves its index read-only (--read-only); "
+                                     "send updates to the writer, or run `segsearch index add`")
+
+    def add(self, images: Iterable[NewImage]) -> IndexOutcome:
+        """Decode, segment and store a stream of images, committing every CHUNK_IMAGES."""
+        self._check_writable()
+        outcome, pending = IndexOutcome(), []
+        seen: dict[str, str] = {}
+        with self._write_lock:
+            for number, image in enumerate(images):
+                prepared = self._prepare(image, number, seen, outcome)
+                if prepared is not None:
+                    pending.append(prepared)
+                if len(pending) >= CHUNK_IMAGES:
+                    self._commit(pending, outcome)
+                    pending = []
+            self._commit(pending, outcome)
+        return outcome
+
+    def _prepare(self, image: NewImage, number: int, seen: dict[str, str], outcome: IndexOutcome):
+        try:
+            with stage("decode"):
+                decoded = decode_bytes(image.data, self.analyzer.decode_config)
+        except ImageSkipped as skipped:
+            outcome.skipped.append((image.image_id or f"#{number}", f"{skipped.skipped.reason.value}: "
+                                    f"{skipped.skipped.detail}"))
+            return None
+        image_id = image.image_id or f"sha256:{decoded.sha256[:16]}"
+        if len(image_id.encode()) > MAX_IMAGE_ID_BYTES:
+            outcome.skipped.append((image_id[:60] + "...", f"image_id is longer than {MAX_IMAGE_ID_BYTES} bytes"))
+            return None
+        owner = seen.get(decoded.sha256) or self.store.image_id_for_sha256(decoded.sha256)
+        if owner is not None or image_id in seen.values() or _has_image(self.store, image_id):
+            reason = (f"{SkipReason.DUPLICATE.value}: same content (sha256) as image {owner!r}" if owner
+                      else f"{SkipReason.DUPLICATE.value}: image id {image_id!r} is already indexed")
+            outcome.skipped.append((image_id, reason))
+            return None
+        seen[decoded.sha256] = image_id
+        segments = self.analyzer.segment(decoded)
+        return image_records(image_id, image.uri, decoded, segments, self.model_version)
+
+    def _commit(self, pending: list, outcome: IndexOutcome) -> None:
+        if not pending:
+            return
+        with stage("store"):
+            result = self.store.add_images(pending)
+        added = set(result.image_ids)
+        for image, records in pending:
+            if image.image_id in added:
+                stored = self.store.get_image(image.image_id)
+                outcome.indexed.append((image.image_id, list(stored.segment_ids)))
+        outcome.skipped.extend(result.skipped)
+
+    def delete(self, image_ids: Sequence[str]) -> list[int]:
+        """Remove images and their segments from both stores; NOT_FOUND names unknown ids."""
+        self._check_writable()
+        if not image_ids:
+            raise InvalidArgument("image_ids is empty; name the images to delete")
+        with self._write_lock, stage("store"):
+            try:
+                return self.store.delete_images(list(dict.fromkeys(image_ids)))
+            except IndexError_ as error:
+                raise NotFound(str(error)) from None
+
+
+def _has_image(store: IndexStore, image_id: str) -> bool:
+    try:
+        store.get_image(image_id)
+    except IndexError_:
+        return False
+    return True

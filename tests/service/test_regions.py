@@ -1,0 +1,79 @@
+"""Region semantics without a server: masks and boxes to grid weights and vectors, points."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segsearch.service.errors import InvalidArgument
+from segsearch.service.regions import (
+    Box, box_mask, check_point, coverage_at, grid_weights, point_in_model, region_vector)
+
+
+def _embeddings(dim=8, size=6, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(dim, size, size, generator=generator), dim=0)
+
+
+def test_region_vector_is_the_mean_of_the_upsampled_embedding_over_the_region():
+    """Reference: upsample the (D, 6, 6) map by nearest to 24x24 (stride 4), average the mask's pixels."""
+    embeddings = _embeddings()
+    upsampled = embeddings.repeat_interleave(4, dim=1).repeat_interleave(4, dim=2)  # (D, 24, 24)
+    rng = np.random.default_rng(1)
+    mask = rng.random((24, 24)) < 0.3
+    expected = F.normalize(upsampled[:, torch.from_numpy(mask)].sum(dim=1), dim=0).numpy()
+    assert np.allclose(region_vector(embeddings, mask, (24, 24)), expected, atol=1e-5)
+
+
+def test_masks_of_another_size_are_area_averaged_onto_the_model_input():
+    mask = np.zeros((48, 96), bool)
+    mask[:, :48] = True  # left half of a 96x48 image
+    coverage = coverage_at(mask, (24, 24))
+    assert coverage.shape == (24, 24)
+    assert np.allclose(coverage[:, :12], 1) and np.allclose(coverage[:, 12:], 0)
+    weights = grid_weights(coverage, (6, 6))
+    assert weights.sum() == pytest.approx(coverage.sum())
+    assert np.allclose(weights[:, :3], 16) and np.allclose(weights[:, 3:], 0)
+
+
+def test_a_one_pixel_region_still_gets_a_vector():
+    embeddings = _embeddings()
+    mask = np.zeros((240, 240), bool)
+    mask[101, 57] = True  # 1 pixel of a 240x240 image, at model size 24x24: 1% of a pixel
+    vector = region_vector(embeddings, mask, (24, 24))
+    cell = embeddings[:, 101 * 24 // 240 // 4, 57 * 24 // 240 // 4].numpy()
+    assert np.allclose(vector, cell, atol=1e-5)
+
+
+def test_partial_last_cell_when_the_input_is_not_a_multiple_of_the_stride():
+    coverage = np.ones((10, 10), np.float32)  # grid ceil(10/4) = 3 cells: 4, 4 and 2 pixels
+    assert grid_weights(coverage, (3, 3)).tolist() == [[16, 16, 8], [16, 16, 8], [8, 8, 4]]
+
+
+@pytest.mark.parametrize("box, phrase", [
+    (Box(5, 5, 5, 9), "is empty"), (Box(5, 9, 8, 2), "is empty"),
+    (Box(-1, 0, 4, 4), "outside"), (Box(0, 0, 11, 4), "outside"), (Box(0, 0, 4, 21), "outside"),
+])
+def test_bad_boxes(box, phrase):
+    with pytest.raises(InvalidArgument, match=phrase):
+        box_mask(box, (10, 20))
+
+
+def test_box_mask_is_end_exclusive():
+    mask = box_mask(Box(2, 3, 5, 4), (10, 20))
+    assert mask.shape == (20, 10) and mask.sum() == 3 and mask[3, 2:5].all()
+
+
+def test_points_map_pixel_centres_and_reject_outside():
+    assert point_in_model(0, 0, (256, 192), (96, 128)) == (0, 0)
+    assert point_in_model(255, 191, (256, 192), (96, 128)) == (95, 127)
+    assert point_in_model(3, 2, (256, 192), (96, 128)) == (1, 1)
+    for x, y in ((-1, 0), (256, 0), (0, 192)):
+        with pytest.raises(InvalidArgument, match="outside the 256x192 image"):
+            check_point(x, y, (256, 192))
+
+
+def test_empty_mask_is_refused():
+    with pytest.raises(InvalidArgument, match="selects no pixel"):
+        region_vector(_embeddings(), np.zeros((24, 24), bool), (24, 24))

@@ -1,0 +1,77 @@
+"""IndexImages and DeleteImages go through the indexer's path and show in the next search."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from segsearch.indexer.index_store import IndexStore
+from segsearch.service import segment_search_pb2 as pb
+from service_helpers import copy_index, metric_value, mosaic_images, png_bytes, start_server
+
+
+@pytest.fixture
+def writable(index_template, checkpoint_path, tmp_path_factory):
+    index_dir = copy_index(index_template, tmp_path_factory)
+    running = start_server(index_dir, checkpoint_path)
+    yield running, index_dir
+    running.stop()
+
+
+def test_indexed_images_are_searchable_at_once_and_deleted_ones_are_gone(writable, corpus_dir):
+    running, index_dir = writable
+    client = running.client
+    before = client.info()
+    new = [png_bytes(pixels) for pixels in mosaic_images(2, seed=7)]
+    response = client.index_images([
+        ("new-a", new[0]),
+        pb.IndexImageRequest(image=pb.Image(data=new[1]), uri="file:///elsewhere/b.png"),  # id from sha256
+        ("broken", b"not an image"),
+        ("copy-of-a", new[0]),  # same content as new-a
+        ("mosaic0.png", (corpus_dir / "mosaic0.png").read_bytes()),  # already indexed
+    ])
+    indexed = {item.image_id: list(item.segment_ids) for item in response.indexed}
+    derived = [image_id for image_id in indexed if image_id.startswith("sha256:")]
+    assert set(indexed) == {"new-a", *derived} and len(derived) == 1
+    skipped = {item.image_id: item.reason for item in response.skipped}
+    assert set(skipped) == {"broken", "copy-of-a", "mosaic0.png"}
+    assert skipped["broken"].startswith("not_an_image") and "new-a" in skipped["copy-of-a"]
+    assert response.num_segments == sum(len(ids) for ids in indexed.values()) > 0
+
+    info = client.info()
+    assert info.num_images == before.num_images + 2 == 8
+    assert info.num_segments == before.num_segments + response.num_segments
+    first_new = indexed["new-a"][0]
+    hits = client.search_segment(first_new, top_k=3).hits
+    assert hits[0].segment_id == first_new and hits[0].image_id == "new-a"
+    assert client.get_segment(indexed[derived[0]][0]).image_uri == "file:///elsewhere/b.png"
+    assert metric_value(running.metrics_text(), "segsearch_index_images") == 8
+
+    deleted = client.delete_images(["new-a", "mosaic0.png"])
+    assert deleted.num_images == 2 and first_new in deleted.deleted_segment_ids
+    with pytest.raises(grpc.RpcError) as caught:
+        client.get_segment(first_new)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    remaining = client.search_segment(indexed[derived[0]][0], top_k=100).hits
+    assert {"new-a", "mosaic0.png"}.isdisjoint(hit.image_id for hit in remaining)
+    assert len(remaining) == client.info().num_segments
+
+    running.server.stop(grace=1)  # closes the index: both stores must agree on disk
+    with IndexStore.open(index_dir) as store:
+        assert store.verify() == []
+        assert store.meta.num_images == 6
+
+
+def test_read_only_server_refuses_writes(index_template, checkpoint_path, tmp_path_factory):
+    running = start_server(copy_index(index_template, tmp_path_factory), checkpoint_path, read_only=True,
+                           metrics_port=None)
+    try:
+        for call, argument in ((running.client.index_images, [("x", png_bytes(np.zeros((8, 8, 3), np.uint8)))]),
+                               (running.client.delete_images, ["mosaic0.png"])):
+            with pytest.raises(grpc.RpcError) as caught:
+                call(argument)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "read-only" in caught.value.details()
+        assert running.client.info().read_only and running.client.info().num_images == 6
+    finally:
+        running.stop()
