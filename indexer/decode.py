@@ -7,8 +7,8 @@ report, never the job, so `decode_file` never raises: every failure comes back a
 Steps (each failure mapped to a reason):
 1. read the bytes (`unreadable`: missing, a folder, no permission; `empty_file`: 0 bytes);
 2. sha256 of the bytes (the store's dedup key: re-indexing the same content adds nothing);
-3. `PIL.Image.open` reads only the header (`not_an_image`: no known format, e.g. a text file
-   named `.png`; `corrupt` if the file starts with an image signature but its header is
+3. `PIL.Image.open`, restricted to `PIL_FORMATS`, reads only the header (`not_an_image`:
+   not one of those formats, e.g. a text file named `.png`; `corrupt` if the file starts with an image signature but its header is
    damaged);
 4. pixel guard on the header size before any decoding (`too_many_pixels`): refused when
    `width * height > DecodeConfig.max_pixels`. PIL's own process-wide guard
@@ -38,6 +38,10 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
+# The formats PIL may try, and nothing else: the corpus formats (PIL's JPEG opener also
+# returns the MPO files of many cameras). Letting PIL guess among all its plugins would, for
+# instance, hand a PostScript file renamed .png to Ghostscript.
+PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
 DEFAULT_MAX_SIDE = 512
 DEFAULT_MAX_PIXELS = 50_000_000  # a 50 MP header is refused before decoding (~150 MB as RGB)
 
@@ -133,7 +137,7 @@ def decode_bytes(data: bytes, config: DecodeConfig) -> DecodedImage:
     install_bomb_guard()
     digest = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as image:
             width, height = image.size
             _check_pixels(width, height, config)
             pixels, size = _decode_opened(image, config)
@@ -143,7 +147,8 @@ def decode_bytes(data: bytes, config: DecodeConfig) -> DecodedImage:
         if _has_image_signature(data):
             raise ImageSkipped(SkipReason.CORRUPT, "damaged image header (the file starts like an "
                                "image but PIL cannot parse it)") from None
-        raise ImageSkipped(SkipReason.NOT_AN_IMAGE, "not an image in a format PIL can read") from None
+        raise ImageSkipped(SkipReason.NOT_AN_IMAGE, "not an image in a format segsearch reads "
+                           "(JPEG, PNG, WebP, BMP, TIFF)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageSkipped(SkipReason.TOO_MANY_PIXELS, str(exc)) from None
     except MemoryError:
@@ -174,7 +179,7 @@ def _decode_opened(image: Image.Image, config: DecodeConfig) -> tuple[np.ndarray
     orientation = _orientation(image)
     width, height = image.size
     scale = config.max_side / max(width, height)
-    if scale < 1 and image.format == "JPEG":
+    if scale < 1 and image.format in ("JPEG", "MPO"):
         image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
     image.load()
     if orientation in _TRANSPOSE:

@@ -5,14 +5,20 @@ Flow (one process; the model runs in the main thread):
     corpus items ──► thread pool: read, sha256, decode, resize (decode.py, resize_for_embedding)
                        │  up to `prefetch` images ahead, in corpus order
                        ▼
-    main thread: batch of `batch_size` ─► Segmenter (embed, k-means, tiny-segment rule,
-                 prototypes, k-NN labels) ─► records ─► every `chunk_size` images ONE
-                 `IndexStore.add_images` (one LMDB transaction, then FAISS)
+    main thread: batch of `batch_size` ─► Segmenter.cluster (embed + k-means, on the device)
+                       │  k-means ids + per-segment embedding sums
+                       ▼
+    finisher thread: Segmenter.finish (tiny-segment rule, prototypes, full-size masks, k-NN
+                 labels) ─► records ─► every `chunk_size` images ONE `IndexStore.add_images`
+                 (one LMDB transaction, then FAISS)
 
-**Overlap**: while the main thread embeds batch i, the pool is already decoding the
-following images (batch i+1 and beyond), so decoding costs no wall time as long as it is
-faster than the forward pass; `stage_seconds["wait_decode"]` says how long the main thread
-still waited for images.
+**Overlap**: while the main thread embeds batch i, the decode pool is already decoding the
+following images (batch i+1 and beyond) and the finisher thread finishes and stores batch
+i-1. Decoding and storing therefore cost no wall time as long as each is faster than the
+forward pass (on a GPU the host-side bookkeeping would otherwise dominate); on a CPU they
+share the cores with the forward pass. `stage_seconds["wait_decode"]` says how long the main
+thread still waited for images; the stage times are summed over threads, so they can add up
+to more than the wall time.
 
 **Resumable, exactly once**: before work starts, corpus items whose `image_id` the index
 already holds are set aside (they are not read again; to re-index a changed file, delete
@@ -44,6 +50,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,12 +62,19 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from segsearch.errors import IndexError_
+from segsearch.errors import IndexError_, SegsearchError
 from segsearch.indexer.corpus import CorpusItem, read_corpus
 from segsearch.indexer.decode import DecodeConfig, DecodedImage, SkippedImage, SkipReason, decode_file
 from segsearch.indexer.index_store import LMDB_DIR, IndexStore
 from segsearch.indexer.records import ImageRecord, SegmentRecord
-from segsearch.indexer.segmenter import ImageSegments, Segmenter, SegmenterConfig, StageTimes, resize_for_embedding
+from segsearch.indexer.segmenter import (
+    ClusteredBatch,
+    ImageSegments,
+    Segmenter,
+    SegmenterConfig,
+    StageTimes,
+    resize_for_embedding,
+)
 from segsearch.spml.checkpoint import Checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -152,6 +166,7 @@ def index_corpus(corpus: str | Path | Sequence[CorpusItem], checkpoint_path: str
     """
     config = config or IndexConfig()
     started = time.perf_counter()
+    device = _device(config.device)
     items = list(corpus) if isinstance(corpus, (list, tuple)) else read_corpus(corpus)
     checkpoint = load_checkpoint(checkpoint_path)
     out = Path(out_dir)
@@ -167,7 +182,7 @@ def index_corpus(corpus: str | Path | Sequence[CorpusItem], checkpoint_path: str
                      summary.already_indexed, len(items), out, len(todo))
         report = SkipReport(out / SKIPPED_FILE)
         if todo:
-            segmenter = Segmenter(checkpoint.build_model().to(_device(config.device)),
+            segmenter = Segmenter(checkpoint.build_model().to(device),
                                   checkpoint.label_bank, config.segmenter)
             _Run(store, segmenter, config, report, summary, checkpoint.model_version).process(todo)
         report.compact(store)
@@ -284,23 +299,32 @@ class _Run:
         self.chunks = 0
         self.bar: tqdm | None = None
         self.workers = config.decode_workers or min(4, os.cpu_count() or 1)
+        self.lock = threading.Lock()
 
     def process(self, todo: list[CorpusItem]) -> None:
         with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool, \
+                ThreadPoolExecutor(1, thread_name_prefix="finish") as finisher, \
                 logging_redirect_tqdm(), \
                 tqdm(total=len(todo), unit="img", desc="index", disable=not self.config.progress,
                      dynamic_ncols=True, smoothing=0.05) as self.bar:
             batch: list[_Prepared] = []
-            for prepared in self._decoded(pool, todo):
-                if self._accept(prepared):
-                    batch.append(prepared)
-                else:
-                    self._advance(1)
-                if len(batch) == self.config.batch_size:
-                    self._segment_batch(batch)
-                    batch = []
-            if batch:
-                self._segment_batch(batch)
+            in_flight: collections.deque[tuple[Future, int]] = collections.deque()
+            decoded = self._decoded(pool, todo)
+            try:
+                for prepared in decoded:
+                    if self._accept(prepared):
+                        batch.append(prepared)
+                    else:
+                        self._advance(1)
+                    if len(batch) == self.config.batch_size:
+                        self._cluster_batch(batch, finisher, in_flight)
+                        batch = []
+                if batch:
+                    self._cluster_batch(batch, finisher, in_flight)
+                while in_flight:
+                    self._collect(in_flight)
+            finally:
+                decoded.close()  # cancels the decoding not started yet
             self._commit()
         self.summary.stage_seconds = {**self.times.as_dict(), "wait_decode": self.wait_decode}
 
@@ -341,19 +365,35 @@ class _Run:
         return True
 
     def _skip(self, item: CorpusItem, reason: SkipReason, detail: str) -> None:
-        self.report.add(item, reason, detail)
-        self.summary.skipped += 1
+        with self.lock:  # called from the main and the finisher thread
+            self.report.add(item, reason, detail)
+            self.summary.skipped += 1
 
-    def _segment_batch(self, batch: list[_Prepared]) -> None:
-        images = [p.result.pixels for p in batch]
-        segmented = self.segmenter(images, resized=[p.resized for p in batch], timings=self.times)
+    def _cluster_batch(self, batch: list[_Prepared], finisher: ThreadPoolExecutor,
+                       in_flight: collections.deque) -> None:
+        """Main thread: embed + k-means this batch, hand the rest to the finisher thread, and
+        wait for the previous batch's finish, so at most one finishes while the next embeds."""
+        clustered = self.segmenter.cluster([p.result.pixels for p in batch], [p.resized for p in batch],
+                                           self.times)
+        in_flight.append((finisher.submit(self._finish_batch, batch, clustered), len(batch)))
+        while len(in_flight) > 1:
+            self._collect(in_flight)
+
+    def _collect(self, in_flight: collections.deque) -> None:
+        future, count = in_flight.popleft()
+        future.result()  # re-raises a failure of the finisher thread here
+        self._advance(count)
+
+    def _finish_batch(self, batch: list[_Prepared], clustered: ClusteredBatch) -> None:
+        """Finisher thread: segments -> records -> a store commit whenever a chunk is full.
+        One thread, so chunks are committed in corpus order."""
+        segmented = self.segmenter.finish(clustered, self.times)
         with self.times.measure("store"):
             for prepared, segments in zip(batch, segmented):
                 self.pending.append(self._records(prepared, segments))
                 self.pending_items[prepared.item.image_id] = prepared.item
         if len(self.pending) >= self.config.chunk_size:
             self._commit()
-        self._advance(len(batch))
 
     def _records(self, prepared: _Prepared, segments: ImageSegments) -> tuple[ImageRecord, list[SegmentRecord]]:
         item, decoded = prepared.item, prepared.result
@@ -409,7 +449,13 @@ def _has_image(store: IndexStore, image_id: str) -> bool:
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise SegsearchError(f"unknown device {name!r} ({exc}); use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SegsearchError(f"device {name!r} asked for, but CUDA is not available here; use auto or cpu")
+    return device
 
 
 def _remove_stale_temp_files(out: Path) -> None:

@@ -23,14 +23,19 @@ One batch of `B` images of any sizes goes through:
 5. **label** every segment by k-NN vote among the checkpoint's labelled training
    prototypes (`trainer.label_bank.knn_vote`); `label_score` is the vote share in (0, 1].
 
-Everything runs on the model's device (CUDA when the model is there; the same code on CPU);
-the per-image steps 3-4 that are cheap bookkeeping over a few dozen segments run in numpy.
+Steps 1-2 and the k-means of step 3 run on the model's device (CUDA when the model is there;
+the same code on CPU) in `Segmenter.cluster`, which hands back only the k-means ids and the
+embedding sum of each k-means segment; the rest (`Segmenter.finish`) is bookkeeping over a
+few dozen segments per image in numpy (a merged segment's prototype is the normalised sum of
+its parts' sums, exactly the normalised mean), plus the label vote on the model's device. The
+split lets the pipeline run `finish` of batch i in a thread while batch i+1 is embedded.
 `StageTimes` accumulates the seconds spent per stage (embed, segment, label here; decode and
 store are added by the pipeline).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -43,7 +48,7 @@ from PIL import Image
 from segsearch.spml.checkpoint import LabelBank
 from segsearch.spml.embedding import EmbeddingNet
 from segsearch.spml.kmeans import KMeansConfig, spherical_kmeans
-from segsearch.spml.prototypes import segment_prototypes
+from segsearch.spml.prototypes import NORM_EPS, segment_sums
 from segsearch.trainer.label_bank import knn_vote
 
 DEFAULT_EMBED_SIZE = 320
@@ -92,8 +97,10 @@ class StageTimes:
     label: float = 0.0
     store: float = 0.0
 
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
     def as_dict(self) -> dict[str, float]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
     @contextmanager
     def measure(self, stage: str, device: torch.device | None = None) -> Iterator[None]:
@@ -104,7 +111,8 @@ class StageTimes:
             yield
         finally:
             _synchronize(device)
-            setattr(self, stage, getattr(self, stage) + time.perf_counter() - start)
+            with self._lock:  # the pipeline measures from two threads
+                setattr(self, stage, getattr(self, stage) + time.perf_counter() - start)
 
 
 @dataclass(eq=False)
@@ -147,6 +155,19 @@ class ImageSegments:
         return label_map_rles(self.label_map, len(self.segments))
 
 
+@dataclass
+class ClusteredBatch:
+    """What `Segmenter.cluster` hands to `Segmenter.finish`, all on the CPU.
+
+    segment_ids: `(B, h, w)` int64 k-means ids; sums: `(B, K, D)` float32 embedding sum per
+    k-means segment; shapes: each image's `(H, W)`.
+    """
+
+    segment_ids: np.ndarray
+    sums: np.ndarray
+    shapes: list[tuple[int, int]]
+
+
 class Segmenter:
     """A model, its label bank and class names, ready to segment batches on the model's device."""
 
@@ -168,18 +189,43 @@ class Segmenter:
         through `resize_for_embedding` (lets the pipeline do it in its decode threads)."""
         if not images:
             return []
+        return self.finish(self.cluster(images, resized, timings), timings)
+
+    def cluster(self, images: Sequence[np.ndarray], resized: Sequence[np.ndarray] | None = None,
+                timings: StageTimes | None = None) -> ClusteredBatch:
+        """The device half: embed and k-means the batch; only small arrays come back to the CPU."""
         timings = timings if timings is not None else StageTimes()
         size = self.config.embed_size
         with timings.measure("embed", self.device):
             inputs = resized if resized is not None else [resize_for_embedding(im, size) for im in images]
             embeddings = self._embed(inputs)
         with timings.measure("segment", self.device):
-            maps, prototypes = self._segment(embeddings)
-            layouts = [_layout(low_res, image.shape[:2]) for low_res, image in zip(maps, images)]
+            ids, sums = self._kmeans(embeddings)
+        return ClusteredBatch(ids, sums, [tuple(int(v) for v in im.shape[:2]) for im in images])
+
+    def finish(self, clustered: ClusteredBatch, timings: StageTimes | None = None) -> list[ImageSegments]:
+        """The host half: tiny-segment rule, prototypes, full-size maps, then the label vote.
+
+        Safe to run in another thread while `cluster` works on the next batch (the pipeline
+        overlaps them that way)."""
+        timings = timings if timings is not None else StageTimes()
+        num = clustered.sums.shape[1]
+        with timings.measure("segment"):
+            layouts, kept = [], []
+            for ids, sums, shape in zip(clustered.segment_ids, clustered.sums, clustered.shapes):
+                target = merge_targets(ids, num, self.config.min_area_fraction)
+                low_res = target[ids]
+                layout = _layout(low_res, shape)
+                layouts.append(layout)
+                kept.append(_merged_prototypes(sums, target)[layout[1]])
         with timings.measure("label", self.device):
-            kept = [proto[ids] for proto, (_, ids, _, _) in zip(prototypes, layouts)]
             labels, scores = self._label(np.concatenate(kept) if kept else np.zeros((0, 1), np.float32))
         return _assemble(layouts, kept, labels, scores)
+
+    def embed(self, resized: Sequence[np.ndarray]) -> torch.Tensor:
+        """Unit-norm embeddings `(B, D, E/4, E/4)`, on the model's device, of images already
+        passed through `resize_for_embedding` (a region query needs them, not the k-means)."""
+        return self._embed(resized)
 
     @torch.inference_mode()
     def _embed(self, inputs: Sequence[np.ndarray]) -> torch.Tensor:
@@ -188,17 +234,14 @@ class Segmenter:
         return self.model(batch.permute(0, 3, 1, 2).float())
 
     @torch.inference_mode()
-    def _segment(self, embeddings: torch.Tensor) -> tuple[list[np.ndarray], np.ndarray]:
-        """Embeddings -> (per image final low-res map `(h, w)` with -1 = dropped,
-        prototypes `(B, K, D)` float32 indexed by those map values)."""
+    def _kmeans(self, embeddings: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings -> (k-means ids `(B, h, w)` int64, embedding sums per segment `(B, K, D)`
+        float32), both on the CPU. The sums let the host build the prototype of any merge of
+        segments exactly (the normalised sum is the normalised mean)."""
         kmeans = self.config.kmeans()
-        num = kmeans.num_segments
-        ids = spherical_kmeans(embeddings, kmeans).segment_ids.cpu().numpy()
-        maps = [merge_small_segments(m, num, self.config.min_area_fraction) for m in ids]
-        final = torch.from_numpy(np.stack(maps)).to(self.device)
-        final = torch.where(final < 0, torch.full_like(final, num), final)  # dropped -> spare id K
-        prototypes = segment_prototypes(embeddings, final, num + 1)[:, :num]
-        return maps, prototypes.float().cpu().numpy()
+        ids = spherical_kmeans(embeddings, kmeans).segment_ids
+        sums = segment_sums(embeddings.float(), ids, kmeans.num_segments)
+        return ids.cpu().numpy(), sums.cpu().numpy()
 
     def _label(self, prototypes: np.ndarray) -> tuple[list[str], list[float]]:
         if prototypes.shape[0] == 0 or self.bank is None:
@@ -237,17 +280,23 @@ def merge_small_segments(segment_ids: np.ndarray, num_segments: int, min_area_fr
     Surviving segments keep their original index.
     """
     ids = np.asarray(segment_ids, dtype=np.int64)
-    total = ids.size
+    return merge_targets(ids, num_segments, min_area_fraction)[ids]
+
+
+def merge_targets(segment_ids: np.ndarray, num_segments: int, min_area_fraction: float) -> np.ndarray:
+    """`(K,)` int64: the segment each of the K ids ends up in under the tiny-segment rule
+    (itself if it survives, -1 if dropped); see `merge_small_segments`."""
+    ids = np.asarray(segment_ids, dtype=np.int64)
     area = np.bincount(ids.ravel(), minlength=num_segments).astype(np.int64)
-    threshold = min_area_fraction * total
-    if not np.any((area > 0) & (area < threshold)):
-        return ids
-    border = _border_lengths(ids, num_segments)
     target = np.arange(num_segments)
+    threshold = min_area_fraction * ids.size
+    if not np.any((area > 0) & (area < threshold)):
+        return target
+    border = _border_lengths(ids, num_segments)
     while True:
         tiny = np.flatnonzero((area > 0) & (area < threshold))
         if tiny.size == 0:
-            break
+            return target
         small = int(tiny[np.argmin(area[tiny])])
         if border[small].max() == 0:
             target[target == small], area[small] = DROPPED, 0
@@ -260,7 +309,16 @@ def merge_small_segments(segment_ids: np.ndarray, num_segments: int, min_area_fr
         border[small], border[:, small] = 0, 0
         border[into, into] = 0
         target[target == small] = into
-    return target[ids]
+
+
+def _merged_prototypes(sums: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per-segment embedding sums `(K, D)` and merge targets `(K,)` -> unit-norm prototypes
+    `(K, D)` of the merged segments, indexed by target id (zero rows for merged-away ids)."""
+    merged = np.zeros_like(sums, dtype=np.float64)
+    keep = target >= 0
+    np.add.at(merged, target[keep], sums[keep])
+    norms = np.linalg.norm(merged, axis=1, keepdims=True)
+    return (merged / np.maximum(norms, NORM_EPS)).astype(np.float32)
 
 
 def _border_lengths(ids: np.ndarray, num: int) -> np.ndarray:
@@ -275,40 +333,53 @@ def _border_lengths(ids: np.ndarray, num: int) -> np.ndarray:
 
 def upsample_nearest(low_res: np.ndarray, height: int, width: int) -> np.ndarray:
     """`(h, w)` -> `(height, width)`, nearest neighbour with pixel centres aligned."""
-    h, w = low_res.shape
-    rows = np.minimum((2 * np.arange(height) + 1) * h // (2 * height), h - 1)
-    cols = np.minimum((2 * np.arange(width) + 1) * w // (2 * width), w - 1)
+    rows = _source_index(height, low_res.shape[0])
+    cols = _source_index(width, low_res.shape[1])
     return low_res[rows[:, None], cols[None, :]]
+
+
+def _source_index(size: int, low_size: int) -> np.ndarray:
+    """For each of `size` output pixels, the low-res pixel whose centre is nearest `(size,)`."""
+    return np.minimum((2 * np.arange(size) + 1) * low_size // (2 * size), low_size - 1)
 
 
 def _layout(low_res: np.ndarray, shape: tuple[int, int]):
     """Low-res final map -> (label map `(H, W)` int32 relabelled 0..n-1 / -1, the k-means ids
-    of those n segments `(n,)`, their boxes `(n, 4)`, their area fractions `(n,)`)."""
+    of those n segments `(n,)`, their boxes `(n, 4)`, their area fractions `(n,)`).
+
+    Areas and boxes are computed on the low-res map, each low-res pixel weighted by the
+    number of full-res pixels it becomes (nearest upsampling repeats whole rows and columns),
+    so the only full-size pass is the one that builds the label map.
+    """
     height, width = int(shape[0]), int(shape[1])
-    full = upsample_nearest(low_res, height, width)
-    present = np.unique(full)
-    ids = present[present >= 0]
-    relabel = np.full(int(low_res.max(initial=0)) + 2, DROPPED, dtype=np.int32)
+    rows, cols = _source_index(height, low_res.shape[0]), _source_index(width, low_res.shape[1])
+    weight = np.outer(np.bincount(rows, minlength=low_res.shape[0]), np.bincount(cols, minlength=low_res.shape[1]))
+    valid = low_res >= 0
+    counts = np.bincount(low_res[valid], weights=weight[valid], minlength=int(low_res.max(initial=-1)) + 1)
+    ids = np.flatnonzero(counts > 0)
+    relabel = np.full(counts.size + 1, DROPPED, dtype=np.int32)  # the last slot takes index -1
     relabel[ids] = np.arange(ids.size, dtype=np.int32)
-    label_map = relabel[full]  # index -1 hits the last slot, which stays DROPPED
-    areas = np.bincount(label_map[label_map >= 0], minlength=ids.size)[: ids.size]
-    return label_map, ids, _boxes(label_map, ids.size), areas / float(height * width)
+    low_labels = relabel[low_res]
+    label_map = low_labels[rows[:, None], cols[None, :]]
+    return label_map, ids, _boxes(low_labels, weight > 0, rows, cols, ids.size), counts[ids] / float(height * width)
 
 
-def _boxes(label_map: np.ndarray, num: int) -> np.ndarray:
-    """Tight end-exclusive boxes `(n, 4)` = (x0, y0, x1, y1) of segments 0..n-1."""
-    height, width = label_map.shape
-    valid = label_map >= 0
-    values = label_map[valid]
-    rows = np.zeros((num, height), dtype=bool)
-    cols = np.zeros((num, width), dtype=bool)
-    ys, xs = np.nonzero(valid)
-    rows[values, ys] = True
-    cols[values, xs] = True
-    x0 = cols.argmax(axis=1)
-    x1 = width - cols[:, ::-1].argmax(axis=1)
-    y0 = rows.argmax(axis=1)
-    y1 = height - rows[:, ::-1].argmax(axis=1)
+def _boxes(low_labels: np.ndarray, hit: np.ndarray, rows: np.ndarray, cols: np.ndarray, num: int) -> np.ndarray:
+    """Tight end-exclusive boxes `(n, 4)` = (x0, y0, x1, y1) of segments 0..n-1 at full size,
+    from the low-res labels, the low-res pixels that appear at full size (`hit`) and the
+    full-size rows/cols -> low-res rows/cols maps."""
+    keep = hit & (low_labels >= 0)
+    low_y, low_x = np.nonzero(keep)
+    labels = low_labels[keep]
+    in_row = np.zeros((num, low_labels.shape[0]), dtype=bool)
+    in_col = np.zeros((num, low_labels.shape[1]), dtype=bool)
+    in_row[labels, low_y] = True
+    in_col[labels, low_x] = True
+    full_rows, full_cols = in_row[:, rows], in_col[:, cols]  # (n, H), (n, W)
+    x0 = full_cols.argmax(axis=1)
+    x1 = full_cols.shape[1] - full_cols[:, ::-1].argmax(axis=1)
+    y0 = full_rows.argmax(axis=1)
+    y1 = full_rows.shape[1] - full_rows[:, ::-1].argmax(axis=1)
     return np.stack([x0, y0, x1, y1], axis=1)
 
 

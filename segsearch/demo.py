@@ -1,36 +1,100 @@
-"""`segsearch demo`: the main job end to end on embedded defaults.
+"""`segsearch demo`: the whole product end to end on embedded defaults.
 
-Trains SPML on the built-in texture mosaic with scribbles (frozen HED-VGG16 backbone,
-features cached), then evaluates it beside the baselines and writes the pictures.
+1. train SPML on the built-in texture mosaic (scribbles, frozen HED-VGG16, features cached);
+2. evaluate it beside the trivial baselines (eval.json, overlays, confusion matrix);
+3. write a small corpus (the mosaic's test images + scikit-image photographs) and index it
+   (LMDB + a local FAISS file, no server to install);
+4. start the gRPC service on a free loopback port, ask it for segments like a box of a test
+   image and to segment a photograph, write the pictures, and shut it down.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
 
 def add_demo_parser(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="train + evaluate on the built-in mosaic, end to end",
-                              description="Train SPML on the built-in texture mosaic with scribble "
-                              "supervision, evaluate it, and write everything under WORKDIR.")
+    p = subparsers.add_parser("demo", help="train, evaluate, index, serve and query, end to end",
+                              description="Train SPML on the built-in texture mosaic, evaluate it, index a "
+                              "small corpus, serve it on loopback and query it; everything under WORKDIR.")
     p.add_argument("--workdir", default="segsearch-demo", help="output directory (default: %(default)s)")
     p.add_argument("--steps", type=int, default=200, help="training steps (default: %(default)s)")
     p.add_argument("--supervision", default="scribbles",
-                   choices=("tags", "boxes", "scribbles", "points"), help="(default: %(default)s)")
+                   choices=("tags", "boxes", "scribbles", "points"), help="weak labels (default: %(default)s)")
     p.set_defaults(handler=run_demo)
 
 
+def write_corpus(corpus_dir: Path, test_samples, photos=PHOTOS) -> list[Path]:
+    """Test mosaics and a few bundled photographs as PNG files; returns the mosaic paths."""
+    import skimage.data
+
+    corpus_dir.mkdir(parents=True, exist_ok=True)
+    mosaic_paths = []
+    for sample in test_samples:
+        path = corpus_dir / f"{sample.image_id}.png"
+        Image.fromarray(sample.image).save(path)
+        mosaic_paths.append(path)
+    for name in photos:
+        image = np.asarray(getattr(skimage.data, name)())
+        if image.ndim == 2:
+            image = np.stack([image] * 3, axis=-1)
+        Image.fromarray(image[..., :3]).save(corpus_dir / f"photo-{name}.png")
+    return mosaic_paths
+
+
+def region_box(mask: np.ndarray, class_index: int) -> tuple[int, int, int, int]:
+    """A box inside the region of `class_index` (the middle half of its bounding box)."""
+    ys, xs = np.nonzero(mask == class_index)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    dy, dx = (y1 - y0) // 4, (x1 - x0) // 4
+    return int(x0 + dx), int(y0 + dy), int(x1 - dx), int(y1 - dy)
+
+
 def run_demo(args) -> int:
+    from segsearch.cli import main as segsearch_main
+    from segsearch.indexer.pipeline import IndexConfig, index_corpus
+    from segsearch.service.server import SegsearchServer, ServerConfig
     from segsearch.trainer.config import TrainConfig
-    from segsearch.trainer.datasets import DataConfig
+    from segsearch.trainer.datasets import DataConfig, load_split
     from segsearch.trainer.evaluate import EvalConfig, evaluate_checkpoint
     from segsearch.trainer.train import train
 
     workdir = Path(args.workdir)
     run_dir = workdir / f"spml-{args.supervision}"
-    result = train(TrainConfig(out_dir=str(run_dir), supervision=args.supervision,
-                               steps=args.steps, data=DataConfig()))
+    print("== 1/4 train")
+    result = train(TrainConfig(out_dir=str(run_dir), supervision=args.supervision, steps=args.steps,
+                               data=DataConfig()))
+    print("== 2/4 evaluate")
     report = evaluate_checkpoint(EvalConfig(checkpoint=str(result.checkpoint_path)))
     print(report.summary())
-    print(f"\nrun directory: {run_dir}\n  checkpoint.pt  loss_curve.png  metrics.jsonl  "
-          f"eval.json  eval_overlays.png")
+    print("== 3/4 index")
+    test = load_split(DataConfig(), "test").samples
+    mosaics = write_corpus(workdir / "corpus", test)
+    summary = index_corpus(workdir / "corpus", result.checkpoint_path, workdir / "index", IndexConfig())
+    print(summary)
+    print("== 4/4 serve and query")
+    server = SegsearchServer(ServerConfig(index_dir=str(workdir / "index"), checkpoint=str(result.checkpoint_path),
+                                          port=0, metrics_port=0))
+    server.start()
+    server.load()
+    try:
+        query = test[0]
+        box = region_box(query.mask, int(query.mask[query.mask.shape[0] // 2, query.mask.shape[1] // 2]))
+        client = ["--server", server.address]
+        segsearch_main(["query", str(mosaics[0]), "--box", ",".join(map(str, box)), "--top-k", "11",
+                        "--exclude-image", mosaics[0].name, "--out", str(workdir / "query_sheet.png")] + client)
+        segsearch_main(["segment", str(workdir / "corpus" / "photo-coffee.png"),
+                        "--out", str(workdir / "segment_overlay.png")] + client)
+        print(f"metrics were served at http://127.0.0.1:{server.metrics_port}/metrics")
+    finally:
+        server.stop(grace=1.0)
+    print(f"\nall outputs under {workdir}/:\n  {run_dir.name}/checkpoint.pt loss_curve.png metrics.jsonl "
+          "eval.json eval_overlays.png eval_confusion.png\n  index/ (LMDB + FAISS)  query_sheet.png  "
+          "segment_overlay.png")
     return 0

@@ -119,6 +119,16 @@ def test_bad_files_become_typed_skips(tmp_path):
     assert missing.reason is SkipReason.UNREADABLE and folder.reason is SkipReason.UNREADABLE
 
 
+def test_only_the_corpus_formats_are_tried():
+    """A GIF (or anything PIL could read through another plugin, such as PostScript) is refused."""
+    gif = encode(gradient(8, 8), "GIF")
+    with pytest.raises(ImageSkipped) as info:
+        decode_bytes(gif, DecodeConfig())
+    assert info.value.skipped.reason is SkipReason.NOT_AN_IMAGE
+    for fmt in ("JPEG", "PNG", "WEBP", "BMP", "TIFF"):
+        assert decode_bytes(encode(gradient(8, 8), fmt), DecodeConfig()).pixels.shape == (8, 8, 3), fmt
+
+
 def test_configured_pixel_limit_refuses_before_decoding():
     data = encode(gradient(100, 100))
     assert isinstance(decode_bytes(data, DecodeConfig(max_pixels=10_000)), DecodedImage)

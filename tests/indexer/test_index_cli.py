@@ -11,6 +11,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 import pytest
+import torch
 
 from segsearch.cli import build_parser, main
 from segsearch.indexer.cli import normalize_index_argv
@@ -189,6 +190,23 @@ def test_index_word_before_corpus_is_optional():
     for unchanged in (["index", "add", "i", "c"], ["index", "stats", "i"], ["index", "-h"], ["index"],
                       ["train", "index"], ["-v", "index", "verify", "i"]):
         assert normalize_index_argv(unchanged) == unchanged
+
+
+def test_help_defaults_are_the_segmenter_defaults():
+    from segsearch.indexer.cli import HELP_DEFAULTS
+    from segsearch.indexer.segmenter import SegmenterConfig
+
+    defaults = SegmenterConfig()
+    assert HELP_DEFAULTS == {name: getattr(defaults, name) for name in HELP_DEFAULTS}
+
+
+def test_unavailable_device_is_a_one_line_error(built, corpus, checkpoint, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code, _, err = _run_cli(capsys, ["index", str(corpus[0]), "--model", str(checkpoint),
+                                     "--out", str(tmp_path / "x"), "--device", "cuda"] + SMALL[:-1])
+    assert code == 2 and "CUDA is not available" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()  # refused before anything was created
 
 
 def test_help_explains_every_flag():
