@@ -396,15 +396,8 @@ class _Run:
             self._commit()
 
     def _records(self, prepared: _Prepared, segments: ImageSegments) -> tuple[ImageRecord, list[SegmentRecord]]:
-        item, decoded = prepared.item, prepared.result
-        shape = segments.shape
-        records = [
-            SegmentRecord(0, item.image_id, seg.box, seg.area_fraction, rle, shape, seg.label,
-                          seg.label_score, self.model_version, seg.prototype)
-            for seg, rle in zip(segments.segments, segments.masks_rle())
-        ]
-        width, height = decoded.original_size
-        return ImageRecord(item.image_id, item.uri, width, height, decoded.sha256), records
+        item = prepared.item
+        return image_records(item.image_id, item.uri, prepared.result, segments, self.model_version)
 
     def _commit(self) -> None:
         if not self.pending:
@@ -426,6 +419,20 @@ class _Run:
             self.bar.set_postfix(segments=self.summary.segments_indexed, skipped=self.summary.skipped,
                                  refresh=False)
             self.bar.update(count)
+
+
+def image_records(image_id: str, uri: str, decoded: DecodedImage, segments: ImageSegments,
+                  model_version: str) -> tuple[ImageRecord, list[SegmentRecord]]:
+    """The store records of one segmented image; the service's live updates use it too, so
+    both write paths store identical records. Ids are assigned by the store (0 here)."""
+    shape = segments.shape
+    records = [
+        SegmentRecord(0, image_id, seg.box, seg.area_fraction, rle, shape, seg.label,
+                      seg.label_score, model_version, seg.prototype)
+        for seg, rle in zip(segments.segments, segments.masks_rle())
+    ]
+    width, height = decoded.original_size
+    return ImageRecord(image_id, uri, width, height, decoded.sha256), records
 
 
 def _prepare(item: CorpusItem, config: IndexConfig) -> _Prepared:

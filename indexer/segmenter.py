@@ -198,7 +198,7 @@ class Segmenter:
         size = self.config.embed_size
         with timings.measure("embed", self.device):
             inputs = resized if resized is not None else [resize_for_embedding(im, size) for im in images]
-            embeddings = self._embed(inputs)
+            embeddings = self.embed(inputs)
         with timings.measure("segment", self.device):
             ids, sums = self._kmeans(embeddings)
         return ClusteredBatch(ids, sums, [tuple(int(v) for v in im.shape[:2]) for im in images])
@@ -222,14 +222,11 @@ class Segmenter:
             labels, scores = self._label(np.concatenate(kept) if kept else np.zeros((0, 1), np.float32))
         return _assemble(layouts, kept, labels, scores)
 
-    def embed(self, resized: Sequence[np.ndarray]) -> torch.Tensor:
-        """Unit-norm embeddings `(B, D, E/4, E/4)`, on the model's device, of images already
-        passed through `resize_for_embedding` (a region query needs them, not the k-means)."""
-        return self._embed(resized)
-
     @torch.inference_mode()
-    def _embed(self, inputs: Sequence[np.ndarray]) -> torch.Tensor:
-        """`(B, E, E, 3)` uint8 -> unit-norm embeddings `(B, D, E/4, E/4)` float32."""
+    def embed(self, inputs: Sequence[np.ndarray]) -> torch.Tensor:
+        """`(B, E, E, 3)` uint8, already passed through `resize_for_embedding` -> unit-norm
+        embeddings `(B, D, E/4, E/4)` float32 on the model's device (a region query needs
+        them, not the k-means)."""
         batch = torch.from_numpy(np.stack(inputs)).to(self.device, non_blocking=True)
         return self.model(batch.permute(0, 3, 1, 2).float())
 

@@ -4,9 +4,9 @@ Everything goes through the indexer's own code (`indexer.decode` for safe decodi
 pixel guard, `indexer.segmenter` for resize -> embed -> k-means -> labels), so a query image
 is processed exactly as an indexed one and its vectors are comparable with the index.
 
-Adapter note: `Segmenter` has no public "embeddings only" call; `_embed_batch` below uses
-its `_embed` on the same resized input the segmenter builds (`resize_for_embedding`), so that
-a box/mask query costs one forward pass and no k-means.
+A box/mask query needs embeddings only: `_embed_batch` calls `Segmenter.embed` on the same
+resized input the segmenter builds (`resize_for_embedding`), so it costs one forward pass and
+no k-means.
 
 With a `BatchConfig`, concurrent requests' forward passes (embed) and segmentations (with the
 default grid) go through dynamic batchers: one batched model call for many requests.
@@ -91,7 +91,7 @@ class ImageAnalyzer:
             return self._embed_batch([resized])[0]
 
     def _embed_batch(self, resized: list[np.ndarray]) -> list[torch.Tensor]:
-        return list(self.segmenter._embed(resized))  # adapter: see the module docstring
+        return list(self.segmenter.embed(resized))
 
     def segment(self, image: DecodedImage, num_segments: int = 0) -> ImageSegments:
         """Over-segment and label one image (at its decoded size)."""

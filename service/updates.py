@@ -7,9 +7,8 @@ the images are visible to the next search and a crash leaves both stores consist
 Duplicates are skipped as the indexer skips them: an image id already indexed, or content
 (sha256) already indexed under another id.
 
-Adapter note: the indexing pipeline builds its records inside a private class (`_Run._records`)
-from corpus files; `image_records` below builds the same records from bytes received over
-gRPC (the server never reads a path sent by a client).
+Records are built by `pipeline.image_records`, the indexer's own function, from the bytes
+received over gRPC (the server never reads a path sent by a client).
 """
 from __future__ import annotations
 
@@ -18,10 +17,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from segsearch.errors import IndexError_
-from segsearch.indexer.decode import DecodedImage, ImageSkipped, SkipReason, decode_bytes
+from segsearch.indexer.decode import ImageSkipped, SkipReason, decode_bytes
 from segsearch.indexer.index_store import IndexStore
-from segsearch.indexer.records import ImageRecord, SegmentRecord
-from segsearch.indexer.segmenter import ImageSegments
+from segsearch.indexer.pipeline import image_records
 from segsearch.service.analysis import ImageAnalyzer
 from segsearch.service.errors import FailedPrecondition, InvalidArgument, NotFound
 from segsearch.service.request_scope import stage
@@ -45,17 +43,6 @@ class IndexOutcome:
     @property
     def num_segments(self) -> int:
         return sum(len(ids) for _, ids in self.indexed)
-
-
-def image_records(image_id: str, uri: str, decoded: DecodedImage, segments: ImageSegments,
-                  model_version: str) -> tuple[ImageRecord, list[SegmentRecord]]:
-    """The store records of one segmented image (as the indexing pipeline writes them)."""
-    shape = segments.shape
-    records = [SegmentRecord(0, image_id, seg.box, seg.area_fraction, rle, shape, seg.label,
-                             seg.label_score, model_version, seg.prototype)
-               for seg, rle in zip(segments.segments, segments.masks_rle())]
-    width, height = decoded.original_size
-    return ImageRecord(image_id, uri, width, height, decoded.sha256), records
 
 
 class IndexUpdater:

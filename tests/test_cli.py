@@ -1,7 +1,6 @@
 """User mistakes give one line that says what to do, exit status 2, and no traceback."""
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from segsearch.cli import build_parser, main

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from segsearch.spml.checkpoint import LabelBank, load_checkpoint
+from segsearch.spml.checkpoint import load_checkpoint
 from segsearch.spml.embedding import EmbeddingNet
 from segsearch.spml.kmeans import KMeansConfig
 from segsearch.trainer.config import TrainConfig

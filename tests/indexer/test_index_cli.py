@@ -98,7 +98,7 @@ def test_kill_9_at_several_points_then_same_command_finishes_exactly_once(checkp
     final, _ = _index_subprocess(argv)
     assert final == 0
 
-    reference = index_corpus(corpus[0], checkpoint, tmp_path / "reference", small_config(chunk_size=2))
+    index_corpus(corpus[0], checkpoint, tmp_path / "reference", small_config(chunk_size=2))
     with IndexStore.open(out, read_only=True, repair=False) as store, \
             IndexStore.open(tmp_path / "reference", read_only=True) as ref:
         assert store.verify() == []
