@@ -290,6 +290,9 @@ class IndexStore:
             raise IndexError_(f"image id {image_id!r} is not in the index at {self.root}")
         return record
 
+    def has_image(self, image_id: str) -> bool:
+        return self._metadata.get_image(image_id) is not None
+
     def image_id_for_sha256(self, sha256: str) -> str | None:
         """The id under which content with this digest is indexed (lets a resumed job skip it)."""
         return self._metadata.image_id_for_sha256(sha256)

@@ -174,7 +174,7 @@ def index_corpus(corpus: str | Path | Sequence[CorpusItem], checkpoint_path: str
     try:
         _remove_stale_temp_files(out)  # we hold the writer lock: nobody else is writing
         _check_settings(out, store, config)
-        todo = [item for item in items if not _has_image(store, item.image_id)]
+        todo = [item for item in items if not store.has_image(item.image_id)]
         summary = IndexSummary(str(out), checkpoint.model_version, already_indexed=len(items) - len(todo),
                                skipped_path=str(out / SKIPPED_FILE))
         if summary.already_indexed:
@@ -276,7 +276,7 @@ class SkipReport:
     def compact(self, store: IndexStore) -> int:
         """Keep the latest entry per image, drop images indexed since; returns the count."""
         latest = {entry["image_id"]: entry for entry in self.entries()}
-        kept = [entry for image_id, entry in latest.items() if not _has_image(store, image_id)]
+        kept = [entry for image_id, entry in latest.items() if not store.has_image(image_id)]
         if not kept and not self.path.exists():
             return 0
         text = "".join(json.dumps(entry) + "\n" for entry in kept)
@@ -443,14 +443,6 @@ def _prepare(item: CorpusItem, config: IndexConfig) -> _Prepared:
     if isinstance(result, DecodedImage):
         resized = resize_for_embedding(result.pixels, config.segmenter.embed_size)
     return _Prepared(item, result, resized, time.perf_counter() - start)
-
-
-def _has_image(store: IndexStore, image_id: str) -> bool:
-    try:
-        store.get_image(image_id)
-    except IndexError_:
-        return False
-    return True
 
 
 def _device(name: str) -> torch.device:

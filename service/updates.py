@@ -87,7 +87,7 @@ class IndexUpdater:
             outcome.skipped.append((image_id[:60] + "...", f"image_id is longer than {MAX_IMAGE_ID_BYTES} bytes"))
             return None
         owner = seen.get(decoded.sha256) or self.store.image_id_for_sha256(decoded.sha256)
-        if owner is not None or image_id in seen.values() or _has_image(self.store, image_id):
+        if owner is not None or image_id in seen.values() or self.store.has_image(image_id):
             reason = (f"{SkipReason.DUPLICATE.value}: same content (sha256) as image {owner!r}" if owner
                       else f"{SkipReason.DUPLICATE.value}: image id {image_id!r} is already indexed")
             outcome.skipped.append((image_id, reason))
@@ -119,10 +119,3 @@ class IndexUpdater:
             except IndexError_ as error:
                 raise NotFound(str(error)) from None
 
-
-def _has_image(store: IndexStore, image_id: str) -> bool:
-    try:
-        store.get_image(image_id)
-    except IndexError_:
-        return False
-    return True

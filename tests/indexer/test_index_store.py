@@ -126,6 +126,7 @@ def test_delete_removes_from_search_and_lmdb(store):
             store.get_segment(sid)
     with pytest.raises(IndexError_, match="img0007"):
         store.get_image("img0007")
+    assert not store.has_image("img0007") and store.has_image("img0008")
     found = {h.segment_id for row in store.search(gone_protos, 10) for h in row}
     assert not found & set(gone_ids)
     lmdb_ids, faiss_ids = store.segment_ids()
