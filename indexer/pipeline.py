@@ -416,8 +416,8 @@ class _Run:
 
     def _advance(self, count: int) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(segments=self.summary.segments_indexed, skipped=self.summary.skipped,
-                                 refresh=False)
+            segmented = self.summary.segments_indexed + sum(len(records) for _, records in self.pending)
+            self.bar.set_postfix(segments=segmented, skipped=self.summary.skipped, refresh=False)
             self.bar.update(count)
 
 

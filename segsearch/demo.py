@@ -77,7 +77,7 @@ def run_demo(args) -> int:
     test = load_split(DataConfig(), "test").samples
     mosaics = write_corpus(workdir / "corpus", test)
     summary = index_corpus(workdir / "corpus", result.checkpoint_path, workdir / "index", IndexConfig())
-    print(summary)
+    print(summary.format())
     print("== 4/4 serve and query")
     server = SegsearchServer(ServerConfig(index_dir=str(workdir / "index"), checkpoint=str(result.checkpoint_path),
                                           port=0, metrics_port=0))
