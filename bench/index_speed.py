@@ -45,8 +45,7 @@ import search_speed
 from segsearch.indexer.corpus import read_corpus
 from segsearch.indexer.decode import DecodedImage, decode_file
 from segsearch.indexer.index_store import IndexStore
-from segsearch.indexer.pipeline import IndexConfig, index_corpus
-from segsearch.indexer.records import ImageRecord, SegmentRecord
+from segsearch.indexer.pipeline import IndexConfig, image_records, index_corpus
 from segsearch.indexer.segmenter import Segmenter, SegmenterConfig, StageTimes, resize_for_embedding
 from segsearch.spml.checkpoint import Checkpoint, LabelBank, load_checkpoint, save_checkpoint
 from segsearch.spml.embedding import EmbeddingNet, ModelConfig
@@ -151,11 +150,7 @@ def naive_loop(corpus: Path, checkpoint_path: Path, out: Path, config: IndexConf
                 resized = resize_for_embedding(decoded.pixels, config.segmenter.embed_size)
             segments = segmenter([decoded.pixels], resized=[resized], timings=times)[0]
             with times.measure("store"):
-                records = [SegmentRecord(0, item.image_id, seg.box, seg.area_fraction, rle, segments.shape,
-                                         seg.label, seg.label_score, version, seg.prototype)
-                           for seg, rle in zip(segments.segments, segments.masks_rle())]
-                width, height = decoded.original_size
-                store.add_images([(ImageRecord(item.image_id, item.uri, width, height, decoded.sha256), records)])
+                store.add_images([image_records(item.image_id, item.uri, decoded, segments, version)])
         images = store.meta.num_images
     finally:
         store.close()
@@ -199,15 +194,16 @@ def print_pipeline_table(rows: list[Throughput], args: argparse.Namespace, devic
     for row in rows:
         print(f"| {row.method} | {row.images} | {row.seconds:.1f} | {row.per_second:.2f} "
               f"| {row.per_second / bound.per_second:.2f} | {row.per_second / naive.per_second:.2f}× |")
-    print("\nseconds per stage (summed over images; the pipeline's decode runs in threads, beside the "
-          "forward: `wait_decode` is what the main thread waited for it)\n")
-    print("| method | " + " | ".join(STAGES) + " | other (setup: model load, index create) |")
-    print("|---|" + "---:|" * (len(STAGES) + 1))
+    print("\nseconds per stage. Naive loop: one thread, so the stages and `other` (model load, index "
+          "creation) add up to its wall time. Pipeline: summed over its threads (decode pool, main thread: "
+          "embed + k-means, finisher thread: tiny-segment rule, masks, labels, store), so they may add up to "
+          "more than its wall time; `wait_decode` is how long the main thread waited for decoded images.\n")
+    print("| method | wall s | " + " | ".join(STAGES) + " | other |")
+    print("|---|---:|" + "---:|" * (len(STAGES) + 1))
     for row in (pipeline, naive):
-        main_thread = ("embed", "segment", "label", "store") + (("wait_decode",) if row is pipeline else ("decode",))
-        other = row.seconds - sum(row.stages.get(s, 0.0) for s in main_thread)
-        print(f"| {row.method} | " + " | ".join(f"{row.stages.get(s, 0.0):.2f}" for s in STAGES)
-              + f" | {other:.2f} |")
+        other = "—" if row is pipeline else f"{row.seconds - sum(row.stages.values()):.2f}"
+        print(f"| {row.method} | {row.seconds:.1f} | "
+              + " | ".join(f"{row.stages.get(s, 0.0):.2f}" for s in STAGES) + f" | {other} |")
     share = pipeline.per_second / bound.per_second
     speedup = pipeline.per_second / naive.per_second
     other = sum(naive.stages.get(s, 0.0) for s in ("decode", "segment", "label", "store"))
