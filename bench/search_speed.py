@@ -43,8 +43,7 @@ from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
-
-from kmeans_speed import timed  # noqa: E402  (bench/ is the script directory)
+from kmeans_speed import timed  # bench/ is the script directory
 from segsearch.indexer.vector_index import VectorIndex
 
 log = logging.getLogger("bench.search_speed")
@@ -129,7 +128,8 @@ def make_mixture(config: SearchBenchConfig) -> Mixture:
     rng = np.random.default_rng(config.seed)
     classes = _unit(rng.standard_normal((config.classes, config.dim), dtype=np.float32))
     parent = rng.integers(0, config.classes, config.clusters)
-    centers = _unit(classes[parent] + 0.15 * rng.standard_normal((config.clusters, config.dim), dtype=np.float32))
+    offsets = 0.15 * rng.standard_normal((config.clusters, config.dim), dtype=np.float32)
+    centers = _unit(classes[parent] + offsets)
     weights = rng.dirichlet(np.ones(config.clusters))
     spreads = rng.uniform(0.05, 0.12, config.clusters).astype(np.float32)
     return Mixture(centers, weights, spreads, config.background)
@@ -313,14 +313,16 @@ def print_tables(rows: list[Row], sweep: list[SweepPoint], config: SearchBenchCo
             line += f" {row.qps[batch]:,.0f} | {row.ratio(batch):.1f}× |"
         goal = "—" if row.is_exact else " / ".join("yes" if row.meets_goal(b) else "no" for b in batches)
         print(line + f" {goal} |")
-    print(f"\ngoal: recall@10 ≥ {GOAL_RECALL} at ≥ {GOAL_SPEEDUP:.0f}× exact queries/s at {GOAL_SIZE:,} vectors. "
+    print(f"\ngoal: recall@10 ≥ {GOAL_RECALL} at ≥ {GOAL_SPEEDUP:.0f}× exact queries/s at "
+          f"{GOAL_SIZE:,} vectors. "
           f"'1 at a time' times the first {config.small_batch_queries} queries.")
     print(f"\n#### Tuning sweep ({config.tune_queries} separate tuning queries, all at once, one pass; stops "
           f"at the first setting with recall@10 ≥ {config.target_recall})\n")
     print("| N | method | setting | recall@10 | queries/s |")
     print("|---:|---|---|---:|---:|")
     for point in sweep:
-        print(f"| {point.size:,} | {point.method} | {point.setting} | {point.recall:.4f} | {point.qps:,.0f} |")
+        print(f"| {point.size:,} | {point.method} | {point.setting} | {point.recall:.4f} "
+              f"| {point.qps:,.0f} |")
     print()
     print(verdict(rows, config))
 
@@ -328,13 +330,16 @@ def print_tables(rows: list[Row], sweep: list[SweepPoint], config: SearchBenchCo
 def verdict(rows: list[Row], config: SearchBenchConfig) -> str:
     """One honest line per index row at the largest size run (the goal is stated at 1M)."""
     largest = max(row.size for row in rows)
-    lines = [] if largest >= GOAL_SIZE else [f"(largest size run is {largest:,}, below the goal's {GOAL_SIZE:,})"]
+    lines = []
+    if largest < GOAL_SIZE:
+        lines.append(f"(largest size run is {largest:,}, below the goal's {GOAL_SIZE:,})")
     for row in rows:
         if row.size != largest or row.is_exact:
             continue
-        parts = [f"{regime(b, config)}: {row.ratio(b):.1f}× exact -> goal {'MET' if row.meets_goal(b) else 'NOT met'}"
-                 for b in config.query_batches]
-        lines.append(f"- N={largest:,} {row.method}, {row.setting}: recall@10 {row.recall:.3f}; " + "; ".join(parts))
+        parts = [f"{regime(b, config)}: {row.ratio(b):.1f}× exact -> goal "
+                 f"{'MET' if row.meets_goal(b) else 'NOT met'}" for b in config.query_batches]
+        lines.append(f"- N={largest:,} {row.method}, {row.setting}: recall@10 {row.recall:.3f}; "
+                     + "; ".join(parts))
     return "\n".join(lines)
 
 
@@ -379,7 +384,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="faiss OpenMP threads")
     args = parser.parse_args()
