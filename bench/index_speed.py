@@ -42,7 +42,7 @@ import search_speed
 import torch
 from PIL import Image
 from segsearch.indexer.corpus import read_corpus
-from segsearch.indexer.decode import SkippedImage, decode_file
+from segsearch.indexer.decode import decode_bytes
 from segsearch.indexer.index_store import IndexStore
 from segsearch.indexer.pipeline import IndexConfig, image_records, index_corpus
 from segsearch.indexer.segmenter import Segmenter, SegmenterConfig, StageTimes, resize_for_embedding
@@ -144,9 +144,8 @@ def naive_loop(corpus: Path, checkpoint_path: Path, out: Path, config: IndexConf
     try:
         for item in read_corpus(corpus):
             with times.measure("decode"):
-                decoded = decode_file(item.uri, config.decode)
-                if isinstance(decoded, SkippedImage):  # our own JPEGs: a bug, not data
-                    raise RuntimeError(f"bench corpus image {item.uri} not decoded: {decoded}")
+                # Same steps as the pipeline's decode_file; raises on failure (our own JPEGs).
+                decoded = decode_bytes(Path(item.uri).read_bytes(), config.decode)
                 resized = resize_for_embedding(decoded.pixels, config.segmenter.embed_size)
             segments = segmenter([decoded.pixels], resized=[resized], timings=times)[0]
             with times.measure("store"):
