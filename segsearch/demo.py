@@ -81,8 +81,7 @@ def run_demo(args) -> int:
     print("== 4/4 serve and query")
     server = SegsearchServer(ServerConfig(index_dir=str(workdir / "index"), checkpoint=str(result.checkpoint_path),
                                           port=0, metrics_port=0))
-    server.start()
-    server.load()
+    server.start_loaded()
     try:
         query = test[0]
         box = region_box(query.mask, int(query.mask[query.mask.shape[0] // 2, query.mask.shape[1] // 2]))

@@ -108,6 +108,16 @@ class SegsearchServer:
         log.info("listening on %s (%s)", self.address, "TLS" if config.tls_cert else "plaintext")
         return self.port
 
+    def start_loaded(self) -> int:
+        """`start()` then `load()`; a failed load releases the port before the error goes on."""
+        port = self.start()
+        try:
+            self.load()
+        except BaseException:
+            self.stop(grace=0)
+            raise
+        return port
+
     def _bind(self, server: grpc.Server) -> int:
         config = self.config
         address = f"{config.host}:{config.port}"
@@ -161,12 +171,7 @@ def serve(config: ServerConfig, on_ready=print) -> int:
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     server = SegsearchServer(config)
     try:
-        server.start()
-        try:
-            server.load()
-        except BaseException:
-            server.stop(grace=0)
-            raise
+        server.start_loaded()
         metrics = f", metrics at http://{config.metrics_host or config.host}:{server.metrics_port}/metrics" \
             if server.metrics_port else ""
         on_ready(f"segsearch serving {config.index_dir} on {server.address}{metrics}")

@@ -61,12 +61,7 @@ def start_server(index_dir: Path, checkpoint: Path, **overrides) -> RunningServe
     settings = {"port": 0, "metrics_port": 0, **overrides}
     config = ServerConfig(index_dir=str(index_dir), checkpoint=str(checkpoint), **settings)
     server = SegsearchServer(config)
-    server.start()
-    try:
-        server.load()
-    except BaseException:
-        server.stop(grace=0)
-        raise
+    server.start_loaded()
     return RunningServer(server, token=overrides.get("token"))
 
 
