@@ -18,18 +18,16 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 
 from segsearch.spml.embedding import EmbeddingNet
 from segsearch.spml.kmeans import KMeansConfig
-from segsearch.trainer.cam import cam_pseudo_labels
 from segsearch.trainer.config import TrainConfig
 from segsearch.trainer.datasets import DataConfig, load_split
 from segsearch.trainer.evaluate import EvalConfig, evaluate_prepared
 from segsearch.trainer.label_bank import build_label_banks
-from segsearch.trainer.prepared import downsample_labels, prepare_set
+from segsearch.trainer.prepared import prepare_set, weak_targets, with_cam_labels
 from segsearch.trainer.train import build_model_config, resolve_device, train, weak_label_config
-from segsearch.trainer.weak_labels import WeakLabelConfig, make_weak_labels, rng_for_image
+from segsearch.trainer.weak_labels import WeakLabelConfig
 
 SUPERVISIONS = ("tags", "boxes", "scribbles", "points")
 SIZES = {
@@ -57,16 +55,11 @@ def shared_data(base: TrainConfig, device):
 def with_supervision(train_set, train_split, config: TrainConfig):
     """A shallow copy of the shared set whose weak labels/tags follow `config.supervision`."""
     weak_config = weak_label_config(config, train_split.background_class)
-    num_classes = len(train_split.class_names)
-    weak = [make_weak_labels(s.mask, num_classes, weak_config, rng_for_image(weak_config.seed, s.image_id))
-            for s in train_split.samples]
     prepared = copy.copy(train_set)
-    prepared.tags = torch.stack([torch.from_numpy(w.tags) for w in weak])
-    full_res = torch.stack([torch.from_numpy(w.pixel_labels) for w in weak])
-    prepared.weak_labels = downsample_labels(full_res, num_classes)
+    prepared.tags, prepared.weak_labels = weak_targets(
+        train_split.samples, len(train_split.class_names), weak_config)
     if config.supervision == "tags":
-        prepared.weak_labels = cam_pseudo_labels(prepared.features, prepared.tags,
-                                                 train_split.background_class, seed=config.seed)
+        prepared = with_cam_labels(prepared, train_split.background_class, config.seed)
     return prepared
 
 

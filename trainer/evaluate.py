@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from segsearch.spml.checkpoint import load_checkpoint
 from segsearch.spml.embedding import EmbeddingNet
 from segsearch.spml.kmeans import KMeansConfig
+from segsearch.spml.prototypes import flatten_segments, segment_prototypes
 from segsearch.trainer.config import TrainConfig
 from segsearch.trainer.datasets import DataConfig, load_split
 from segsearch.trainer.descriptors import pixel_descriptors
@@ -78,15 +79,14 @@ class EvalReport:
 def predict_batch(model, features, images, banks, kmeans, num_classes, k, generator, method):
     """-> {predictor name: (B, h, w) labels} for one batch, all on the model's segments."""
     embeddings, segment_ids = segment_batch(model, features, kmeans)
-    batch, height, width = segment_ids.shape
-    num_segments = kmeans.num_segments
-    flat = segment_ids + torch.arange(batch, device=segment_ids.device).view(-1, 1, 1) * num_segments
+    batch, num_segments = segment_ids.shape[0], kmeans.num_segments
+    flat = flatten_segments(segment_ids, num_segments).view_as(segment_ids)
     predictions = {}
     for name, bank in banks.items():
-        pixels = pixel_descriptors(name, model, images, features)
-        sums = torch.zeros(batch * num_segments, pixels.shape[1], device=pixels.device)
-        sums.index_add_(0, flat.reshape(-1), pixels.permute(0, 2, 3, 1).reshape(-1, pixels.shape[1]))
-        labels, _ = knn_vote(F.normalize(sums, dim=1), bank, num_classes, k)
+        # the model's embeddings are already at hand from the segmentation
+        pixels = embeddings if name == "model" else pixel_descriptors(name, model, images, features)
+        prototypes = segment_prototypes(pixels, segment_ids, num_segments).reshape(batch * num_segments, -1)
+        labels, _ = knn_vote(prototypes, bank, num_classes, k)
         predictions[f"{name} k-NN" if name != "model" else "SPML k-NN" if method == "spml"
                     else f"{method} embedding k-NN"] = labels[flat]
     random_labels = torch.randint(num_classes, (batch * num_segments,), generator=generator)

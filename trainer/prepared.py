@@ -59,12 +59,7 @@ def prepare_set(
     """Weak labels, contour regions and (when `model` is given) frozen backbone features."""
     images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).contiguous()
     masks = torch.from_numpy(np.stack([s.mask for s in samples]))
-    weak = [
-        make_weak_labels(s.mask, num_classes, weak_config, rng_for_image(weak_config.seed, s.image_id))
-        for s in samples
-    ]
-    tags = torch.from_numpy(np.stack([w.tags for w in weak]))
-    full_res_weak = torch.from_numpy(np.stack([w.pixel_labels for w in weak]))
+    tags, weak_labels = weak_targets(samples, num_classes, weak_config)
     edges = compute_edges(images, edge_source, batch_size, progress)
     contours = torch.from_numpy(np.stack([
         contour_segments(e, contour_segments_per_image) if edge_source != "none"
@@ -74,13 +69,25 @@ def prepare_set(
     return PreparedSet(
         images=images,
         masks=masks,
-        weak_labels=downsample_labels(full_res_weak, num_classes),
+        weak_labels=weak_labels,
         dense_labels=downsample_labels(masks, num_classes),
         contours=sample_centres(contours),
         tags=tags,
         features=features,
         image_ids=[s.image_id for s in samples],
     )
+
+
+def weak_targets(samples: list[Sample], num_classes: int, weak_config: WeakLabelConfig):
+    """-> (tags (N, K) bool, weak pixel labels (N, h, w) long at stride 4), one fixed draw per
+    image (seeded by its id), as an annotator would give them once."""
+    weak = [
+        make_weak_labels(s.mask, num_classes, weak_config, rng_for_image(weak_config.seed, s.image_id))
+        for s in samples
+    ]
+    tags = torch.from_numpy(np.stack([w.tags for w in weak]))
+    full_res = torch.from_numpy(np.stack([w.pixel_labels for w in weak]))
+    return tags, downsample_labels(full_res, num_classes)
 
 
 def with_cam_labels(prepared: PreparedSet, background_class: int | None, seed: int) -> PreparedSet:

@@ -25,7 +25,7 @@ from segsearch.spml.embedding import EmbeddingNet, ModelConfig
 from segsearch.spml.kmeans import KMeansConfig, spherical_kmeans
 from segsearch.trainer.config import TrainConfig
 from segsearch.trainer.curves import plot_loss_curves
-from segsearch.trainer.datasets import load_split
+from segsearch.trainer.datasets import LoadedSplit, load_split
 from segsearch.trainer.label_bank import build_label_bank
 from segsearch.trainer.prepared import PreparedSet, prepare_set, with_cam_labels
 from segsearch.trainer.relations import MemoryBank, default_loss_config, relation_losses
@@ -73,11 +73,13 @@ def weak_label_config(config: TrainConfig, background_class: int | None) -> Weak
     )
 
 
-def prepare_training_data(config: TrainConfig, model: EmbeddingNet | None, contours: bool = True):
-    """Train split -> PreparedSet (weak labels, contours, cached features) + class names.
+def prepare_training_data(config: TrainConfig, model: EmbeddingNet | None, contours: bool = True,
+                          split: LoadedSplit | None = None):
+    """Train split -> PreparedSet (weak labels, contours, cached features) + the split.
 
-    contours=False skips the HED pass (for label banks, which need no relation V)."""
-    split = load_split(config.data, "train")
+    contours=False skips the HED pass (for label banks, which need no relation V); pass an
+    already loaded `split` to avoid reading (for VOC: decoding) the images twice."""
+    split = split if split is not None else load_split(config.data, "train")
     needs_features = config.freeze_backbone or config.supervision == "tags"
     prepared = prepare_set(
         split.samples,
@@ -136,15 +138,17 @@ def train(config: TrainConfig, prepared: PreparedSet | None = None,
 
 
 def _build(config: TrainConfig, device: torch.device, prepared=None, class_names=None):
+    split = None
     if class_names is None:
-        class_names = load_split(config.data, "train").class_names
+        split = load_split(config.data, "train")
+        class_names = split.class_names
     torch.manual_seed(config.seed)
     model = EmbeddingNet(build_model_config(config, class_names)).to(device)
     if config.freeze_backbone:
         model.backbone.requires_grad_(False)
         model.backbone.eval()
     if prepared is None:
-        prepared, _ = prepare_training_data(config, model)
+        prepared, _ = prepare_training_data(config, model, split=split)
     return model, prepared
 
 
