@@ -12,6 +12,7 @@ install:
 
 install-test:
 	bash scripts/install.sh test
+	bash scripts/install_test_tools.sh
 
 demo: install
 	$(VENV)/bin/segsearch demo --workdir $(DEMO_DIR)
