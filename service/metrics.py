@@ -5,6 +5,7 @@ Names (the contract with dashboards and alert rules in deploy/):
     segsearch_requests_total{method,code}            counter
     segsearch_request_duration_seconds{method}       histogram
     segsearch_inflight_requests                      gauge
+    segsearch_serving                                gauge; 1 while health says SERVING, else 0
     segsearch_index_segments / segsearch_index_images  gauges, read from the index at scrape
     segsearch_stage_duration_seconds{method,stage}   histogram; stage in decode, embed,
                                                      segment, label, search, store
@@ -44,6 +45,10 @@ class ServiceMetrics:
         self.stages = Histogram(
             "segsearch_stage_duration_seconds", "Time per request stage (decode, embed, segment, "
             "label, search, store)", ["method", "stage"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.serving = Gauge(
+            "segsearch_serving", "1 while grpc.health.v1 reports SERVING (loaded), 0 while loading "
+            "or draining", registry=self.registry,
         )
         self.index_segments = Gauge(
             "segsearch_index_segments", "Segments in the served index", registry=self.registry,
