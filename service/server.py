@@ -8,9 +8,10 @@ then both the overall status ("") and "segsearch.v1.SegmentSearch" say SERVING. 
 
 Limits: `max_message_bytes` both ways (default 16 MiB); `max_concurrent` SegmentSearch calls,
 beyond which RESOURCE_EXHAUSTED comes at once (the interceptor; the thread pool has a few
-spare workers for those answers, health and reflection; gRPC itself refuses anything
-beyond that pool rather than queueing it); the pixel limit of decoded images
-(`ServiceLimits.max_image_pixels`); client deadlines (work abandoned between stages).
+spare workers for those answers, health and reflection, and up to `QUEUED_CALLS` calls may
+wait for a worker before gRPC itself refuses calls: its refusal would hit health checks
+too, so it is only the last resort behind the interceptor, which exempts them); the pixel
+limit of decoded images (`ServiceLimits.max_image_pixels`); client deadlines (work abandoned between stages).
 Binding is to 127.0.0.1 unless `host` says otherwise; optional TLS and bearer token.
 """
 from __future__ import annotations
@@ -42,6 +43,11 @@ DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9464
 MiB = 1 << 20
 SPARE_WORKERS = 8
+# Calls that may wait for a free worker before gRPC's own limit (`maximum_concurrent_rpcs`)
+# answers RESOURCE_EXHAUSTED. That limit applies to every method, health checks included, so
+# with it at the pool size an overloaded server refused health probes (measured: 2 of 17 under
+# 16 clients with max_concurrent 2); queued rejections and probes take well under a ms of work.
+QUEUED_CALLS = 64
 
 
 class ServerError(SegsearchError):
@@ -93,7 +99,7 @@ class SegsearchServer:
                    ("grpc.so_reuseport", 0)]
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
                              interceptors=build_interceptors(self.metrics, config.max_concurrent, config.token),
-                             options=options, maximum_concurrent_rpcs=workers)
+                             options=options, maximum_concurrent_rpcs=workers + QUEUED_CALLS)
         pb_grpc.add_SegmentSearchServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -151,6 +157,7 @@ class SegsearchServer:
         """NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`, close."""
         grace = self.config.grace_seconds if grace is None else grace
         self.health.enter_graceful_shutdown()
+        self.metrics.serving.set(0)
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None
@@ -163,6 +170,7 @@ class SegsearchServer:
     def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
+        self.metrics.serving.set(1 if status == health_pb2.HealthCheckResponse.SERVING else 0)
 
 
 def serve(config: ServerConfig, on_ready=print) -> int:
