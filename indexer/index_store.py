@@ -28,6 +28,13 @@ always save.
 Searches only return segments that LMDB holds too, so a segment exists for search only when
 both stores hold it, even in the instant between steps (1) and (2) of a delete.
 
+Storage faults. A write is acknowledged (returns) only after its LMDB commit, which LMDB
+syncs to disk (`sync=True`). A full disk or LMDB map raises IndexFullError and nothing of
+the write is committed (the free space is checked before the LMDB commit, so the FAISS file
+can still be saved after it). A failed fsync (or any other LMDB write failure) raises
+StorageFailedError and the store refuses all later writes until reopened: after a failed
+fsync the kernel may have dropped the dirty pages, so carrying on could lose data silently.
+
 Only one process may write an index (the `writer.lock` flock, released by the kernel when a
 process dies); readers open with `read_only=True` and repair in memory only. Do not open the
 same index twice in one process (LMDB's rule).
@@ -41,15 +48,16 @@ import os
 import shutil
 import threading
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from segsearch.errors import IndexError_
+from segsearch.errors import IndexError_, IndexFullError, StorageFailedError
 from segsearch.indexer.metadata_store import DEFAULT_MAP_SIZE, MetadataStore
 from segsearch.indexer.records import ImageRecord, IndexMeta, SegmentRecord
-from segsearch.indexer.vector_index import DEFAULT_EF_SEARCH, VectorIndex
+from segsearch.indexer.vector_index import DEFAULT_EF_SEARCH, VectorIndex, space_report
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,7 @@ LMDB_DIR = "metadata.lmdb"
 VECTORS_FILE = "vectors.faiss"
 LOCK_FILE = "writer.lock"
 _REBUILD_BATCH = 65536
+_LMDB_PAGES_PER_TXN = 16  # copy-on-write branch pages, meta and free-list pages of one commit
 
 
 @dataclass
@@ -91,14 +100,22 @@ class IndexStore:
         self._stale = False  # the in-memory FAISS index may disagree with LMDB
         self._mutex = threading.RLock()
         self._closed = False
+        self._failed: str | None = None  # why writes are refused after a storage failure
 
     # ---- lifecycle -------------------------------------------------------------------
 
     @classmethod
     def create(cls, root: str | Path, model_version: str, embedding_dim: int, index_spec: str = "auto",
                map_size: int = DEFAULT_MAP_SIZE, *, save_every: int = 1,
-               ef_search: int = DEFAULT_EF_SEARCH, nprobe: int | None = None) -> IndexStore:
-        """Create an empty index in `root` (which must not exist or be empty)."""
+               ef_search: int = DEFAULT_EF_SEARCH, nprobe: int | None = None,
+               first_segment_id: int = 1) -> IndexStore:
+        """Create an empty index in `root` (which must not exist or be empty).
+
+        `first_segment_id` starts the id counter elsewhere than 1: the shards of a distributed
+        job each get a disjoint id range (indexer/shards.py), so their ids survive a merge.
+        """
+        if first_segment_id < 1:
+            raise ValueError(f"first_segment_id must be >= 1, got {first_segment_id}")
         root = Path(root)
         if root.exists() and any(root.iterdir()):
             raise IndexError_(
@@ -107,7 +124,8 @@ class IndexStore:
             )
         vectors = VectorIndex(embedding_dim, index_spec, ef_search=ef_search, nprobe=nprobe)  # validates spec
         vectors.model_version = model_version
-        meta = IndexMeta(model_version=model_version, embedding_dim=int(embedding_dim), index_type=index_spec)
+        meta = IndexMeta(model_version=model_version, embedding_dim=int(embedding_dim), index_type=index_spec,
+                         next_segment_id=int(first_segment_id))
         # Built in a staging directory and renamed into place, so that a crash during create
         # leaves either no index or a complete empty one (never a half-made directory).
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -181,8 +199,8 @@ class IndexStore:
         if self._closed:
             return
         try:
-            if self._lock_fd is not None and self._unsaved_chunks:
-                self.flush()
+            if self._lock_fd is not None and self._unsaved_chunks and not self._failed:
+                self.flush()  # a failed store writes nothing more: the next open repairs from LMDB
         finally:
             self._closed = True
             self._metadata.close()
@@ -204,9 +222,9 @@ class IndexStore:
         An image whose sha256 is already indexed (or whose id is taken) is skipped, so
         re-indexing adds nothing. Segments must carry this index's model version.
         """
-        with self._mutex:
-            self._check_writable()
+        with self._writing():
             self._ensure_consistent()
+            self._check_room(batch)
             put = self._metadata.put_images(batch)  # (1) LMDB commit: the source of truth
             result = AddResult(put.segment_ids, [img.image_id for img, _ in put.added], put.skipped)
             if not put.added:
@@ -222,25 +240,23 @@ class IndexStore:
         """
         if not image_ids:
             return []
-        with self._mutex:
-            self._check_writable()
+        with self._writing():
             self._ensure_consistent()
+            self._check_room([])
             removed, generation = self._metadata.delete_images(image_ids)  # (1) LMDB commit
             self._apply(generation, lambda: self._vectors.remove(np.asarray(removed, dtype=np.int64)))
             return removed
 
     def flush(self) -> None:
         """Write the FAISS file now (atomically), with the generation it reflects."""
-        with self._mutex:
-            self._check_writable()
+        with self._writing():
             self._ensure_consistent()
             self._vectors.save(self.root / VECTORS_FILE)
             self._unsaved_chunks = 0
 
     def rebuild_vectors(self) -> None:
         """Rebuild the FAISS index from LMDB, choosing its type for the current size, and save."""
-        with self._mutex:
-            self._check_writable()
+        with self._writing():
             old = self._vectors
             self._vectors = _vectors_from_lmdb(self._metadata, ef_search=old.ef_search, nprobe=old.nprobe)
             self._stale = False
@@ -348,7 +364,12 @@ class IndexStore:
         self._vectors.generation = generation
         self._unsaved_chunks += 1
         if self._unsaved_chunks >= self._save_every:
-            self.flush()
+            try:
+                self.flush()
+            except IndexFullError as exc:  # after the LMDB commit: say that the write did happen
+                raise IndexFullError(f"{exc}. This write itself IS committed (LMDB) and searchable; "
+                                     f"{VECTORS_FILE} is saved by the next write or rebuilt by the next "
+                                     "open") from exc
 
     def _add_vectors(self, segments: list[SegmentRecord]) -> None:
         if segments:  # images without segments are stored in LMDB only
@@ -376,7 +397,50 @@ class IndexStore:
         self._stale = False
         self._unsaved_chunks += 1
 
+    @contextmanager
+    def _writing(self):
+        """The mutex, writability, and fail-stop: a StorageFailedError (a failed fsync or LMDB
+        write) makes this store refuse every later write instead of carrying on over data the
+        kernel may have dropped; reads go on, and reopening repairs FAISS from LMDB."""
+        with self._mutex:
+            self._check_writable()
+            try:
+                yield
+            except StorageFailedError as exc:
+                self._failed = str(exc)
+                log.error("index %s refuses further writes: %s", self.root, exc)
+                raise
+
+    def _check_room(self, batch: Sequence[tuple[ImageRecord, Sequence[SegmentRecord]]]) -> None:
+        """Refuse a write up front when the disk cannot hold its LMDB pages and the next FAISS
+        file, so that a full disk fails the write before LMDB commits (nothing written) rather
+        than after (a committed batch whose FAISS file cannot be saved)."""
+        try:
+            stats = os.statvfs(self.root)
+            faiss_bytes = (self.root / VECTORS_FILE).stat().st_size
+        except OSError:
+            return
+        if not stats.f_blocks:  # a filesystem that reports no sizes
+            return
+        dim = self._metadata.meta().embedding_dim
+        segments = sum(len(segs) for _, segs in batch)
+        stored = len(self._vectors) + self._vectors.num_tombstones
+        per_vector = max(4 * dim + 8, faiss_bytes // max(1, stored))
+        lmdb_bytes = 2 * segments * (4 * dim + 1024) + _LMDB_PAGES_PER_TXN * 4096
+        needed = faiss_bytes + segments * per_vector + lmdb_bytes
+        free = stats.f_bavail * stats.f_frsize
+        if free < needed:
+            raise IndexFullError(
+                f"cannot write the index at {self.root}: {space_report(self.root)}, this write needs "
+                f"about {needed} (LMDB pages and a new {VECTORS_FILE}); nothing was written. Free "
+                "space there (or delete images with `segsearch index delete`) and retry")
+
     def _check_writable(self) -> None:
+        if self._failed:
+            raise StorageFailedError(
+                f"the index at {self.root} refuses writes since a storage failure ({self._failed}). "
+                "Data committed before it is safe in LMDB. Check the disk, then reopen the index "
+                "(restart `segsearch serve`): the open rebuilds what FAISS lacks from LMDB")
         if self._closed:
             raise IndexError_(f"index at {self.root} is closed")
         if self._lock_fd is None:

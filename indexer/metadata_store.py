@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import mmap
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from segsearch.errors import IndexError_
+from segsearch.errors import IndexError_, IndexFullError, StorageFailedError
 from segsearch.indexer.records import (
     FORMAT_VERSION,
     ImageRecord,
@@ -40,6 +42,7 @@ from segsearch.indexer.records import (
     encode_meta,
     encode_segment,
 )
+from segsearch.indexer.vector_index import space_report
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 # about 1 KiB per segment at D=64, i.e. room for ~30M segments.
 DEFAULT_MAP_SIZE = 32 << 30
 _META_KEY = b"meta"
+NEARLY_FULL_BYTES = 1 << 20  # an LMDB write error with less free space than this is a full disk
 _DB_NAMES = (b"segments", b"images", b"sha256", b"meta")
 
 
@@ -106,7 +110,7 @@ class MetadataStore:
         env = _open_env(path, size, read_only=read_only)
         try:
             store = cls(env, path, read_only=read_only)
-            meta = store.meta()
+            meta = store._check_structure()
         except (lmdb.Error, IndexError_) as exc:
             env.close()
             raise IndexError_(f"cannot read the metadata store at {path}: {exc}") from exc
@@ -120,6 +124,26 @@ class MetadataStore:
 
     def close(self) -> None:
         self._env.close()
+
+    def _check_structure(self) -> IndexMeta:
+        """The meta record, after a cheap check that the file is not damaged (O(tree depth)).
+
+        LMDB has no page checksums: this touches the first and last leaf of every sub-db and,
+        for a writer, compares entry counts with the meta record, so that a damaged file is
+        refused on open with its name rather than written on (readers skip the count check, so
+        that `index verify` can open such a file and report the details)."""
+        meta = self.meta()
+        with self._env.begin() as txn:
+            entries = {}
+            for name, db in self._dbs.items():
+                cursor = txn.cursor(db=db)
+                cursor.first(), cursor.last()
+                entries[name] = txn.stat(db)["entries"]
+        expected = {"segments": meta.num_segments, "images": meta.num_images}
+        wrong = {name: (entries[name], count) for name, count in expected.items() if entries[name] != count}
+        if wrong and not self.read_only:
+            raise IndexError_(f"{self.path / 'data.mdb'} is damaged: entry counts (found, expected) {wrong}")
+        return meta
 
     # ---- reads -----------------------------------------------------------------------
 
@@ -301,16 +325,32 @@ class MetadataStore:
         return ""
 
     def _write(self, body) -> None:
-        """Run `body(txn)` in one write transaction; a full map becomes a clear error."""
+        """Run `body(txn)` in one write transaction, durable when this returns (sync=True).
+
+        A full map or disk becomes IndexFullError (nothing written; the store stays usable);
+        any other LMDB failure (e.g. EIO from its fdatasync) becomes StorageFailedError."""
         try:
             with self._env.begin(write=True) as txn:
                 body(txn)
         except lmdb.MapFullError as exc:
-            size = self._env.info()["map_size"]
-            raise IndexError_(
-                f"the metadata store at {self.path} is full (map size {size} bytes); nothing "
-                f"from this batch was written. Re-run with a larger --map-size "
-                f"(e.g. --map-size {2 * size})."
+            size, data = self._env.info()["map_size"], (self.path / "data.mdb").stat().st_size
+            raise IndexFullError(
+                f"the index metadata map (LMDB) at {self.path} is full (map size {size} bytes); nothing "
+                "from this batch was written. To grow it, reopen the index: restart `segsearch serve` or "
+                "re-run the `segsearch index` command (an index is reopened with a map of "
+                f"max(32 GiB, twice its data file) = {_grown_map_size(data)} bytes here), or pass a "
+                "larger map_size to IndexStore.open"
+            ) from exc
+        except lmdb.Error as exc:
+            # ENOSPC is DiskError, but LMDB reports a *short* page write as EIO: on a full disk
+            # that is a full disk too (the commit point, the meta page, was not reached).
+            if isinstance(exc, lmdb.DiskError) or _nearly_full(self.path):
+                raise IndexFullError(f"cannot write the metadata store {self.path}: "
+                                     f"{space_report(self.path)}; nothing from this batch was written "
+                                     f"({exc}). Free space there and retry") from exc
+            raise StorageFailedError(
+                f"writing the metadata store {self.path} failed ({exc}); this batch is not committed "
+                "(or, if the failure came after LMDB's commit point, committed: reopening shows which)"
             ) from exc
 
     def _check_writable(self) -> None:
@@ -345,12 +385,26 @@ def _image_key(image_id: str) -> bytes:
     return key
 
 
+def _nearly_full(path: Path) -> bool:
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return False
+    return bool(stats.f_blocks) and stats.f_bavail * stats.f_frsize < NEARLY_FULL_BYTES
+
+
 def _default_map_size(path: Path) -> int:
     """Reopening without a size: the default, or twice the data file when it is larger."""
-    return max(DEFAULT_MAP_SIZE, 2 * (path / "data.mdb").stat().st_size)
+    return _grown_map_size((path / "data.mdb").stat().st_size)
+
+
+def _grown_map_size(data_bytes: int) -> int:
+    return max(DEFAULT_MAP_SIZE, 2 * data_bytes)
 
 
 def _open_env(path: Path, map_size: int, read_only: bool) -> lmdb.Environment:
+    if (path / "data.mdb").exists():
+        _check_truncated_before_open(path)
     try:
         env = lmdb.open(
             str(path), map_size=int(map_size), max_dbs=len(_DB_NAMES), subdir=True,
@@ -358,6 +412,33 @@ def _open_env(path: Path, map_size: int, read_only: bool) -> lmdb.Environment:
         )
     except lmdb.Error as exc:
         raise IndexError_(f"cannot open the metadata store at {path}: {exc}") from exc
+    try:
+        _check_not_truncated(path, env)
+    except IndexError_:
+        env.close()
+        raise
     if not read_only:
         env.reader_check()  # clear reader slots left by killed processes
     return env
+
+
+def _check_truncated_before_open(path: Path) -> None:
+    """An empty or sub-page data file: LMDB would silently make it a NEW empty store."""
+    size = (path / "data.mdb").stat().st_size
+    if size < 2 * mmap.PAGESIZE:
+        raise IndexError_(_truncated_message(path, size, 2 * mmap.PAGESIZE))
+
+
+def _check_not_truncated(path: Path, env: lmdb.Environment) -> None:
+    """The data file must reach the last page its meta page names, else reading a page past
+    the end of the file kills the process with SIGBUS (the file is mapped)."""
+    size = (path / "data.mdb").stat().st_size
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    if size < needed:
+        raise IndexError_(_truncated_message(path, size, needed))
+
+
+def _truncated_message(path: Path, size: int, needed: int) -> str:
+    return (f"the metadata store file {path / 'data.mdb'} is truncated ({size} bytes; its last "
+            f"committed page needs {needed}): the index cannot be read. Restore the index directory "
+            "from a backup, or rebuild it with `segsearch index`")

@@ -24,3 +24,16 @@ class CheckpointError(SegsearchError):
 
 class IndexError_(SegsearchError):
     """An index directory is missing, inconsistent, or from another model version."""
+
+
+class IndexFullError(IndexError_):
+    """No room for a write: the disk holding the index, or the LMDB map, is full.
+
+    Nothing is lost: the message says whether the batch was committed, and what to free or grow."""
+
+
+class StorageFailedError(IndexError_):
+    """The disk failed a write or sync of the index (e.g. fsync returned EIO).
+
+    After a failed fsync the kernel may have dropped the unwritten pages, so retrying cannot be
+    trusted: the store refuses further writes until it is reopened (which repairs FAISS from LMDB)."""

@@ -7,6 +7,11 @@ the images are visible to the next search and a crash leaves both stores consist
 Duplicates are skipped as the indexer skips them: an image id already indexed, or content
 (sha256) already indexed under another id.
 
+A response is sent only after `IndexStore.add_images` / `delete_images` returned, i.e. after
+the LMDB commit, which is synced to disk: an acknowledged write survives a kill -9 or a power
+loss. Storage faults reach the client as RESOURCE_EXHAUSTED (disk or LMDB map full, nothing
+written) or FAILED_PRECONDITION (a failed sync: writes refused until restart).
+
 Records are built by `pipeline.image_records`, the indexer's own function, from the bytes
 received over gRPC (the server never reads a path sent by a client).
 """
@@ -14,14 +19,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from segsearch.errors import IndexError_
+from segsearch.errors import IndexError_, IndexFullError, StorageFailedError
 from segsearch.indexer.decode import ImageSkipped, SkipReason, decode_bytes
 from segsearch.indexer.index_store import IndexStore
 from segsearch.indexer.pipeline import image_records
 from segsearch.service.analysis import ImageAnalyzer
-from segsearch.service.errors import FailedPrecondition, InvalidArgument, NotFound
+from segsearch.service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from segsearch.service.request_scope import stage
 
 CHUNK_IMAGES = 16
@@ -99,8 +105,8 @@ class IndexUpdater:
     def _commit(self, pending: list, outcome: IndexOutcome) -> None:
         if not pending:
             return
-        with stage("store"):
-            result = self.store.add_images(pending)
+        with stage("store"), storage_errors():
+            result = self.store.add_images(pending)  # returns after the durable LMDB commit
         added = set(result.image_ids)
         for image, records in pending:
             if image.image_id in added:
@@ -113,9 +119,27 @@ class IndexUpdater:
         self._check_writable()
         if not image_ids:
             raise InvalidArgument("image_ids is empty; name the images to delete")
-        with self._write_lock, stage("store"):
+        for image_id in image_ids:  # a malformed id is the caller's mistake, not an unknown image
+            if not 1 <= len(image_id.encode()) <= MAX_IMAGE_ID_BYTES:
+                raise InvalidArgument(f"image id {image_id[:60]!r} has {len(image_id.encode())} bytes; "
+                                      f"image ids are 1..{MAX_IMAGE_ID_BYTES} bytes of UTF-8")
+        with self._write_lock, stage("store"), storage_errors():
             try:
                 return self.store.delete_images(list(dict.fromkeys(image_ids)))
+            except (IndexFullError, StorageFailedError):
+                raise
             except IndexError_ as error:
                 raise NotFound(str(error)) from None
+
+
+@contextmanager
+def storage_errors():
+    """A full disk or LMDB map -> RESOURCE_EXHAUSTED (nothing written; free space and retry);
+    a failed sync -> FAILED_PRECONDITION (writes refused until the server is restarted)."""
+    try:
+        yield
+    except IndexFullError as error:
+        raise ResourceExhausted(str(error)) from None
+    except StorageFailedError as error:
+        raise FailedPrecondition(str(error)) from None
 

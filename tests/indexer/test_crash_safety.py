@@ -269,7 +269,7 @@ def test_leftover_temp_file_of_an_interrupted_save_is_removed(tmp_path):
 def test_full_map_is_a_clear_error_and_the_store_stays_consistent(tmp_path):
     root = tmp_path / "index"
     store = IndexStore.create(root, MODEL, DIM, map_size=1 << 20)
-    with pytest.raises(IndexError_, match=r"is full .*--map-size") as info:
+    with pytest.raises(IndexError_, match=r"metadata map .* is full .*reopen the index") as info:
         for c in range(200):
             store.add_images(make_batch(f"c{c}-{j}" for j in range(20)))
     assert "nothing from this batch was written" in str(info.value)
