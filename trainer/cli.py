@@ -58,7 +58,9 @@ def add_train_parser(subparsers) -> None:
     m.add_argument("--hidden-dim", type=int, default=d.hidden_dim, help="head width (default: %(default)s)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=d.steps, help="training steps (default: %(default)s)")
-    o.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step (default: %(default)s)")
+    o.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="images per step and process; under torchrun the global batch is this "
+                        "times the number of processes (default: %(default)s)")
     o.add_argument("--optimizer", choices=("adam", "sgd"), default=d.optimizer,
                    help="AdamW, or SGD with momentum as in SPML (default: %(default)s)")
     o.add_argument("--lr", type=float, default=d.lr, help="base learning rate, poly-0.9 decay (default: %(default)s)")
@@ -79,6 +81,9 @@ def add_train_parser(subparsers) -> None:
                    help="weight of relation A (feature affinity); 0 = off as in SPML (default: %(default)s)")
     s.add_argument("--memory-batches", type=int, default=d.memory_batches,
                    help="batches of prototypes kept as extra negatives (default: %(default)s)")
+    s.add_argument("--no-gather-prototypes", action="store_true",
+                   help="under torchrun: contrast each process's pixels with its own segments only, "
+                        "not the whole global batch's (less communication; not SPML's loss)")
     r = p.add_argument_group("run")
     r.add_argument("--device", default=d.device, help="auto, cpu or cuda (default: %(default)s)")
     r.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="(default: %(default)s)")
@@ -97,7 +102,8 @@ def train_config(args) -> TrainConfig:
         train_grid=args.train_grid, inference_grid=args.inference_grid,
         kmeans_iterations=args.kmeans_iterations, scribble_length=args.scribble_length,
         points_per_region=args.points_per_region, edge_source=args.edge_source,
-        affinity_weight=args.affinity_weight, memory_batches=args.memory_batches, seed=args.seed,
+        affinity_weight=args.affinity_weight, memory_batches=args.memory_batches,
+        gather_prototypes=not args.no_gather_prototypes, seed=args.seed,
         device=args.device, checkpoint_every=args.checkpoint_every, resume=args.resume,
         progress=not args.no_progress,
     )
@@ -107,6 +113,8 @@ def run_train(args) -> int:
     from segsearch.trainer.train import train
 
     result = train(train_config(args))
+    if result.rank != 0:
+        return 0  # under torchrun: rank 0 reports
     print(f"checkpoint: {result.checkpoint_path}  model version: {result.model_version}  "
           f"final loss: {result.final_loss:.4f}  {result.images_per_second:.1f} images/s")
     return 0

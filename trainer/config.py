@@ -20,7 +20,7 @@ class TrainConfig:
     embedding_dim: int = 64
     hidden_dim: int = 128
     steps: int = 300
-    batch_size: int = 8
+    batch_size: int = 8  # per process; under torchrun the global batch is batch_size x ranks
     optimizer: str = "adam"  # adam | sgd
     lr: float = 1e-3
     momentum: float = 0.9
@@ -35,6 +35,8 @@ class TrainConfig:
     loss_pixels: int = 2048  # pixels sampled per step for the loss (0 = all)
     affinity_weight: float = 0.0  # the A relation; off as in SPML's released configs
     memory_batches: int = 2
+    # under torchrun: contrast against every rank's segments (False: each rank's own only)
+    gather_prototypes: bool = True
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 100

@@ -12,7 +12,26 @@ logsumexp so that large κ does not overflow.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class PixelSum:
+    """A loss term as (sum over pixels, number of pixels) instead of their mean.
+
+    Why: under data-parallel training each process sees part of the global batch; the
+    processes add their counts up and divide their sums by the *global* count, so the
+    result is the mean over the whole global batch (see trainer/distributed.py).
+    `weight * term` scales the sum, like `weight * loss` does for a mean.
+    """
+
+    total: torch.Tensor
+    count: int
+
+    def __rmul__(self, weight: float) -> "PixelSum":
+        return PixelSum(weight * self.total, self.count)
 
 
 def segsort_loss(
@@ -21,23 +40,30 @@ def segsort_loss(
     positive: torch.Tensor,
     negative: torch.Tensor,
     concentration: float,
-) -> torch.Tensor:
+    reduction: str = "mean",
+) -> torch.Tensor | PixelSum:
     """Mean SegSort+ loss.
 
     embeddings: (N, D) unit-norm pixel embeddings.
     prototypes: (P, D) unit-norm segment prototypes (may carry gradients).
     positive, negative: (N, P) bool masks; must not overlap.
-    Returns a scalar; zero (with a graph) when no pixel has a positive.
+    Returns a scalar; zero (with a graph) when no pixel has a positive. With
+    reduction="sum", a PixelSum of the per-pixel losses and the number of pixels they cover.
     """
     logits = concentration * embeddings @ prototypes.t()  # (N, P)
     neg_inf = torch.finfo(logits.dtype).min
     positive_logits = logits.masked_fill(~positive, neg_inf)
     candidate_logits = logits.masked_fill(~(positive | negative), neg_inf)
     has_positive = positive.any(dim=1)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if not bool(has_positive.any()):
-        return logits.sum() * 0.0
+        zero = logits.sum() * 0.0
+        return zero if reduction == "mean" else PixelSum(zero, 0)
     log_numerator = torch.logsumexp(positive_logits[has_positive], dim=1)
     log_denominator = torch.logsumexp(candidate_logits[has_positive], dim=1)
+    if reduction == "sum":
+        return PixelSum((log_denominator - log_numerator).sum(), int(has_positive.sum()))
     return (log_denominator - log_numerator).mean()
 
 

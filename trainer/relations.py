@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from segsearch.trainer.loss import segsort_loss, segsort_plus_positives
+from segsearch.trainer.loss import PixelSum, segsort_loss, segsort_plus_positives
 from segsearch.trainer.training_segments import IGNORE, TrainingSegments
 
 SUPERVISIONS = ("tags", "boxes", "scribbles", "points", "full")
@@ -75,14 +75,19 @@ class MemoryBank:
         self.enabled = num_batches > 0
 
     def push(self, segments: TrainingSegments, image_tags: torch.Tensor) -> None:
-        if self.enabled:
-            self.entries.append(
-                BankEntry(
-                    segments.prototypes.detach(),
-                    segments.segment_label,
-                    image_tags[segments.segment_image],
-                )
+        self.push_entry(
+            BankEntry(
+                segments.prototypes.detach(),
+                segments.segment_label,
+                image_tags[segments.segment_image],
             )
+        )
+
+    def push_entry(self, entry: BankEntry) -> None:
+        """Push prepared rows, e.g. the whole global batch's segments gathered from every
+        process, so that all processes keep the same bank (trainer/distributed.py)."""
+        if self.enabled:
+            self.entries.append(entry)
 
     def state(self) -> list[dict]:
         """Plain tensors, saved in checkpoints so that a resumed run contrasts against the
@@ -116,24 +121,31 @@ def relation_losses(
     image_tags: torch.Tensor,
     bank: BankEntry,
     config: LossConfig,
-) -> dict[str, torch.Tensor]:
-    """Weighted loss per relation. pixel_embeddings (N, D); image_tags (B, C) bool."""
+    reduction: str = "mean",
+) -> dict[str, torch.Tensor | PixelSum]:
+    """Weighted loss per relation. pixel_embeddings (N, D); image_tags (B, C) bool.
+
+    `bank` holds every prototype beyond the batch's own segments (never a pixel's own
+    segment): the memory bank, and under data-parallel training first the other processes'
+    segments of the global batch, carrying gradient. reduction="sum" returns PixelSums for
+    a mean over the global batch (trainer/distributed.py)."""
     own = _own_segment(segments, extra=bank.prototypes.shape[0])
     prototypes = torch.cat([segments.prototypes, bank.prototypes])
     losses = {}
     if config.lowlevel.weight:
-        losses["V"] = config.lowlevel.weight * _lowlevel(pixel_embeddings, segments, own, config)
+        losses["V"] = config.lowlevel.weight * _lowlevel(pixel_embeddings, segments, own, config,
+                                                         reduction)
     if config.annotation.weight:
         losses["C"] = config.annotation.weight * _annotation(
-            pixel_embeddings, segments, bank, prototypes, own, config
+            pixel_embeddings, segments, bank, prototypes, own, config, reduction
         )
     if config.cooccurrence.weight:
         losses["O"] = config.cooccurrence.weight * _cooccurrence(
-            pixel_embeddings, segments, image_tags, bank, prototypes, own, config
+            pixel_embeddings, segments, image_tags, bank, prototypes, own, config, reduction
         )
     if config.affinity.weight:
         losses["A"] = config.affinity.weight * _affinity(
-            pixel_embeddings, segments, prototypes, own, config
+            pixel_embeddings, segments, prototypes, own, config, reduction
         )
     return losses
 
@@ -144,13 +156,13 @@ def _own_segment(segments: TrainingSegments, extra: int) -> torch.Tensor:
     return columns.unsqueeze(0) == segments.pixel_segment.unsqueeze(1)
 
 
-def _contrast(embeddings, prototypes, same_group, own, candidates, concentration):
+def _contrast(embeddings, prototypes, same_group, own, candidates, concentration, reduction):
     positive, excluded = segsort_plus_positives(same_group & candidates, own & candidates)
     negative = candidates & ~same_group & ~excluded
-    return segsort_loss(embeddings, prototypes, positive, negative, concentration)
+    return segsort_loss(embeddings, prototypes, positive, negative, concentration, reduction)
 
 
-def _lowlevel(embeddings, segments, own, config):
+def _lowlevel(embeddings, segments, own, config, reduction):
     count = segments.num_segments
     own = own[:, :count]
     same_image = segments.pixel_image.unsqueeze(1) == segments.segment_image.unsqueeze(0)
@@ -158,11 +170,12 @@ def _lowlevel(embeddings, segments, own, config):
         segments.pixel_contour.unsqueeze(1) == segments.segment_contour.unsqueeze(0)
     )
     return _contrast(
-        embeddings, segments.prototypes, same_region, own, same_image, config.lowlevel.concentration
+        embeddings, segments.prototypes, same_region, own, same_image, config.lowlevel.concentration,
+        reduction,
     )
 
 
-def _annotation(embeddings, segments, bank, prototypes, own, config):
+def _annotation(embeddings, segments, bank, prototypes, own, config, reduction):
     labels = torch.cat([segments.segment_label, bank.labels])
     labelled_pixels = segments.pixel_label != IGNORE
     labelled_prototypes = (labels != IGNORE).unsqueeze(0)
@@ -175,20 +188,21 @@ def _annotation(embeddings, segments, bank, prototypes, own, config):
         own[labelled_pixels],
         labelled_prototypes.expand_as(same_label),
         config.annotation.concentration,
+        reduction,
     )
 
 
-def _cooccurrence(embeddings, segments, image_tags, bank, prototypes, own, config):
+def _cooccurrence(embeddings, segments, image_tags, bank, prototypes, own, config, reduction):
     segment_tags = torch.cat([image_tags[segments.segment_image], bank.tags]).float()
     pixel_tags = image_tags.float()[segments.pixel_image]
     share_tag = (pixel_tags @ segment_tags.t()) > 0
     everything = torch.ones_like(share_tag)
     return _contrast(
-        embeddings, prototypes, share_tag, own, everything, config.cooccurrence.concentration
+        embeddings, prototypes, share_tag, own, everything, config.cooccurrence.concentration, reduction
     )
 
 
-def _affinity(embeddings, segments, prototypes, own, config):
+def _affinity(embeddings, segments, prototypes, own, config, reduction):
     with torch.no_grad():
         own_prototypes = segments.prototypes[segments.pixel_segment]  # (N, D)
         similarity = own_prototypes @ prototypes.t()
@@ -198,5 +212,5 @@ def _affinity(embeddings, segments, prototypes, own, config):
         neighbours = torch.zeros_like(own).scatter_(1, nearest, True) | own
     everything = torch.ones_like(own)
     return _contrast(
-        embeddings, prototypes, neighbours, own, everything, config.affinity.concentration
+        embeddings, prototypes, neighbours, own, everything, config.affinity.concentration, reduction
     )

@@ -6,6 +6,9 @@ prototypes (with grad) -> SegSort+ over the relations. The baselines replace the
 by a 1x1 classifier and cross-entropy on the weak labels (partial CE) or on every pixel
 (full CE). Seeded, resumable (checkpoint every N steps with optimiser state), poly learning
 rate, a progress bar with each loss term, metrics as JSONL and a loss-curve PNG.
+
+Under torchrun the same loop runs data-parallel (DDP, gathered prototypes, a global-batch
+mean); trainer/distributed.py states the conventions. Alone it is the plain loop.
 """
 from __future__ import annotations
 
@@ -26,7 +29,12 @@ from segsearch.spml.kmeans import KMeansConfig, spherical_kmeans
 from segsearch.trainer.config import TrainConfig
 from segsearch.trainer.curves import plot_loss_curves
 from segsearch.trainer.datasets import LoadedSplit, load_split
+from segsearch.trainer.distributed import (
+    Replica, World, average_floats, concat_entries, gather_segments, global_mean, make_replica,
+    process_group, rank_batch, rank_pixels, share_from_main,
+)
 from segsearch.trainer.label_bank import build_label_bank
+from segsearch.trainer.loss import PixelSum
 from segsearch.trainer.prepared import PreparedSet, prepare_set, with_cam_labels
 from segsearch.trainer.relations import MemoryBank, default_loss_config, relation_losses
 from segsearch.trainer.sample import IGNORE_INDEX
@@ -42,8 +50,9 @@ class TrainResult:
     checkpoint_path: Path
     model_version: str
     final_loss: float
-    images_per_second: float
+    images_per_second: float  # of the global batch, under torchrun
     steps: int
+    rank: int = 0  # under torchrun, the process that returned this
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,41 +109,53 @@ def prepare_training_data(config: TrainConfig, model: EmbeddingNet | None, conto
 def train(config: TrainConfig, prepared: PreparedSet | None = None,
           class_names: list[str] | None = None) -> TrainResult:
     """Train and write OUT/checkpoint.pt. `prepared` (with `class_names`) lets a benchmark
-    share one feature/edge cache between runs on the same images."""
+    share one feature/edge cache between runs on the same images. Under torchrun every rank
+    calls this; the result (global-batch loss and images/s) is the same on every rank."""
     torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
+    with process_group(resolve_device(config.device)) as (world, device):
+        return _train(config, prepared, class_names, world, device)
+
+
+def _train(config: TrainConfig, prepared, class_names, world: World, device) -> TrainResult:
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, prepared = _build(config, device, prepared, class_names)
+    replica = make_replica(model, world, device, from_features=config.freeze_backbone)
     optimizer = _optimizer(config, model)
     bank = MemoryBank(config.memory_batches)
     start_step = _maybe_resume(config, model, optimizer, bank, out_dir, device)
     loss_config = default_loss_config(config.supervision)
     loss_config.affinity.weight = config.affinity_weight
     metrics_path = out_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start_step)
+    if world.is_main:
+        _truncate_metrics(metrics_path, start_step)
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
-               desc=f"train {config.method}/{config.supervision}", disable=not config.progress)
+               desc=f"train {config.method}/{config.supervision}",
+               disable=not config.progress or not world.is_main)
     started, last_loss = time.perf_counter(), float("nan")
     for step in bar:
         _set_poly_lr(optimizer, config, step)
-        terms = _train_step(config, model, optimizer, prepared, bank, loss_config, step, device)
+        terms = _train_step(config, replica, optimizer, prepared, bank, loss_config, step, device)
         last_loss = terms["loss"]
         bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
-        with open(metrics_path, "a") as handle:
-            handle.write(json.dumps({"step": step + 1, **terms,
-                                     "lr": optimizer.param_groups[0]["lr"]}) + "\n")
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+        if world.is_main:
+            with open(metrics_path, "a") as handle:
+                handle.write(json.dumps({"step": step + 1, **terms,
+                                         "lr": optimizer.param_groups[0]["lr"]}) + "\n")
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps and world.is_main:
             _save(config, model, optimizer, bank, step + 1, out_dir, label_bank=None)
     elapsed = time.perf_counter() - started
     steps_run = config.steps - start_step
-    images_per_second = steps_run * config.batch_size / elapsed if elapsed > 0 else 0.0
-    bank_result = build_label_bank(model, prepared, config, device)
-    path, version = _save(config, model, optimizer, bank, config.steps, out_dir, bank_result)
-    plot_loss_curves(metrics_path, out_dir / "loss_curve.png")
-    logger.info("trained %d steps at %.1f images/s; checkpoint %s (model version %s)",
-                steps_run, images_per_second, path, version)
-    return TrainResult(path, version, last_loss, images_per_second, steps_run)
+    images_per_second = steps_run * config.batch_size * world.size / elapsed if elapsed > 0 else 0.0
+    path, version = out_dir / CHECKPOINT_NAME, None
+    if world.is_main:
+        bank_result = build_label_bank(model, prepared, config, device)
+        path, version = _save(config, model, optimizer, bank, config.steps, out_dir, bank_result)
+        plot_loss_curves(metrics_path, out_dir / "loss_curve.png")
+        logger.info("trained %d steps at %.1f images/s; checkpoint %s (model version %s)",
+                    steps_run, images_per_second, path, version)
+    version = share_from_main(version, world)
+    return TrainResult(path, version, last_loss, images_per_second, steps_run, world.rank)
 
 
 def _build(config: TrainConfig, device: torch.device, prepared=None, class_names=None):
@@ -177,28 +198,39 @@ def batch_indices(step: int, batch_size: int, num_images: int, seed: int) -> tor
     return torch.stack([orders[int(e)][o] for e, o in zip(epochs, offsets)])
 
 
-def _train_step(config, model, optimizer, prepared: PreparedSet, bank, loss_config, step, device):
-    index = batch_indices(step, config.batch_size, len(prepared), config.seed)
+def _train_step(config, replica: Replica, optimizer, prepared: PreparedSet, bank, loss_config, step,
+                device):
+    """One optimiser step on this rank's share of the global batch (all of it when alone)."""
+    world = replica.world
+    global_batch = batch_indices(step, config.batch_size * world.size, len(prepared), config.seed)
+    index = rank_batch(global_batch, world)
     if config.freeze_backbone:
-        features = prepared.features[index].to(device).float()
+        inputs = prepared.features[index].to(device).float()
     else:
-        model.backbone.train()
-        features = model.features(prepared.images[index].to(device).float())
-    raw = model.raw_embeddings(features)
+        replica.net.backbone.train()
+        inputs = prepared.images[index].to(device).float()
+    raw = replica.forward(inputs)
     if config.method == "spml":
-        losses = _spml_losses(config, raw, prepared, index, bank, loss_config, device, step)
+        losses = _spml_losses(config, raw, prepared, index, bank, loss_config, device, step, world)
     else:
-        targets = prepared.weak_labels if config.method == "partial_ce" else prepared.dense_labels
-        losses = {"CE": F.cross_entropy(model.logits(raw), targets[index].to(device),
-                                        ignore_index=IGNORE_INDEX)}
+        losses = _ce_losses(config, replica.net, raw, prepared, index, device, world)
     total = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()
-    return {"loss": total.item(), **{k: v.item() for k, v in losses.items()}}
+    return average_floats({"loss": total.item(), **{k: v.item() for k, v in losses.items()}}, world)
 
 
-def _spml_losses(config, raw, prepared, index, bank, loss_config, device, step):
+def _ce_losses(config, net, raw, prepared, index, device, world: World):
+    targets = prepared.weak_labels if config.method == "partial_ce" else prepared.dense_labels
+    targets = targets[index].to(device)
+    if not world.distributed:
+        return {"CE": F.cross_entropy(net.logits(raw), targets, ignore_index=IGNORE_INDEX)}
+    total = F.cross_entropy(net.logits(raw), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return global_mean({"CE": PixelSum(total, int((targets != IGNORE_INDEX).sum()))}, world)
+
+
+def _spml_losses(config, raw, prepared, index, bank, loss_config, device, step, world: World):
     embeddings = F.normalize(raw, dim=1)
     kmeans = KMeansConfig(grid=tuple(config.train_grid), iterations=config.kmeans_iterations)
     with torch.no_grad():
@@ -208,16 +240,24 @@ def _spml_losses(config, raw, prepared, index, bank, loss_config, device, step):
         embeddings, clusters, prepared.contours[index].to(device), prepared.weak_labels[index].to(device)
     )
     pixels = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])
-    if 0 < config.loss_pixels < pixels.shape[0]:
+    global_pixels = pixels.shape[0] * world.size  # loss_pixels samples the global batch
+    if 0 < config.loss_pixels < global_pixels:
         generator = torch.Generator().manual_seed(config.seed * 7919 + step)
-        pick = torch.randperm(pixels.shape[0], generator=generator)[: config.loss_pixels].to(device)
+        pick = torch.randperm(global_pixels, generator=generator)[: config.loss_pixels]
+        pick = rank_pixels(pick, pixels.shape[0], world).to(device)
         pixels, segments_seen = pixels[pick], segments.select_pixels(pick)
     else:
         segments_seen = segments
     banked = bank.concat(embeddings.shape[1], tags.shape[1], device)
-    losses = relation_losses(pixels, segments_seen, tags, banked, loss_config)
-    bank.push(segments, tags)
-    return losses
+    if not world.distributed:
+        losses = relation_losses(pixels, segments_seen, tags, banked, loss_config)
+        bank.push(segments, tags)
+        return losses
+    peers, everyone = gather_segments(segments, tags, world, with_grad=config.gather_prototypes)
+    sums = relation_losses(pixels, segments_seen, tags, concat_entries(peers, banked), loss_config,
+                           reduction="sum")
+    bank.push_entry(everyone)
+    return global_mean(sums, world)
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
