@@ -257,10 +257,81 @@ def run_segment(args) -> int:
     return 0
 
 
+# ---- load --------------------------------------------------------------------------------
+
+def _id_range(text: str) -> tuple[int, int]:
+    first, _, last = text.partition("-")
+    try:
+        bounds = int(first), int(last or first)
+    except ValueError:
+        bounds = (0, -1)
+    if not 0 <= bounds[0] <= bounds[1]:
+        raise argparse.ArgumentTypeError(f"expected FIRST-LAST segment ids, got {text!r}")
+    return bounds
+
+
+def add_load_parser(subparsers) -> None:
+    p = subparsers.add_parser("load", help="drive a running server with bounded SearchSimilar load",
+                              description="Send SearchSimilar calls to a running `segsearch serve` (plaintext, "
+                              "no token): closed loop (--clients callers) or open loop (--rate queries/s, at "
+                              "most --clients in flight; requests that cannot start on time are counted as "
+                              "missed), until --requests or --seconds. Prints achieved queries/s, latency "
+                              "percentiles of the OK answers and the status codes.")
+    p.add_argument("--ids", type=_id_range, required=True, metavar="FIRST-LAST",
+                   help="stored segment ids to search by, drawn uniformly (e.g. 1-5000)")
+    p.add_argument("--region-images", nargs="*", default=[], metavar="IMAGE",
+                   help="query images for searches by region (a box a third of the image)")
+    p.add_argument("--region-fraction", type=float, default=0.0, help="share of searches by region")
+    p.add_argument("--mode", choices=("closed", "open"), default="closed")
+    p.add_argument("--clients", type=int, default=8, help="closed: callers; open: most calls in flight")
+    p.add_argument("--rate", type=float, default=100.0, help="open loop: offered queries/s")
+    p.add_argument("--arrivals", choices=("poisson", "fixed"), default="poisson")
+    p.add_argument("--requests", type=int, default=1000, help="stop after this many (default: %(default)s)")
+    p.add_argument("--seconds", type=float, default=10.0, help="... or after this long (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--probe-health", action="store_true", help="check grpc.health.v1 10 times a second meanwhile")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--server", default=DEFAULT_SERVER, help="host:port (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=5.0, help="deadline of each call (default: %(default)s)")
+    p.set_defaults(handler=run_load_command)
+
+
+def run_load_command(args) -> int:
+    import contextlib
+
+    from PIL import Image
+
+    from segsearch.service.loadgen import HealthProbe, LoadConfig, RequestMix, run_load
+
+    images = []
+    for path in args.region_images:
+        data = _read_bytes(path, "the query image")
+        with Image.open(io.BytesIO(data)) as image:
+            images.append((data, *image.size))
+    try:
+        mix = RequestMix(np.arange(args.ids[0], args.ids[1] + 1), images, args.region_fraction, args.top_k)
+        config = LoadConfig(mode=args.mode, clients=args.clients, rate=args.rate, arrivals=args.arrivals,
+                            requests=args.requests, seconds=args.seconds, timeout=args.timeout)
+    except ValueError as error:
+        raise SegsearchError(str(error)) from None
+    with HealthProbe(args.server) if args.probe_health else contextlib.nullcontext() as probe:
+        summary = run_load(args.server, mix, config).summary()
+    if probe is not None:
+        summary["health"] = {"checks": probe.result.count, "outcomes": dict(probe.result.outcomes),
+                             "p99_ms": round(probe.result.percentile(99), 2)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            print(f"{key:>16}: {value}")
+    return 0
+
+
 def add_service_parsers(subparsers) -> None:
     add_serve_parser(subparsers)
     add_query_parser(subparsers)
     add_segment_parser(subparsers)
+    add_load_parser(subparsers)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,455 @@
+"""Load and overload of a real `segsearch serve`: sustained rate, 4x overload, recovery, soak.
+
+The server is `segsearch serve` in a child process (its own GIL) on 127.0.0.1, with its
+defaults (max_concurrent 8, no batching on CPU) unless flags say otherwise; the load
+generator (`segsearch.service.loadgen`, open loop) runs in this process.
+
+Index: made by the indexer (`index_corpus`, default settings) from ``--images`` mosaic
+images of 128 px, with a tiny real checkpoint (`service_latency.ensure_checkpoint`);
+cached under `bench/out/load_service/`.
+
+Phases (open loop, Poisson arrivals, at most ``--clients`` calls in flight):
+
+1. **ramp**: offered rates ``--start-rate`` x ``--step``^i for ``--step-seconds`` each; a
+   step *holds* when p99 <= ``--p99-target-ms`` (default 50 ms, search by id), every call
+   sent is answered OK and the client sent >= 98% of the offered requests on time. A step
+   that does not hold is tried once more; the ramp stops when it fails again, and the
+   sustained rate is the highest that held.
+2. **sustained**: that rate for ``--phase-seconds``.
+3. **overload**: 4x that rate (``--overload``): the server should shed with
+   RESOURCE_EXHAUSTED (its concurrency limit) and keep answering health checks.
+4. **cool-down**: the sustained rate again, reported in two halves (the first starts right
+   after the overload); recovered when the second half holds the target again.
+
+A health prober (10 checks/s, 1 s deadline, its own connection) runs through phases 2-4.
+
+Soak (``--soak-minutes M``, instead of phases 2-4; after the ramp unless ``--soak-rate`` is
+given): M minutes at the sustained (or given) rate in windows of ``--window-seconds``,
+the server's RSS (psutil) sampled every ``--rss-every`` s. Growth = max RSS after the
+warm-up (the first min(60 s, M/5)) minus RSS at the end of the warm-up; bound
+``--rss-bound-mib`` (default 50 MiB).
+
+Usage: python bench/load_service.py [--images 500] [--region-fraction 0] [--soak-minutes 0]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+import psutil
+from PIL import Image
+from segsearch.indexer.index_store import IndexStore
+from segsearch.indexer.pipeline import IndexConfig, index_corpus
+from segsearch.service.client import SegsearchClient
+from segsearch.service.loadgen import HealthProbe, LoadConfig, LoadResult, ProbeResult, RequestMix, run_load
+from segsearch.trainer.mosaic import MosaicConfig, TextureMosaic
+
+log = logging.getLogger("bench.load_service")
+
+OUT = Path(__file__).resolve().parent / "out" / "load_service"
+MiB = 1 << 20
+READY = re.compile(r"segsearch serving .* on (\S+:\d+)")
+IMAGE_SIZE = 128
+QUERY_IMAGES = 8
+MIN_SENT = 0.98  # share of the offered requests the client must send on time for a step to hold
+
+
+# ---- the server as a child process ---------------------------------------------------------
+
+
+class ServeProcess:
+    """`segsearch serve INDEX --model CKPT --port 0` as a child process; `address` once it is up.
+
+    Its stdout is read by a thread (for the ready line, which carries the port); its log goes
+    to `log_path`. `stop()` sends SIGTERM (a clean drain) and returns the exit status."""
+
+    def __init__(self, index_dir: Path, checkpoint: Path, log_path: Path, max_concurrent: int = 8,
+                 extra: tuple[str, ...] = (), startup_timeout: float = 180.0):
+        command = [sys.executable, "-m", "segsearch.cli", "serve", str(index_dir), "--model", str(checkpoint),
+                   "--port", "0", "--no-metrics", "--max-concurrent", str(max_concurrent), "--grace", "5", *extra]
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        self.pid = self.process.pid
+        self._ready = threading.Event()
+        self.address = ""
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        if not self._ready.wait(startup_timeout) or not self.address:
+            self.stop()
+            raise RuntimeError(f"segsearch serve did not come up; its log: {log_path}\n{self.log_tail()}")
+        with SegsearchClient(self.address, timeout=30) as client:
+            client.wait_until_serving(60)
+
+    def _read_stdout(self) -> None:
+        for line in self.process.stdout:
+            match = READY.search(line)
+            if match and not self.address:
+                self.address = match.group(1)
+                self._ready.set()
+        self._ready.set()  # exited without the line
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+
+    def rss(self) -> int:
+        return psutil.Process(self.pid).memory_info().rss
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
+        return self.process.returncode
+
+
+# ---- index and requests --------------------------------------------------------------------
+
+
+def mosaic_pixels(count: int, seed: int, split: str = "train") -> list[np.ndarray]:
+    """`count` RGB mosaic images `(128, 128, 3)` uint8."""
+    mosaic = TextureMosaic(MosaicConfig(size=IMAGE_SIZE, num_images=count, seed=seed, split=split))
+    return [mosaic[i].image for i in range(count)]
+
+
+def ensure_mosaic_index(out: Path, checkpoint: Path, images: int) -> Path:
+    """An index of `images` mosaic images built by the indexer (cached; rebuilt if incomplete)."""
+    index_dir = out / f"index-mosaic-{images}"
+    marker = index_dir / "load_bench.json"
+    if marker.exists() and json.loads(marker.read_text()).get("checkpoint") == str(checkpoint):
+        return index_dir
+    corpus = out / f"corpus-{images}"
+    corpus.mkdir(parents=True, exist_ok=True)
+    for number, pixels in enumerate(mosaic_pixels(images, seed=3)):
+        path = corpus / f"mosaic{number:05d}.png"
+        if not path.exists():
+            Image.fromarray(pixels).save(path)
+    started = time.perf_counter()
+    summary = index_corpus(corpus, checkpoint, index_dir, IndexConfig(progress=False))
+    log.info("indexed %d images in %.0f s", summary.images_indexed, time.perf_counter() - started)
+    marker.write_text(json.dumps({"checkpoint": str(checkpoint), "images": images}) + "\n")
+    return index_dir
+
+
+def stored_segment_ids(index_dir: Path) -> np.ndarray:
+    """The ids in the index `(N,)` (read-only open: no writer lock)."""
+    store = IndexStore.open(index_dir, read_only=True)
+    try:
+        return store.segment_ids()[0]
+    finally:
+        store.close()
+
+
+def request_mix(index_dir: Path, region_fraction: float, top_k: int) -> RequestMix:
+    """Search by the index's segment ids, and by boxes on mosaic test images (not indexed)."""
+    pixels = mosaic_pixels(QUERY_IMAGES, seed=7, split="test") if region_fraction > 0 else []
+    return RequestMix.with_images(stored_segment_ids(index_dir), pixels, region_fraction, top_k)
+
+
+# ---- RSS sampling and the soak ---------------------------------------------------------------
+
+
+class RssSampler:
+    """Samples a process's resident set size every `every` s in a thread: `samples` = [(s, bytes)]."""
+
+    def __init__(self, pid: int, every: float):
+        self.process, self.every = psutil.Process(pid), every
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
+        self._start = time.perf_counter()
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(self.every + 5)
+        self._sample()
+
+    def _sample(self) -> None:
+        try:
+            self.samples.append((time.perf_counter() - self._start, self.process.memory_info().rss))
+        except psutil.Error:
+            pass  # the process is gone: the caller sees it in its exit status
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.every)
+
+
+@dataclass
+class SoakResult:
+    """Windows of steady load and the server's RSS over them (see `growth_mib`)."""
+
+    seconds: float
+    warmup_s: float
+    windows: list[LoadResult]
+    samples: list[tuple[float, int]]
+    bound_mib: float
+
+    def _mib(self, value: int) -> float:
+        return value / MiB
+
+    @property
+    def baseline(self) -> int:
+        """RSS at the end of the warm-up (the last sample within it)."""
+        within = [rss for t, rss in self.samples if t <= self.warmup_s]
+        return within[-1] if within else self.samples[0][1]
+
+    @property
+    def growth_mib(self) -> float:
+        """Largest RSS after the warm-up minus the baseline."""
+        after = [rss for t, rss in self.samples if t > self.warmup_s] or [self.baseline]
+        return self._mib(max(after) - self.baseline)
+
+    @property
+    def within_bound(self) -> bool:
+        return self.growth_mib < self.bound_mib
+
+    def text(self) -> str:
+        rss = [rss for _, rss in self.samples]
+        codes = sum((w.codes for w in self.windows), start=Counter())
+        p99s = [w.percentile(99) for w in self.windows]
+        return (f"soak {self.seconds / 60:.1f} min, {len(self.windows)} windows, {len(self.samples)} RSS samples: "
+                f"RSS start {self._mib(rss[0]):.1f} MiB, after warm-up ({self.warmup_s:.0f} s) "
+                f"{self._mib(self.baseline):.1f}, end {self._mib(rss[-1]):.1f}, max {self._mib(max(rss)):.1f} MiB; "
+                f"growth after warm-up {self.growth_mib:+.1f} MiB (bound {self.bound_mib:.0f} MiB: "
+                f"{'WITHIN' if self.within_bound else 'EXCEEDED'}); codes {dict(codes)} "
+                f"({codes['OK'] / self.seconds:,.0f} OK/s); "
+                f"window p99 first {p99s[0]:.1f} ms, last {p99s[-1]:.1f} ms, max {np.nanmax(p99s):.1f} ms")
+
+
+def soak(server: ServeProcess, mix: RequestMix, load: LoadConfig, seconds: float, window_s: float = 10.0,
+         rss_every: float = 5.0, bound_mib: float = 50.0) -> SoakResult:
+    """Steady open-loop `load` for `seconds` in windows of `window_s`, sampling the server's RSS."""
+    warmup = min(60.0, seconds / 5)
+    windows: list[LoadResult] = []
+    started = time.perf_counter()
+    with RssSampler(server.pid, rss_every) as sampler:
+        while (left := seconds - (time.perf_counter() - started)) > 0.5:
+            window = LoadConfig(**{**load.__dict__, "seconds": min(window_s, left), "requests": 1 << 30,
+                                   "seed": load.seed + len(windows)})
+            windows.append(run_load(server.address, mix, window))
+            if server.process.poll() is not None:
+                raise RuntimeError(f"the server exited during the soak:\n{server.log_tail()}")
+    return SoakResult(time.perf_counter() - started, warmup, windows, sampler.samples, bound_mib)
+
+
+# ---- the phases --------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchConfig:
+    images: int = 500
+    region_fraction: float = 0.0
+    top_k: int = 10
+    p99_target_ms: float = 50.0
+    start_rate: float = 50.0
+    step: float = 1.3
+    max_steps: int = 14
+    step_seconds: float = 6.0
+    phase_seconds: float = 15.0
+    overload: float = 4.0
+    clients: int = 64  # open-loop slots: most calls in flight at once
+    channels: int = 8
+    timeout: float = 2.0
+    max_concurrent: int = 8
+    soak_minutes: float = 0.0
+    soak_rate: float = -1.0  # < 0: the sustained rate found by the ramp
+    window_seconds: float = 10.0
+    rss_every: float = 5.0
+    rss_bound_mib: float = 50.0
+    out: Path = OUT
+    seed: int = 0
+
+    def load(self, rate: float, seconds: float, seed: int) -> LoadConfig:
+        return LoadConfig(mode="open", clients=self.clients, rate=rate, requests=1 << 30, seconds=seconds,
+                          timeout=self.timeout, channels=self.channels, seed=self.seed + seed)
+
+
+@dataclass
+class Phase:
+    name: str
+    result: LoadResult
+    probe: ProbeResult | None = None
+    holds: bool = False
+
+
+def holds(result: LoadResult, target_ms: float) -> bool:
+    """p99 within target, every call sent answered OK, and the client sent >= 98% of the offered
+    requests on time (on a busy machine its dispatcher can be descheduled past its slack)."""
+    offered = len(result.calls) + sum(result.missed.values())
+    return (result.percentile(99) <= target_ms and result.codes["OK"] == len(result.calls) > 0
+            and len(result.calls) >= MIN_SENT * offered)
+
+
+def ramp(server: ServeProcess, mix: RequestMix, config: BenchConfig) -> tuple[list[Phase], float]:
+    """Rising offered rates until one does not hold twice in a row (a step that fails is tried
+    once more: noise from other jobs); the highest rate that held (0: none)."""
+    phases, sustained, rate, retried = [], 0.0, config.start_rate, False
+    for step in range(config.max_steps):
+        result = run_load(server.address, mix, config.load(rate, config.step_seconds, seed=step))
+        ok = holds(result, config.p99_target_ms)
+        phases.append(Phase(f"ramp {step + 1}{' (again)' if retried else ''}", result, holds=ok))
+        log.info("ramp %.0f q/s: %s -> %s", rate, result.summary(), "holds" if ok else "does not hold")
+        if ok:
+            sustained, rate, retried = rate, rate * config.step, False
+        elif retried:
+            break
+        else:
+            retried = True
+    return phases, sustained
+
+
+def probed(name: str, server: ServeProcess, mix: RequestMix, load: LoadConfig, target_ms: float) -> Phase:
+    with HealthProbe(server.address) as probe:
+        result = run_load(server.address, mix, load)
+    phase = Phase(name, result, probe.result, holds(result, target_ms))
+    log.info("%s: %s; health %s", name, result.summary(), probe.result.text())
+    return phase
+
+
+def overload_phases(server: ServeProcess, mix: RequestMix, config: BenchConfig, sustained: float) -> list[Phase]:
+    """Sustained, then `overload` x sustained, then sustained again in two halves (the first
+    starts right after the overload, the second shows where latency settles), all probed."""
+    seconds, target, half = config.phase_seconds, config.p99_target_ms, config.phase_seconds / 2
+    return [probed("sustained", server, mix, config.load(sustained, seconds, 100), target),
+            probed(f"overload {config.overload:g}x", server, mix,
+                   config.load(config.overload * sustained, seconds, 101), target),
+            probed(f"cool-down 0-{half:g} s", server, mix, config.load(sustained, half, 102), target),
+            probed(f"cool-down {half:g}-{seconds:g} s", server, mix, config.load(sustained, half, 103), target)]
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+
+def table(phases: list[Phase]) -> str:
+    lines = [("| phase | offered q/s | sent | missed by client | achieved q/s | p50 ms | p99 ms | OK | "
+             "RESOURCE_EXHAUSTED | other | health SERVING (p99) | holds |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+    for phase in phases:
+        result, codes = phase.result, phase.result.codes
+        other = {k: v for k, v in codes.items() if k not in ("OK", "RESOURCE_EXHAUSTED")}
+        lines.append(
+            f"| {phase.name} | {result.offered_qps:,.0f} | {len(result.calls):,} | {sum(result.missed.values()):,} | "
+            f"{result.achieved_qps:,.0f} | {result.percentile(50):.1f} | {result.percentile(99):.1f} | "
+            f"{codes['OK']:,} | {codes['RESOURCE_EXHAUSTED']:,} | "
+            f"{', '.join(f'{k} {v}' for k, v in other.items()) or '0'} | "
+            f"{phase.probe.text() if phase.probe else '—'} | {'yes' if phase.holds else 'no'} |")
+    return "\n".join(lines)
+
+
+def verdict(phases: list[Phase], config: BenchConfig, sustained: float) -> str:
+    by_name = {phase.name: phase for phase in phases}
+    over = by_name.get(f"overload {config.overload:g}x")
+    cools = [phase for phase in phases if phase.name.startswith("cool-down")]
+    if over is None or len(cools) != 2:
+        return ""
+    codes = over.result.codes
+    other = sum(v for k, v in codes.items() if k not in ("OK", "RESOURCE_EXHAUSTED"))
+    probes = [p.probe for p in phases if p.probe]
+    health_ok = all(p.serving == p.count for p in probes)
+    return "\n".join([
+        (f"sustained: {sustained:,.0f} q/s offered with p99 <= {config.p99_target_ms:g} ms "
+        f"(ramp x{config.step:g} from {config.start_rate:g} q/s, {config.step_seconds:g} s a step)."),
+        (f"overload {config.overload:g}x: {codes['RESOURCE_EXHAUSTED']:,} RESOURCE_EXHAUSTED "
+        f"({over.result.pool_rejections:,} of them gRPC's own pool refusals), {codes['OK']:,} OK, {other} other; "
+        f"shed: {'YES' if codes['RESOURCE_EXHAUSTED'] else 'NO'}."),
+        (f"health during sustained/overload/cool-down: {'all SERVING' if health_ok else 'NOT all SERVING'} "
+        f"({', '.join(p.text() for p in probes)})."),
+        (f"cool-down at {sustained:,.0f} q/s: p99 {cools[0].result.percentile(99):.1f} ms in the first half, "
+         f"{cools[1].result.percentile(99):.1f} ms in the second -> "
+         f"{'RECOVERED' if cools[1].holds else 'NOT recovered'} (target {config.p99_target_ms:g} ms)."),
+        (f"machine: {os.cpu_count()} cores for client and server; load average {os.getloadavg()[0]:.1f} at the "
+         "end (other jobs running at once add noise).")])
+
+
+# ---- driver ------------------------------------------------------------------------------------
+
+
+def run(config: BenchConfig) -> int:
+    from service_latency import ensure_checkpoint  # bench/ is the script directory
+
+    started = time.perf_counter()
+    config.out.mkdir(parents=True, exist_ok=True)
+    log.info("load average at the start: %.1f", os.getloadavg()[0])
+    checkpoint = ensure_checkpoint(config.out)
+    index_dir = ensure_mosaic_index(config.out, checkpoint, config.images)
+    mix = request_mix(index_dir, config.region_fraction, config.top_k)
+    server = ServeProcess(index_dir, checkpoint, config.out / "serve.log", config.max_concurrent)
+    status = 0
+    try:
+        run_load(server.address, mix, LoadConfig(mode="closed", clients=4, requests=200, seconds=3))  # warm-up
+        if config.soak_minutes > 0 and config.soak_rate > 0:
+            phases, sustained = [], config.soak_rate  # soak at a given rate: no ramp
+        else:
+            phases, sustained = ramp(server, mix, config)
+        if sustained <= 0:
+            raise RuntimeError(f"no offered rate from {config.start_rate} q/s held p99 <= {config.p99_target_ms} ms")
+        soak_result = None
+        if config.soak_minutes > 0:
+            soak_result = run_soak(server, mix, config, sustained)
+        else:
+            phases += overload_phases(server, mix, config, sustained)
+    finally:
+        exit_status = server.stop()
+    print(f"\n### Load and overload: `segsearch serve` (max_concurrent {config.max_concurrent}), "
+          f"{len(mix.segment_ids):,} segments from {config.images} mosaic images, "
+          f"{'search by id' if config.region_fraction == 0 else f'{config.region_fraction:.0%} by region'}, "
+          f"top_k {config.top_k}, open loop (Poisson), <= {config.clients} calls in flight, "
+          f"deadline {config.timeout:g} s, {os.cpu_count()} CPU cores shared by client and server\n")
+    if phases:
+        print(table(phases))
+        print("\n" + verdict(phases, config, sustained))
+    if soak_result is not None:
+        print("\n" + soak_result.text())
+        status = 0 if soak_result.within_bound else 1
+    print(f"\nserver exit status after SIGTERM: {exit_status}; total {time.perf_counter() - started:.0f} s; "
+          f"load average at the end {os.getloadavg()[0]:.1f}")
+    return status or (exit_status != 0)
+
+
+def run_soak(server: ServeProcess, mix: RequestMix, config: BenchConfig, sustained: float) -> SoakResult:
+    rate = config.soak_rate if config.soak_rate > 0 else sustained
+    log.info("soak: %.1f min at %.0f q/s", config.soak_minutes, rate)
+    return soak(server, mix, config.load(rate, config.window_seconds, 200), 60 * config.soak_minutes,
+                config.window_seconds, config.rss_every, config.rss_bound_mib)
+
+
+def parse_args() -> BenchConfig:
+    defaults = BenchConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, value in defaults.__dict__.items():
+        if name == "out":
+            parser.add_argument("--out", type=Path, default=value)
+        else:
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    return BenchConfig(**vars(parser.parse_args()))
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    return run(parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
