@@ -5,6 +5,10 @@
     segsearch index delete INDEX_DIR --image-id ID [--image-id ID ...]
     segsearch index verify INDEX_DIR [--model CKPT] [--repair]
     segsearch index stats INDEX_DIR [--json]
+    segsearch index merge INDEX_DIR [--force]        (merge INDEX_DIR/shards into INDEX_DIR)
+
+`index CORPUS --dask local:2|tcp://HOST:8786` indexes on Dask into INDEX_DIR/shards and
+merges (indexer/distributed.py); verify and stats accept a sharded layout too.
 
 argparse cannot mix a positional CORPUS with sub-commands, so `index CORPUS ...` is the hidden
 sub-command `build`: `normalize_index_argv` inserts it when the word after `index` is not one
@@ -23,7 +27,7 @@ from pathlib import Path
 from segsearch.errors import SegsearchError
 from segsearch.indexer.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, DecodeConfig
 
-ACTIONS = ("build", "add", "delete", "verify", "stats")
+ACTIONS = ("build", "add", "delete", "verify", "stats", "merge")
 # SegmenterConfig's defaults, for the help text only: importing segmenter.py imports torch,
 # which would cost every `segsearch` command seconds (a test keeps these equal).
 HELP_DEFAULTS = {"embed_size": 320, "grid": (8, 8), "iterations": 10, "min_area_fraction": 0.005, "knn_k": 20}
@@ -58,7 +62,8 @@ def add_index_parser(subparsers) -> None:
                     "JSONL manifest of {\"uri\", \"image_id\", \"tags\"}) with the checkpoint, and store "
                     "the segments' prototypes in FAISS and their records in LMDB. Re-running the same "
                     "command after an interruption finishes the job; see also the sub-commands.")
-    actions = parser.add_subparsers(dest="index_action", required=True, metavar="{CORPUS,add,delete,verify,stats}")
+    actions = parser.add_subparsers(dest="index_action", required=True,
+                                    metavar="{CORPUS,add,delete,verify,stats,merge}")
     build = actions.add_parser("build", prog="segsearch index", help="(default, the word may be left out) index CORPUS into --out",
                                description="Index CORPUS into a new index at --out, or finish the "
                                            "unfinished index there.")
@@ -69,6 +74,7 @@ def add_index_parser(subparsers) -> None:
                        help="require an existing index at --out and continue it (the same command "
                             "without --resume also continues one)")
     _add_job_flags(build)
+    _add_dask_flags(build)
     build.set_defaults(handler=run_build)
 
     add = actions.add_parser("add", prog="segsearch index add", help="add the images of CORPUS to an existing index",
@@ -103,6 +109,15 @@ def add_index_parser(subparsers) -> None:
     stats.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     stats.set_defaults(handler=run_stats)
 
+    merge = actions.add_parser("merge", prog="segsearch index merge", help="merge INDEX_DIR/shards into INDEX_DIR",
+                               description="Merge the shards of a distributed index (INDEX_DIR/shards) into one "
+                                           "index at INDEX_DIR (ids kept; crash-safe; nothing to do when the "
+                                           "merged index is up to date).")
+    merge.add_argument("index_dir", help="the --out directory of `segsearch index ... --dask`")
+    merge.add_argument("--force", action="store_true",
+                       help="replace a merged index that was changed after its merge")
+    merge.set_defaults(handler=run_merge)
+
 
 def _add_job_flags(parser: argparse.ArgumentParser) -> None:
     seg = parser.add_argument_group("segmentation (fixed per index; omitted flags take the index's values)")
@@ -133,6 +148,19 @@ def _add_job_flags(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--workers", type=int, default=0, help="decoding threads, 0 = min(4, CPUs) (default: %(default)s)")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_dask_flags(parser: argparse.ArgumentParser) -> None:
+    dask = parser.add_argument_group("distributed indexing (Dask)")
+    dask.add_argument("--dask", metavar="CLUSTER",
+                      help="index on Dask into OUT/shards, then merge into OUT: local[:N] starts N worker "
+                           "processes on 127.0.0.1 (default 2), tcp://HOST:8786 uses a running scheduler")
+    dask.add_argument("--shards", type=int, help="number of shards (default: one per worker; fixed at creation)")
+    dask.add_argument("--retries", type=int, default=3,
+                      help="re-runs of a failed shard task; each resumes its shard (default: %(default)s)")
+    dask.add_argument("--no-merge", action="store_true",
+                      help="keep only the sharded layout OUT/shards (servable as is; merge later with "
+                           "`segsearch index merge OUT`)")
 
 
 def index_config(args, index_dir: Path, must_exist: bool):
@@ -176,7 +204,35 @@ def _run_job(corpus: str, model: str, index_dir: str, args, must_exist: bool) ->
 
 
 def run_build(args) -> int:
+    if args.dask:
+        return _run_dask_job(args)
+    if args.shards is not None or args.no_merge:
+        raise SegsearchError("--shards and --no-merge belong to distributed indexing: add --dask local:2")
     return _run_job(args.corpus, args.model, args.out, args, must_exist=args.resume)
+
+
+def _run_dask_job(args) -> int:
+    from segsearch.indexer.distributed import DaskConfig, index_distributed
+    from segsearch.indexer.shards import MANIFEST, SHARDS_DIR, ShardLayout
+
+    layout = Path(args.out) / SHARDS_DIR  # a re-run takes the shards' settings, as `index` takes OUT's
+    settings_dir = ShardLayout.load(layout).shard_dirs[0] if (layout / MANIFEST).exists() else Path(args.out)
+    config = index_config(args, settings_dir, must_exist=args.resume)
+    try:
+        dask = DaskConfig(cluster=args.dask, num_shards=args.shards, retries=args.retries, merge=not args.no_merge)
+    except ValueError as exc:
+        raise SegsearchError(f"invalid setting: {exc}") from None
+    summary = index_distributed(args.corpus, args.model, args.out, config, dask)
+    print(summary.format())
+    return 0
+
+
+def run_merge(args) -> int:
+    from segsearch.indexer.merge import merge_shards
+    from segsearch.indexer.shards import SHARDS_DIR
+
+    print(merge_shards(Path(args.index_dir) / SHARDS_DIR, args.index_dir, force=args.force).format())
+    return 0
 
 
 def run_add(args) -> int:
@@ -197,13 +253,15 @@ def run_delete(args) -> int:
 def run_verify(args) -> int:
     from segsearch.errors import IndexError_
     from segsearch.indexer.index_store import IndexStore
+    from segsearch.indexer.sharded_store import open_index, shard_dirs_or_self
     from segsearch.spml.checkpoint import load_checkpoint
 
     problems: list[str] = []
     try:
         if args.repair:
-            IndexStore.open(args.index_dir).close()
-        with IndexStore.open(args.index_dir, read_only=True, repair=False) as store:
+            for index_dir in shard_dirs_or_self(args.index_dir):
+                IndexStore.open(index_dir).close()
+        with open_index(args.index_dir, read_only=True, repair=False) as store:
             problems = store.verify()
             meta = store.meta
     except IndexError_ as exc:
@@ -225,13 +283,14 @@ def run_verify(args) -> int:
 
 
 def run_stats(args) -> int:
-    from segsearch.indexer.index_store import IndexStore
     from segsearch.indexer.pipeline import SKIPPED_FILE, SkipReport, load_settings
+    from segsearch.indexer.sharded_store import open_index, settings_dir, shard_dirs_or_self
 
-    with IndexStore.open(args.index_dir, read_only=True) as store:
+    with open_index(args.index_dir, read_only=True) as store:
         stats = store.stats()
-    stats["skipped_images"] = len(SkipReport(Path(args.index_dir) / SKIPPED_FILE).entries())
-    stats["settings"] = load_settings(args.index_dir)
+    stats["skipped_images"] = sum(len(SkipReport(Path(d) / SKIPPED_FILE).entries())
+                                  for d in shard_dirs_or_self(args.index_dir))
+    stats["settings"] = load_settings(settings_dir(args.index_dir))
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))
     else:

@@ -93,6 +93,7 @@ class IndexConfig:
     file writes (LMDB is always committed; a crash re-adds at most that many chunks' vectors
     from LMDB on the next open). decode_workers: decoding threads (0 = min(4, CPUs)).
     must_exist: refuse to create a new index (`--resume`, `index add`).
+    first_segment_id: the id counter of a NEW index (a shard's id range, see shards.py).
     """
 
     batch_size: int = 8
@@ -106,6 +107,7 @@ class IndexConfig:
     must_exist: bool = False
     save_every: int = 8
     map_size: int | None = None
+    first_segment_id: int = 1
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.chunk_size < 1 or self.save_every < 1:
@@ -207,7 +209,7 @@ def open_or_create_index(out: Path, checkpoint: Checkpoint, config: IndexConfig)
         raise IndexError_(f"{out} exists and is not a segsearch index; choose a new --out directory")
     kwargs = {} if config.map_size is None else {"map_size": config.map_size}
     store = IndexStore.create(out, version, checkpoint.config.embedding_dim, config.index_type,
-                              save_every=config.save_every, **kwargs)
+                              save_every=config.save_every, first_segment_id=config.first_segment_id, **kwargs)
     _write_json_atomic(out / SETTINGS_FILE, _settings(config))
     return store
 

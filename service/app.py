@@ -19,7 +19,9 @@ from segsearch.indexer.decode import DecodeConfig
 from segsearch.indexer.index_store import IndexStore
 from segsearch.indexer.pipeline import load_settings
 from segsearch.indexer.segmenter import Segmenter, SegmenterConfig
+from segsearch.indexer.sharded_store import ShardedStore, open_index, read_only_message, settings_dir
 from segsearch.service.analysis import BatchConfig, ImageAnalyzer
+from segsearch.service.errors import FailedPrecondition
 from segsearch.service.updates import IndexUpdater
 from segsearch.spml.checkpoint import load_checkpoint
 
@@ -41,7 +43,7 @@ class ServiceLimits:
 
 @dataclass
 class ServiceApp:
-    store: IndexStore
+    store: IndexStore | ShardedStore  # a sharded layout is served read-only
     analyzer: ImageAnalyzer
     updater: IndexUpdater
     model_version: str
@@ -54,9 +56,11 @@ class ServiceApp:
         limits = limits or ServiceLimits()
         checkpoint = load_checkpoint(checkpoint_path)
         version = checkpoint.model_version
-        store = IndexStore.open(index_dir, version, read_only=read_only)
+        store = open_index(index_dir, version, read_only=read_only)
+        sharded = isinstance(store, ShardedStore)
+        read_only = read_only or sharded
         try:
-            decode_config, segmenter_config = index_settings(index_dir, limits)
+            decode_config, segmenter_config = index_settings(settings_dir(index_dir), limits)
             model = checkpoint.build_model().to(torch.device(device))
             segmenter = Segmenter(model, checkpoint.label_bank, segmenter_config)
             analyzer = ImageAnalyzer(segmenter, decode_config, batching)
@@ -65,11 +69,19 @@ class ServiceApp:
             raise
         log.info("serving %s (%d images, %d segments) with model %s", index_dir,
                  store.meta.num_images, store.meta.num_segments, version)
-        return cls(store, analyzer, IndexUpdater(store, analyzer, version, read_only), version, limits, read_only)
+        updater = (_ShardedUpdater if sharded else IndexUpdater)(store, analyzer, version, read_only)
+        return cls(store, analyzer, updater, version, limits, read_only)
 
     def close(self) -> None:
         self.analyzer.close()
         self.store.close()
+
+
+class _ShardedUpdater(IndexUpdater):
+    """Refuses IndexImages/DeleteImages: a sharded layout is served read-only (sharded_store.py)."""
+
+    def _check_writable(self) -> None:
+        raise FailedPrecondition(read_only_message(self.store.root))
 
 
 def index_settings(index_dir: str | Path, limits: ServiceLimits) -> tuple[DecodeConfig, SegmenterConfig]:
