@@ -13,7 +13,11 @@ Installed outermost first, as `build_interceptors` returns them:
    calls are already running, instead of queueing work that would miss its deadline.
 4. `ErrorInterceptor` turns a `ServiceError` raised by the logic into its status code and
    message, and any other exception into INTERNAL (logged with its traceback), so the
-   servicer has no error handling of its own and the server survives every failure.
+   servicer has no error handling of its own and the server survives every failure. It also
+   answers bytes that do not parse as the request message with INVALID_ARGUMENT (gRPC's own
+   answer would be INTERNAL, which would blame the server for a client's bad input), and
+   turns a request stream that broke off (client cancel, deadline, a message over the size
+   limit) into CANCELLED, raised inside the handler's loop so that nothing more is committed.
 
 Interceptors 1, 3 and 4 apply to the SegmentSearch service only; health and reflection
 pass through them untouched.
@@ -28,7 +32,7 @@ from collections.abc import Callable
 
 import grpc
 
-from segsearch.service.errors import ResourceExhausted, ServiceError, Unauthenticated
+from segsearch.service.errors import InvalidArgument, ResourceExhausted, ServiceError, Unauthenticated
 from segsearch.service.metrics import ServiceMetrics
 from segsearch.service.request_scope import RequestScope, request_scope
 
@@ -36,6 +40,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_PREFIX = "/segsearch.v1.SegmentSearch/"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+# How long the end of a request stream waits for gRPC to cancel the call (see `_checked_stream`).
+STREAM_END_GRACE_S = 0.01
 
 Behavior = Callable[[object, grpc.ServicerContext], object]
 
@@ -45,8 +51,10 @@ def method_name(full_method: str) -> str:
     return full_method.rsplit("/", 1)[-1]
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior], Behavior]) -> grpc.RpcMethodHandler:
-    """The same handler with its behaviour passed through `wrap` (any of the four kinds)."""
+def _wrap_handler(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior], Behavior],
+                  request_deserializer=None) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour passed through `wrap` (any of the four kinds), and
+    its request deserializer replaced when one is given."""
     if handler.unary_unary:
         factory, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
     elif handler.unary_stream:
@@ -55,7 +63,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior], Beh
         factory, behavior = grpc.stream_unary_rpc_method_handler, handler.stream_unary
     else:
         factory, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
-    return factory(wrap(behavior), request_deserializer=handler.request_deserializer,
+    return factory(wrap(behavior), request_deserializer=request_deserializer or handler.request_deserializer,
                    response_serializer=handler.response_serializer)
 
 
@@ -176,19 +184,73 @@ class ConcurrencyLimitInterceptor(grpc.ServerInterceptor):
         return _wrap_handler(handler, wrap)
 
 
+class Undecodable:
+    """Stands for request bytes that did not parse (returned by `tolerant_deserializer`)."""
+
+    def __init__(self, method: str, error: Exception):
+        self.error = InvalidArgument(f"the {method} request is not a valid protobuf message of its type "
+                                     f"({type(error).__name__}); check the client's proto and encoding")
+
+
+def tolerant_deserializer(deserialize: Callable[[bytes], object], method: str) -> Callable[[bytes], object]:
+    """`deserialize`, returning an `Undecodable` instead of raising (gRPC would answer INTERNAL)."""
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as error:  # noqa: BLE001 - protobuf's DecodeError, bad UTF-8, ...
+            return Undecodable(method, error)
+    return parse
+
+
+class StreamBroken(ServiceError):
+    """The client's request stream ended abnormally: cancelled, past its deadline, or a
+    message over the size limit (gRPC has already answered the client)."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+def _checked(request, context: grpc.ServicerContext, streaming: bool):
+    """The request, or for a stream an iterator over it; an `Undecodable` raises its error."""
+    if not streaming:
+        if isinstance(request, Undecodable):
+            raise request.error
+        return request
+    return _checked_stream(request, context)
+
+
+def _checked_stream(messages, context: grpc.ServicerContext):
+    """The stream's messages; a broken stream raises `StreamBroken` (instead of gRPC's bare
+    RpcError, or of a normal end), so that the handler commits nothing more and the call is
+    counted as CANCELLED rather than logged as an internal error."""
+    broken = StreamBroken("the request stream broke off (client cancelled, deadline passed, or a message "
+                          "over the size limit); its last images were not committed")
+    try:
+        for message in messages:
+            yield _checked(message, context, False)
+    except grpc.RpcError:
+        raise broken from None
+    # gRPC ends the iteration normally when it refused a message over the size limit, and
+    # cancels the call a moment later (measured: < 0.2 ms): wait that long for the verdict.
+    terminated = threading.Event()
+    if not context.add_callback(terminated.set) or terminated.wait(STREAM_END_GRACE_S) or not context.is_active():
+        raise broken
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """ServiceError -> its status; anything unexpected -> INTERNAL (logged)."""
+    """ServiceError -> its status; undecodable request bytes -> INVALID_ARGUMENT; anything
+    unexpected -> INTERNAL (logged)."""
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         full = handler_call_details.method
         if handler is None or not full.startswith(SERVICE_PREFIX):
             return handler
+        streaming = handler.request_streaming
 
         def wrap(behavior: Behavior) -> Behavior:
             def mapped(request, context):
                 try:
-                    return behavior(request, context)
+                    return behavior(_checked(request, context, streaming), context)
                 except ServiceError as error:
                     abort_with(context, error)
                 except Exception as error:  # noqa: BLE001 - the server must survive anything
@@ -199,7 +261,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                                   f"internal error in {method_name(full)}: {type(error).__name__}")
             return mapped
 
-        return _wrap_handler(handler, wrap)
+        return _wrap_handler(handler, wrap, tolerant_deserializer(handler.request_deserializer, method_name(full)))
 
 
 def build_interceptors(metrics: ServiceMetrics, max_concurrent: int,

@@ -7,7 +7,8 @@
 A client's mask may be any PNG mode PIL reads: greyscale, 1-bit, 16-bit, palette (the raw
 palette index counts, not its colour), RGB(A) (any non-zero colour channel). Non-zero means
 inside. It must have exactly its image's size, which also bounds its pixel count by the
-image's (so a mask cannot be a decompression bomb the image was not).
+image's (so a mask cannot be a decompression bomb the image was not). Only PIL's PNG
+reader ever sees the bytes (no format guessing: an EPS "mask" would reach Ghostscript).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from PIL import Image
 
 from segsearch.indexer.rle import decode_mask
 from segsearch.service.errors import InvalidArgument
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -62,8 +65,12 @@ def decode_mask_png(data: bytes, size: tuple[int, int]) -> np.ndarray:
     """Client mask PNG -> boolean (H, W); `size` is the image's (W, H), which the mask must match."""
     if not data:
         raise InvalidArgument("region.mask_png is empty; send a PNG of the image's size, non-zero inside")
+    if not data.startswith(PNG_SIGNATURE):
+        raise InvalidArgument("region.mask_png is not a readable image: not a PNG (no PNG signature); "
+                              "send a PNG of the image's size, non-zero inside")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        # PNG only: letting PIL guess among all its plugins would, e.g., hand an EPS file to Ghostscript.
+        with Image.open(io.BytesIO(data), formats=("PNG",)) as image:
             if image.size != tuple(size):
                 raise InvalidArgument(
                     f"region.mask_png is {image.size[0]}x{image.size[1]} but the image is "
