@@ -34,7 +34,7 @@ def sharded_out(tmp_path_factory, corpus_dir, checkpoint_path):
     threads = torch.get_num_threads()  # the in-process workers set torch's (process-wide) threads
     try:
         # in-process workers (threads, inproc:// comms; their HTTP endpoints, which would listen on
-        # all interfaces by default, on loopback); the processes variant is test_distributed.py
+        # all interfaces by default, on loopback); the processes variant is tests/indexer/test_dask_indexing.py
         with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
                                       dashboard_address="127.0.0.1:0", worker_dashboard_address="127.0.0.1:0") \
                 as cluster, distributed.Client(cluster) as client:
