@@ -27,12 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# the request generators live with the tests that use them (tests/service/fuzz_strategies.py)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "service"))
-
 from fuzz_strategies import FuzzClient, Target, fuzz, warm_up
-from serve_process import ServeProcess
-
 from segsearch.service.client import SegsearchClient
+from segsearch.service.serve_process import ServeProcess
 
 MiB = 1 << 20
 
@@ -40,14 +39,13 @@ MiB = 1 << 20
 def build_tiny_index(root: Path) -> tuple[Path, Path, Path]:
     """(checkpoint, index_dir, query image): the tests' tiny model and index (tests/service/conftest.py)."""
     import torch
-    from service_helpers import PHOTO, mosaic_images, photo, png_bytes
-
     from segsearch.indexer.decode import DecodeConfig
     from segsearch.indexer.pipeline import IndexConfig, index_corpus
     from segsearch.indexer.segmenter import SegmenterConfig
     from segsearch.trainer.config import TrainConfig
     from segsearch.trainer.datasets import DataConfig
     from segsearch.trainer.train import train
+    from service_helpers import PHOTO, mosaic_images, photo, png_bytes
 
     torch.manual_seed(0)
     result = train(TrainConfig(out_dir=str(root / "model"), backbone="small", pretrained=False, edge_source="sobel",

@@ -37,9 +37,6 @@ import argparse
 import json
 import logging
 import os
-import re
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -53,15 +50,14 @@ import psutil
 from PIL import Image
 from segsearch.indexer.index_store import IndexStore
 from segsearch.indexer.pipeline import IndexConfig, index_corpus
-from segsearch.service.client import SegsearchClient
 from segsearch.service.loadgen import HealthProbe, LoadConfig, LoadResult, ProbeResult, RequestMix, run_load
+from segsearch.service.serve_process import ServeProcess
 from segsearch.trainer.mosaic import MosaicConfig, TextureMosaic
 
 log = logging.getLogger("bench.load_service")
 
 OUT = Path(__file__).resolve().parent / "out" / "load_service"
 MiB = 1 << 20
-READY = re.compile(r"segsearch serving .* on (\S+:\d+)")
 IMAGE_SIZE = 128
 QUERY_IMAGES = 8
 MIN_SENT = 0.98  # share of the offered requests the client must send on time for a step to hold
@@ -70,53 +66,10 @@ MIN_SENT = 0.98  # share of the offered requests the client must send on time fo
 # ---- the server as a child process ---------------------------------------------------------
 
 
-class ServeProcess:
-    """`segsearch serve INDEX --model CKPT --port 0` as a child process; `address` once it is up.
-
-    Its stdout is read by a thread (for the ready line, which carries the port); its log goes
-    to `log_path`. `stop()` sends SIGTERM (a clean drain) and returns the exit status."""
-
-    def __init__(self, index_dir: Path, checkpoint: Path, log_path: Path, max_concurrent: int = 8,
-                 extra: tuple[str, ...] = (), startup_timeout: float = 180.0):
-        command = [sys.executable, "-m", "segsearch.cli", "serve", str(index_dir), "--model", str(checkpoint),
-                   "--port", "0", "--no-metrics", "--max-concurrent", str(max_concurrent), "--grace", "5", *extra]
-        self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._log, text=True)
-        self.pid = self.process.pid
-        self._ready = threading.Event()
-        self.address = ""
-        threading.Thread(target=self._read_stdout, daemon=True).start()
-        if not self._ready.wait(startup_timeout) or not self.address:
-            self.stop()
-            raise RuntimeError(f"segsearch serve did not come up; its log: {log_path}\n{self.log_tail()}")
-        with SegsearchClient(self.address, timeout=30) as client:
-            client.wait_until_serving(60)
-
-    def _read_stdout(self) -> None:
-        for line in self.process.stdout:
-            match = READY.search(line)
-            if match and not self.address:
-                self.address = match.group(1)
-                self._ready.set()
-        self._ready.set()  # exited without the line
-
-    def log_tail(self, lines: int = 20) -> str:
-        return "\n".join(self.log_path.read_text().splitlines()[-lines:])
-
-    def rss(self) -> int:
-        return psutil.Process(self.pid).memory_info().rss
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self._log.close()
-        return self.process.returncode
+def start_server(index_dir: Path, checkpoint: Path, log_dir: Path, max_concurrent: int = 8) -> ServeProcess:
+    """`segsearch serve` with the bench's limit and a short drain, in its own process."""
+    return ServeProcess(index_dir, checkpoint, log_dir,
+                        extra=["--max-concurrent", str(max_concurrent), "--grace", "5"], start_timeout=180.0)
 
 
 # ---- index and requests --------------------------------------------------------------------
@@ -395,7 +348,7 @@ def run(config: BenchConfig) -> int:
     checkpoint = ensure_checkpoint(config.out)
     index_dir = ensure_mosaic_index(config.out, checkpoint, config.images)
     mix = request_mix(index_dir, config.region_fraction, config.top_k)
-    server = ServeProcess(index_dir, checkpoint, config.out / "serve.log", config.max_concurrent)
+    server = start_server(index_dir, checkpoint, config.out / "serve-logs", config.max_concurrent)
     status = 0
     try:
         run_load(server.address, mix, LoadConfig(mode="closed", clients=4, requests=200, seconds=3))  # warm-up

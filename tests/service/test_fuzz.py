@@ -13,8 +13,6 @@ import math
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
-
 from fuzz_strategies import (
     INT32_MAX,
     INT32_MIN,
@@ -33,9 +31,10 @@ from fuzz_strategies import (
     violations,
     warm_up,
 )
+from PIL import Image
 from segsearch.service import segment_search_pb2 as pb
 from segsearch.service.client import SegsearchClient
-from serve_process import ServeProcess
+from segsearch.service.serve_process import ServeProcess
 from service_helpers import PHOTO, copy_index, photo, png_bytes
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -84,11 +84,11 @@ def test_soak_keeps_the_server_rss_bounded(index_template, checkpoint_path, tmp_
     """`segsearch serve` in a child process under steady open-loop load for SEGSEARCH_SOAK_SECONDS
     (default 120): its RSS after the warm-up grows by less than 50 MiB and it keeps answering."""
     sys.path.insert(0, str(BENCH))
-    from load_service import ServeProcess, soak
+    from load_service import soak, start_server
 
     index_dir = copy_index(index_template, tmp_path_factory)
     mix = RequestMix(_segment_ids(index_dir))  # read before the server holds the index
-    server = ServeProcess(index_dir, checkpoint_path, tmp_path_factory.mktemp("soak") / "serve.log")
+    server = start_server(index_dir, checkpoint_path, tmp_path_factory.mktemp("soak"))
     try:
         result = soak(server, mix, LoadConfig(mode="open", rate=50, clients=32, requests=1 << 30, seconds=10),
                       SOAK_SECONDS, window_s=10, rss_every=2, bound_mib=SOAK_BOUND_MIB)

@@ -19,15 +19,14 @@ import grpc
 import numpy as np
 import psutil
 import pytest
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from fuzz_strategies import METHODS, Call, FuzzClient, png_claiming
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from segsearch.service import segment_search_pb2 as pb
 from segsearch.service.app import ServiceLimits
 from segsearch.service.client import SegsearchClient
 from segsearch.service.interceptors import AuthInterceptor, build_interceptors
 from segsearch.service.metrics import ServiceMetrics
-from serve_process import ServeProcess
+from segsearch.service.serve_process import ServeProcess
 from service_helpers import copy_index, metric_value, png_bytes, start_server
 
 TOKEN = "tok-3f9c1e7a-SECRET-d41d8cd98f00"

@@ -1,5 +1,6 @@
-"""A real `segsearch serve` child process on loopback, for tests that need its own process:
-its RSS (memory growth under hostile input) and everything it logs (no secret in the logs).
+"""A real `segsearch serve` child process on loopback, for the tests and benches that need the
+server in its own process: its RSS (memory under hostile input, load, soak), everything it
+logs (no secret in the logs), and a client that does not share its GIL.
 
 stdout and stderr go to files, not pipes: a server logging at DEBUG would otherwise fill a
 pipe nobody reads and block. The port is 0 (any free one); the address comes from the
@@ -56,6 +57,10 @@ class ServeProcess:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last `lines` lines the server wrote (for error messages)."""
+        return "\n".join(self.logs().splitlines()[-lines:])
 
     def logs(self) -> str:
         """Everything the server wrote so far, stdout then stderr."""
