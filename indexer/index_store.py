@@ -140,7 +140,7 @@ class IndexStore:
             if root.exists():
                 root.rmdir()  # checked empty above
             os.rename(staging, root)
-            _fsync_dir(root.parent)
+            fsync_dir(root.parent)
         except BaseException:
             if metadata is not None:
                 metadata.close()
@@ -502,7 +502,8 @@ def _acquire_writer_lock(root: Path) -> int:
     return fd
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create inside `path` durable (the entry lives in the directory)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

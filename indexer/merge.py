@@ -32,7 +32,7 @@ import lmdb
 import numpy as np
 
 from segsearch.errors import IndexError_
-from segsearch.indexer.index_store import LMDB_DIR, VECTORS_FILE, IndexStore
+from segsearch.indexer.index_store import LMDB_DIR, VECTORS_FILE, IndexStore, fsync_dir
 from segsearch.indexer.index_store import _acquire_writer_lock as acquire_writer_lock
 from segsearch.indexer.metadata_store import MetadataStore
 from segsearch.indexer.pipeline import SETTINGS_FILE, SKIPPED_FILE, SkipReport
@@ -185,20 +185,12 @@ def _install(staging: Path, out: Path, record: dict) -> None:
     if (out / LMDB_DIR).exists():
         os.rename(out / LMDB_DIR, trash)
     os.rename(staging / LMDB_DIR, out / LMDB_DIR)
-    _fsync_dir(out)
+    fsync_dir(out)
     shutil.rmtree(trash, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
     with IndexStore.open(out, read_only=True, repair=False) as merged:
         record["merged_generation"] = merged.meta.generation
     atomic_write(out / MERGE_RECORD, [(json.dumps(record, indent=2) + "\n").encode("utf-8")])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _RecordCopier(MetadataStore):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from segsearch.errors import SegsearchError
@@ -34,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = normalize_index_argv(sys.argv[1:] if argv is None else argv)  # `index CORPUS` -> `index build CORPUS`
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         return args.handler(args)
     except SegsearchError as error:
@@ -44,6 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def configure_logging(verbose: bool) -> None:
+    """INFO (DEBUG with -v); under torchrun, ranks other than 0 log warnings only, so that each
+    message appears once, and every line names its rank."""
+    level = logging.DEBUG if verbose else logging.INFO
+    rank = os.environ.get("RANK")
+    if rank is None:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    else:
+        logging.basicConfig(level=level if rank == "0" else logging.WARNING,
+                            format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
 
 
 if __name__ == "__main__":

@@ -271,21 +271,6 @@ def test_lmdb_counts_that_disagree_with_the_meta_record_are_refused(tmp_path):
 
 # ---- a full disk (a real, size-limited tmpfs) -------------------------------------------------------
 
-@pytest.fixture
-def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                            capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
-    try:
-        yield mount
-    finally:  # lazily if a failed test left a file open there
-        if subprocess.run(["umount", str(mount)], capture_output=True, check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
 def _fill_disk_until_full(store: IndexStore, mount: Path) -> tuple[list[str], list[str], IndexFullError]:
     added = []
     for chunk in range(400):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -182,22 +181,6 @@ def test_a_full_metadata_map_is_resource_exhausted_and_restart_grows_it(index_te
         assert len(running.client.index_images(items).indexed) == 2
     finally:
         running.stop()
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 4 MiB tmpfs (root only; unmounted at the end)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                            capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
-    try:
-        yield mount
-    finally:  # lazily if a failed test left a file open there
-        if subprocess.run(["umount", str(mount)], capture_output=True, check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_a_full_disk_is_resource_exhausted_and_writes_resume_after_freeing_space(
