@@ -1,7 +1,7 @@
 """Nearest-segment search over an `IndexStore` with filters, score threshold and top_k.
 
-Filters are applied after the vector search (FAISS knows only vectors), so the search
-over-fetches: it asks for `OVERFETCH * top_k` candidates, and while fewer than `top_k` pass
+Filters are applied after the vector search (FAISS knows only vectors), so a filtered search
+over-fetches (an unfiltered one asks for exactly top_k): it asks for `OVERFETCH * top_k` candidates, and while fewer than `top_k` pass
 the filters it doubles the request, until the index has nothing more to give or the
 candidates' scores fall below `min_score` (hits come best first, so nothing further could
 pass). That way `top_k` hits are returned whenever that many exist, at the cost of extra
@@ -32,6 +32,10 @@ class SearchFilter:
     labels: frozenset[str] = frozenset()
     exclude_image_ids: frozenset[str] = frozenset()
     min_area_fraction: float = 0.0
+
+    @property
+    def empty(self) -> bool:
+        return not self.labels and not self.exclude_image_ids and self.min_area_fraction <= 0.0
 
     def accepts(self, record: SegmentRecord) -> bool:
         return ((not self.labels or record.label in self.labels)
@@ -103,7 +107,10 @@ def search(store: IndexStore, vector: np.ndarray, options: SearchOptions) -> lis
     total = store.meta.num_segments
     if total == 0:
         return []
-    fetch = min(total, max(MIN_FETCH, OVERFETCH * options.top_k))
+    # Hits come best first, so without filters the first top_k candidates are the answer (a
+    # min_score only cuts that list short): no over-fetching, no extra records decoded.
+    first = options.top_k if options.filter.empty else max(MIN_FETCH, OVERFETCH * options.top_k)
+    fetch = min(total, first)
     with stage("search"):
         while True:
             candidates = store.search(vector, fetch)[0]
