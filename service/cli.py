@@ -1,4 +1,4 @@
-"""`segsearch serve`, `segsearch query`, `segsearch segment`.
+"""`segsearch serve`, `segsearch route`, `segsearch query`, `segsearch segment`.
 
 The bearer token is never a plain flag value (it would show in `ps`): give a file with
 `--token-file`, or set SEGSEARCH_TOKEN. The same goes for the client commands.
@@ -111,6 +111,42 @@ def run_serve(args) -> int:
         batching=BatchConfig(args.batch_max, args.batch_wait_ms) if args.batch_max else None,
     )
     return serve(config, on_ready=lambda line: print(line, flush=True))
+
+
+# ---- route -------------------------------------------------------------------------------
+
+def add_route_parser(subparsers) -> None:
+    from segsearch.service.server import DEFAULT_PORT
+
+    p = subparsers.add_parser("route", help="serve several `segsearch serve` backends (shards) as one",
+                              description="A read-only gRPC segsearch.v1.SegmentSearch (+ health, reflection) "
+                              "that fans each search out to every backend (each a `segsearch serve` of some "
+                              "shards of one layout) and merges the hits by score. The backends must serve "
+                              "one model version. IndexImages/DeleteImages answer FAILED_PRECONDITION.")
+    p.add_argument("--backend", action="append", required=True, metavar="HOST:PORT",
+                   help="a backend server (repeat for each)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port, 0 = any free (default: %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus /metrics port, 0 = any free (default: none)")
+    p.add_argument("--max-concurrent", type=int, default=32,
+                   help="concurrent requests before RESOURCE_EXHAUSTED (default: %(default)s)")
+    p.add_argument("--token-file", help=f"require this bearer token and send it to the backends "
+                   f"(else ${TOKEN_ENV}, if set)")
+    p.add_argument("--connect-timeout", type=float, default=30.0,
+                   help="seconds to wait for every backend at start (default: %(default)s)")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
+    p.set_defaults(handler=run_route)
+
+
+def run_route(args) -> int:
+    from segsearch.service.router_server import RouterConfig, route
+
+    config = RouterConfig(backends=list(args.backend), host=args.host, port=args.port,
+                          metrics_port=args.metrics_port, max_concurrent=args.max_concurrent,
+                          token=_read_token(args.token_file), connect_timeout=args.connect_timeout,
+                          grace_seconds=args.grace)
+    return route(config, on_ready=lambda line: print(line, flush=True))
 
 
 # ---- client commands ---------------------------------------------------------------------
@@ -329,6 +365,7 @@ def run_load_command(args) -> int:
 
 def add_service_parsers(subparsers) -> None:
     add_serve_parser(subparsers)
+    add_route_parser(subparsers)
     add_query_parser(subparsers)
     add_segment_parser(subparsers)
     add_load_parser(subparsers)

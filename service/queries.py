@@ -73,3 +73,25 @@ def _point_query(analyzer: ImageAnalyzer, image, point: tuple[int, int]) -> Quer
 def segment_id_query(store: IndexStore, segment_id: int, model_version: str) -> QueryVector:
     """The stored prototype of a segment (NOT_FOUND if unknown)."""
     return QueryVector(get_segment(store, segment_id, model_version).prototype)
+
+
+# A vector this close to unit length is used as sent, so that a stored prototype relayed by the
+# router searches bit-identically to a segment-id query (re-dividing would move the last bits).
+UNIT_TOLERANCE = 1e-6
+
+
+def embedding_query(values, embedding_dim: int) -> QueryVector:
+    """A raw query vector `(D,)` (proto `Embedding.values`) -> unit norm; INVALID_ARGUMENT unless
+    it has the index's dimension, finite values and a non-zero norm."""
+    vector = np.asarray(values, dtype=np.float32).reshape(-1)
+    if vector.size != embedding_dim:
+        raise InvalidArgument(f"embedding has {vector.size} values but the index's embedding_dim is "
+                              f"{embedding_dim} (see GetInfo)")
+    if not np.all(np.isfinite(vector)):
+        raise InvalidArgument("embedding has non-finite values (NaN or infinity)")
+    norm = float(np.linalg.norm(vector.astype(np.float64)))
+    if norm == 0.0:
+        raise InvalidArgument("embedding is all zeros; it has no direction to search in")
+    if abs(norm - 1.0) > UNIT_TOLERANCE:
+        vector = (vector / norm).astype(np.float32)
+    return QueryVector(vector)

@@ -62,10 +62,17 @@ class Filter(_message.Message):
     min_area_fraction: float
     def __init__(self, labels: _Optional[_Iterable[str]] = ..., exclude_image_ids: _Optional[_Iterable[str]] = ..., min_area_fraction: _Optional[float] = ...) -> None: ...
 
+class Embedding(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class SearchRequest(_message.Message):
-    __slots__ = ("region", "segment_id", "top_k", "filter", "include_masks", "min_score", "model_version")
+    __slots__ = ("region", "segment_id", "embedding", "top_k", "filter", "include_masks", "min_score", "model_version")
     REGION_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_MASKS_FIELD_NUMBER: _ClassVar[int]
@@ -73,12 +80,13 @@ class SearchRequest(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     region: RegionQuery
     segment_id: int
+    embedding: Embedding
     top_k: int
     filter: Filter
     include_masks: bool
     min_score: float
     model_version: str
-    def __init__(self, region: _Optional[_Union[RegionQuery, _Mapping]] = ..., segment_id: _Optional[int] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., include_masks: _Optional[bool] = ..., min_score: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...
+    def __init__(self, region: _Optional[_Union[RegionQuery, _Mapping]] = ..., segment_id: _Optional[int] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., include_masks: _Optional[bool] = ..., min_score: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("segment_id", "image_id", "image_uri", "score", "box", "label", "label_score", "area_fraction", "mask_png", "image_width", "image_height")
@@ -157,13 +165,15 @@ class SegmentResponse(_message.Message):
     def __init__(self, segment_map_png: _Optional[bytes] = ..., label_map_png: _Optional[bytes] = ..., labels: _Optional[_Iterable[str]] = ..., segments: _Optional[_Iterable[_Union[SegmentInfo, _Mapping]]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class GetSegmentRequest(_message.Message):
-    __slots__ = ("segment_id",)
+    __slots__ = ("segment_id", "include_prototype")
     SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PROTOTYPE_FIELD_NUMBER: _ClassVar[int]
     segment_id: int
-    def __init__(self, segment_id: _Optional[int] = ...) -> None: ...
+    include_prototype: bool
+    def __init__(self, segment_id: _Optional[int] = ..., include_prototype: _Optional[bool] = ...) -> None: ...
 
 class SegmentRecord(_message.Message):
-    __slots__ = ("segment_id", "image_id", "image_uri", "box", "area_fraction", "label", "label_score", "mask_png", "model_version", "image_width", "image_height")
+    __slots__ = ("segment_id", "image_id", "image_uri", "box", "area_fraction", "label", "label_score", "mask_png", "model_version", "image_width", "image_height", "prototype")
     SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_URI_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +185,7 @@ class SegmentRecord(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
     IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PROTOTYPE_FIELD_NUMBER: _ClassVar[int]
     segment_id: int
     image_id: str
     image_uri: str
@@ -186,7 +197,8 @@ class SegmentRecord(_message.Message):
     model_version: str
     image_width: int
     image_height: int
-    def __init__(self, segment_id: _Optional[int] = ..., image_id: _Optional[str] = ..., image_uri: _Optional[str] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., area_fraction: _Optional[float] = ..., label: _Optional[str] = ..., label_score: _Optional[float] = ..., mask_png: _Optional[bytes] = ..., model_version: _Optional[str] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ...) -> None: ...
+    prototype: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, segment_id: _Optional[int] = ..., image_id: _Optional[str] = ..., image_uri: _Optional[str] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., area_fraction: _Optional[float] = ..., label: _Optional[str] = ..., label_score: _Optional[float] = ..., mask_png: _Optional[bytes] = ..., model_version: _Optional[str] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., prototype: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class IndexImageRequest(_message.Message):
     __slots__ = ("image", "uri")

@@ -13,7 +13,7 @@ from segsearch.service import segment_search_pb2 as pb
 from segsearch.service import segment_search_pb2_grpc as pb_grpc
 from segsearch.service.app import ServiceApp
 from segsearch.service.errors import FailedPrecondition, InvalidArgument, Unavailable
-from segsearch.service.queries import RegionSpec, region_query, segment_id_query
+from segsearch.service.queries import RegionSpec, embedding_query, region_query, segment_id_query
 from segsearch.service.search import get_segment, search, validate_options
 from segsearch.service.segmentation import segment_image
 from segsearch.service.updates import NewImage
@@ -43,8 +43,10 @@ class SegmentSearchServicer(pb_grpc.SegmentSearchServicer):
             query = segment_id_query(app.store, request.segment_id, app.model_version)
         elif kind == "region":
             query = region_query(app.analyzer, request.region.image.data, _region_spec(request.region.region))
+        elif kind == "embedding":
+            query = embedding_query(request.embedding.values, app.store.meta.embedding_dim)
         else:
-            raise InvalidArgument("the request has no query: set region (image + region) or segment_id")
+            raise InvalidArgument("the request has no query: set region (image + region), segment_id or embedding")
         hits = search(app.store, query.vector, options)
         return convert.search_response(hits, request.include_masks, query.mask, app.model_version)
 
@@ -56,7 +58,10 @@ class SegmentSearchServicer(pb_grpc.SegmentSearchServicer):
     def GetSegment(self, request: pb.GetSegmentRequest, context) -> pb.SegmentRecord:
         app = self._loaded()
         record = get_segment(app.store, request.segment_id, app.model_version)
-        return convert.segment_record_message(record, _image_or_none(app, record.image_id))
+        message = convert.segment_record_message(record, _image_or_none(app, record.image_id))
+        if request.include_prototype:
+            message.prototype.extend(record.prototype.tolist())
+        return message
 
     def IndexImages(self, request_iterator, context) -> pb.IndexImagesResponse:
         app = self._loaded()

@@ -28,7 +28,7 @@ def test_contract_names():
         "GetInfo": ("GetInfoRequest", "InfoResponse", False),
     }
     query = pb.SearchRequest.DESCRIPTOR.oneofs_by_name["query"]
-    assert [f.name for f in query.fields] == ["region", "segment_id"]
+    assert [f.name for f in query.fields] == ["region", "segment_id", "embedding"]
     assert [f.name for f in pb.Region.DESCRIPTOR.oneofs_by_name["shape"].fields] == ["mask_png", "box", "point"]
     assert {f.name for f in pb.Filter.DESCRIPTOR.fields} == {"labels", "exclude_image_ids", "min_area_fraction"}
     assert {"segment_id", "image_id", "image_uri", "score", "box", "label", "label_score", "area_fraction",
