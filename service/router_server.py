@@ -10,19 +10,16 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from segsearch.service import segment_search_pb2_grpc as pb_grpc
 from segsearch.service.errors import Unavailable
-from segsearch.service.interceptors import build_interceptors
 from segsearch.service.metrics import ServiceMetrics
 from segsearch.service.router import CONNECT_TIMEOUT, DEFAULT_BACKEND_TIMEOUT, Router, refuse_write
-from segsearch.service.server import DEFAULT_PORT, QUEUED_CALLS, SERVICE_NAME, SPARE_WORKERS, MiB, ServerError
+from segsearch.service.server import DEFAULT_PORT, SERVICE_NAME, MiB, ServerError, build_grpc_server
 
 log = logging.getLogger(__name__)
 
@@ -94,18 +91,8 @@ class RouterServer:
 
     def start(self) -> int:
         config = self.config
-        workers = config.max_concurrent + SPARE_WORKERS
-        options = [("grpc.max_receive_message_length", config.max_message_bytes),
-                   ("grpc.max_send_message_length", config.max_message_bytes),
-                   ("grpc.so_reuseport", 0)]
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="route"),
-                             interceptors=build_interceptors(self.metrics, config.max_concurrent, config.token),
-                             options=options, maximum_concurrent_rpcs=workers + QUEUED_CALLS)
-        pb_grpc.add_SegmentSearchServicer_to_server(self.servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server)
+        server = build_grpc_server(self.servicer, self.health, self.metrics, config.max_concurrent,
+                                   config.max_message_bytes, config.token, thread_name_prefix="route")
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{config.host}:{config.port}"
         try:

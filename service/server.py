@@ -74,6 +74,27 @@ class ServerConfig:
     batching: BatchConfig | None = None  # None: auto (batch on CUDA, not on CPU); max_batch <= 1: off
 
 
+def build_grpc_server(servicer, health_servicer: health.HealthServicer, metrics: ServiceMetrics,
+                      max_concurrent: int, max_message_bytes: int, token: str | None,
+                      thread_name_prefix: str) -> grpc.Server:
+    """A gRPC server with SegmentSearch (`servicer`), health and reflection behind our
+    interceptors, sized as the module docstring explains; not yet bound or started. Shared
+    by `segsearch serve` and `segsearch route`, so both shed load and guard auth alike."""
+    workers = max_concurrent + SPARE_WORKERS
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes),
+               ("grpc.so_reuseport", 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=thread_name_prefix),
+                         interceptors=build_interceptors(metrics, max_concurrent, token),
+                         options=options, maximum_concurrent_rpcs=workers + QUEUED_CALLS)
+    pb_grpc.add_SegmentSearchServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server)
+    return server
+
+
 class SegsearchServer:
     """One gRPC server (SegmentSearch + health + reflection) and its metrics endpoint."""
 
@@ -93,18 +114,8 @@ class SegsearchServer:
     def start(self) -> int:
         """Bind and start answering (health NOT_SERVING, calls UNAVAILABLE); returns the port."""
         config = self.config
-        workers = config.max_concurrent + SPARE_WORKERS
-        options = [("grpc.max_receive_message_length", config.max_message_bytes),
-                   ("grpc.max_send_message_length", config.max_message_bytes),
-                   ("grpc.so_reuseport", 0)]
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-                             interceptors=build_interceptors(self.metrics, config.max_concurrent, config.token),
-                             options=options, maximum_concurrent_rpcs=workers + QUEUED_CALLS)
-        pb_grpc.add_SegmentSearchServicer_to_server(self.servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server)
+        server = build_grpc_server(self.servicer, self.health, self.metrics, config.max_concurrent,
+                                   config.max_message_bytes, config.token, thread_name_prefix="rpc")
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = self._bind(server)
         server.start()
