@@ -95,13 +95,20 @@ def build_grpc_server(servicer, health_servicer: health.HealthServicer, metrics:
     return server
 
 
-class SegsearchServer:
-    """One gRPC server (SegmentSearch + health + reflection) and its metrics endpoint."""
+class GrpcFrontend:
+    """The lifecycle `segsearch serve` and `segsearch route` share: bind (health NOT_SERVING,
+    calls UNAVAILABLE), open what answers the calls (`_open`), report SERVING, and on `stop`
+    turn NOT_SERVING, drain in-flight calls within the grace time and close (`_close`).
 
-    def __init__(self, config: ServerConfig, metrics: ServiceMetrics | None = None):
+    `config` needs host, port, metrics_port, metrics_host, max_concurrent,
+    max_message_bytes, token and grace_seconds (ServerConfig, RouterConfig)."""
+
+    thread_name_prefix = "rpc"
+
+    def __init__(self, config, servicer, metrics: ServiceMetrics | None = None):
         self.config = config
         self.metrics = metrics or ServiceMetrics()
-        self.servicer = SegmentSearchServicer()
+        self.servicer = servicer
         self.health = health.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -115,54 +122,31 @@ class SegsearchServer:
         """Bind and start answering (health NOT_SERVING, calls UNAVAILABLE); returns the port."""
         config = self.config
         server = build_grpc_server(self.servicer, self.health, self.metrics, config.max_concurrent,
-                                   config.max_message_bytes, config.token, thread_name_prefix="rpc")
+                                   config.max_message_bytes, config.token, self.thread_name_prefix)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._bind(server)
+        credentials = self._credentials()
+        self.port = _bind(server, f"{config.host}:{config.port}", credentials)
         server.start()
         self._server = server
         if config.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(config.metrics_port, config.metrics_host or config.host)
-        log.info("listening on %s (%s)", self.address, "TLS" if config.tls_cert else "plaintext")
+        log.info("listening on %s (%s)", self.address, "TLS" if credentials else "plaintext")
         return self.port
 
-    def start_loaded(self) -> int:
-        """`start()` then `load()`; a failed load releases the port before the error goes on."""
+    def open(self) -> None:
+        """Open what answers the calls (`_open`), then report SERVING."""
+        self._open()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def start_open(self) -> int:
+        """`start()` then `open()`; a failed open releases the port before the error goes on."""
         port = self.start()
         try:
-            self.load()
+            self.open()
         except BaseException:
             self.stop(grace=0)
             raise
         return port
-
-    def _bind(self, server: grpc.Server) -> int:
-        config = self.config
-        address = f"{config.host}:{config.port}"
-        try:
-            if config.tls_cert or config.tls_key:
-                if not (config.tls_cert and config.tls_key):
-                    raise ServerError("TLS needs both --tls-cert and --tls-key")
-                key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
-                port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
-            else:
-                port = server.add_insecure_port(address)
-        except OSError as error:
-            raise ServerError(f"cannot read the TLS files: {error}") from None
-        except RuntimeError as error:
-            raise ServerError(f"cannot listen on {address} ({error}); is the port in use?") from None
-        if not port:
-            raise ServerError(f"cannot listen on {address}; is the port in use?")
-        return port
-
-    def load(self) -> None:
-        """Load the model and index, then report SERVING."""
-        config = self.config
-        app = ServiceApp.load(config.index_dir, config.checkpoint, config.limits,
-                              read_only=config.read_only, device=config.device,
-                              batching=config.batching or BatchConfig.auto(config.device))
-        self.metrics.track_index(lambda: app.store.meta.num_segments, lambda: app.store.meta.num_images)
-        self.servicer.app = app
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`, close."""
@@ -172,11 +156,19 @@ class SegsearchServer:
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None
-        app, self.servicer.app = self.servicer.app, None
-        if app is not None:
-            app.close()
+        self._close()
         self.metrics.stop_http()
         log.info("server stopped")
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        """TLS credentials, or None for plaintext."""
+        return None
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
 
     def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
@@ -184,20 +176,75 @@ class SegsearchServer:
         self.metrics.serving.set(1 if status == health_pb2.HealthCheckResponse.SERVING else 0)
 
 
-def serve(config: ServerConfig, on_ready=print) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit status (0 after a clean drain)."""
+def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    try:
+        port = (server.add_secure_port(address, credentials) if credentials
+                else server.add_insecure_port(address))
+    except RuntimeError as error:
+        raise ServerError(f"cannot listen on {address} ({error}); is the port in use?") from None
+    if not port:
+        raise ServerError(f"cannot listen on {address}; is the port in use?")
+    return port
+
+
+class SegsearchServer(GrpcFrontend):
+    """One gRPC server (SegmentSearch + health + reflection) over one index, and its metrics
+    endpoint; `load()` opens the model and index."""
+
+    def __init__(self, config: ServerConfig, metrics: ServiceMetrics | None = None):
+        super().__init__(config, SegmentSearchServicer(), metrics)
+
+    # the words the server's callers use for GrpcFrontend's open / start_open
+    load = GrpcFrontend.open
+    start_loaded = GrpcFrontend.start_open
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        config = self.config
+        if not (config.tls_cert or config.tls_key):
+            return None
+        if not (config.tls_cert and config.tls_key):
+            raise ServerError("TLS needs both --tls-cert and --tls-key")
+        try:
+            key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
+        except OSError as error:
+            raise ServerError(f"cannot read the TLS files: {error}") from None
+        return grpc.ssl_server_credentials([(key, cert)])
+
+    def _open(self) -> None:
+        """Load the model and index."""
+        config = self.config
+        app = ServiceApp.load(config.index_dir, config.checkpoint, config.limits,
+                              read_only=config.read_only, device=config.device,
+                              batching=config.batching or BatchConfig.auto(config.device))
+        self.metrics.track_index(lambda: app.store.meta.num_segments, lambda: app.store.meta.num_images)
+        self.servicer.app = app
+
+    def _close(self) -> None:
+        app, self.servicer.app = self.servicer.app, None
+        if app is not None:
+            app.close()
+
+
+def run_until_signalled(frontend: GrpcFrontend, describe: str, on_ready=print) -> int:
+    """Start and open `frontend`, announce it (`describe` names what it serves), run until
+    SIGTERM/SIGINT, drain; returns 0 after a clean drain."""
+    config = frontend.config
     stopping = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    server = SegsearchServer(config)
     try:
-        server.start_loaded()
-        metrics = f", metrics at http://{config.metrics_host or config.host}:{server.metrics_port}/metrics" \
-            if server.metrics_port else ""
-        on_ready(f"segsearch serving {config.index_dir} on {server.address}{metrics}")
+        frontend.start_open()
+        metrics = f", metrics at http://{config.metrics_host or config.host}:{frontend.metrics_port}/metrics" \
+            if frontend.metrics_port else ""
+        on_ready(f"{describe} on {frontend.address}{metrics}")
         stopping.wait()
         log.info("stopping: draining in-flight calls (grace %.1f s)", config.grace_seconds)
-        server.stop()
+        frontend.stop()
         return 0
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def serve(config: ServerConfig, on_ready=print) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status (0 after a clean drain)."""
+    return run_until_signalled(SegsearchServer(config), f"segsearch serving {config.index_dir}", on_ready)
