@@ -55,10 +55,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from PIL import Image
 
 from segsearch.indexer.index_store import IndexStore
 from segsearch.service.client import SegsearchClient
+from segsearch.service.pngs import encode_image_png
 from segsearch.trainer.mosaic import MosaicConfig, TextureMosaic
 
 log = logging.getLogger("faults")
@@ -195,12 +195,7 @@ class Ledger:
 
 def mosaic_pngs(seed: int, count: int) -> list[bytes]:
     mosaic = TextureMosaic(MosaicConfig(size=IMAGE_SIDE, num_images=count, seed=seed, split="test"))
-    out = []
-    for n in range(count):
-        buffer = io.BytesIO()
-        Image.fromarray(mosaic[n].image).save(buffer, format="PNG")
-        out.append(buffer.getvalue())
-    return out
+    return [encode_image_png(mosaic[n].image) for n in range(count)]
 
 
 def _writer(address: str, ledger: Ledger, prefix: str, seed: int, stop: threading.Event) -> None:

@@ -15,7 +15,6 @@ the index is a few mosaic images indexed by the indexer's pipeline.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import tempfile
@@ -25,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from segsearch.indexer.pipeline import IndexConfig, index_corpus
 from segsearch.indexer.segmenter import SegmenterConfig
 from segsearch.service.analysis import BatchConfig
 from segsearch.service.client import SegsearchClient
+from segsearch.service.pngs import encode_image_png
 from segsearch.service.server import SegsearchServer, ServerConfig
 from segsearch.spml.checkpoint import Checkpoint, LabelBank, save_checkpoint
 from segsearch.spml.embedding import EmbeddingNet, ModelConfig
@@ -50,12 +49,9 @@ def make_checkpoint(path: Path, backbone: str) -> Path:
 def make_images(folder: Path, count: int, size: int) -> list[bytes]:
     folder.mkdir(parents=True, exist_ok=True)
     mosaic = TextureMosaic(MosaicConfig(size=size, num_images=count, seed=5, split="test"))
-    encoded = []
-    for number in range(count):
-        buffer = io.BytesIO()
-        Image.fromarray(mosaic[number].image).save(buffer, format="PNG")
-        (folder / f"m{number}.png").write_bytes(buffer.getvalue())
-        encoded.append(buffer.getvalue())
+    encoded = [encode_image_png(mosaic[number].image) for number in range(count)]
+    for number, data in enumerate(encoded):
+        (folder / f"m{number}.png").write_bytes(data)
     return encoded
 
 

@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
@@ -72,8 +71,8 @@ import faiss
 import grpc
 import numpy as np
 import torch
-from PIL import Image
 from search_speed import SearchBenchConfig, make_mixture, sample  # bench/ is the script directory
+
 from segsearch.indexer.decode import DecodeConfig
 from segsearch.indexer.index_store import VECTORS_FILE, IndexStore
 from segsearch.indexer.pipeline import SETTINGS_FILE, SETTINGS_VERSION
@@ -86,6 +85,7 @@ from segsearch.service import segment_search_pb2_grpc as pb_grpc
 from segsearch.service.analysis import BatchConfig
 from segsearch.service.app import ServiceApp, ServiceLimits, index_settings
 from segsearch.service.client import SegsearchClient, search_request
+from segsearch.service.pngs import encode_image_png
 from segsearch.service.search import DEFAULT_TOP_K, MIN_FETCH, OVERFETCH
 from segsearch.service.server import SegsearchServer, ServerConfig
 from segsearch.service.servicer import SegmentSearchServicer
@@ -290,12 +290,7 @@ def _write_settings(path: Path, config: LatencyConfig) -> None:
 def query_images(config: LatencyConfig) -> list[bytes]:
     """PNG bytes of a few mosaic test images, `image_size` square."""
     mosaic = TextureMosaic(MosaicConfig(size=config.image_size, num_images=QUERY_IMAGES, seed=7, split="test"))
-    encoded = []
-    for number in range(QUERY_IMAGES):
-        buffer = io.BytesIO()
-        Image.fromarray(mosaic[number].image).save(buffer, format="PNG")
-        encoded.append(buffer.getvalue())
-    return encoded
+    return [encode_image_png(mosaic[number].image) for number in range(QUERY_IMAGES)]
 
 
 def request_maker(kind: str, index: BuiltIndex, images: list[bytes],

@@ -23,7 +23,6 @@ model) with a `region_fraction` of searches by a box on a query image (a forward
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 import threading
@@ -35,9 +34,11 @@ from typing import Self
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from segsearch.service import segment_search_pb2 as pb
 from segsearch.service import segment_search_pb2_grpc as pb_grpc
 from segsearch.service.client import search_request
+from segsearch.service.pngs import encode_image_png
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +92,7 @@ class RequestMix:
     def with_images(cls, segment_ids: np.ndarray, pixels: list[np.ndarray], region_fraction: float,
                     top_k: int = 10) -> RequestMix:
         """Encode RGB arrays `(H, W, 3)` uint8 as PNG query images."""
-        from PIL import Image
-
-        encoded = []
-        for array in pixels:
-            buffer = io.BytesIO()
-            Image.fromarray(array).save(buffer, format="PNG")
-            encoded.append((buffer.getvalue(), array.shape[1], array.shape[0]))
+        encoded = [(encode_image_png(array), array.shape[1], array.shape[0]) for array in pixels]
         return cls(segment_ids, encoded, region_fraction, top_k)
 
     def draw(self, rng: np.random.Generator) -> tuple[str, pb.SearchRequest]:

@@ -29,6 +29,14 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def encode_image_png(pixels: np.ndarray) -> bytes:
+    """An RGB `(H, W, 3)` or grey `(H, W)` uint8 array as a PNG file with PIL's default
+    settings: the query and corpus images that clients, tests and benches send."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def encode_mask_png(mask: np.ndarray) -> bytes:
     """Boolean mask (H, W) -> 8-bit greyscale PNG (255 inside)."""
     return _png_bytes(Image.fromarray(np.where(np.asarray(mask, bool), 255, 0).astype(np.uint8), mode="L"))

@@ -1,7 +1,6 @@
 """Helpers of the service tests (images, index copies, servers, metric parsing)."""
 from __future__ import annotations
 
-import io
 import shutil
 import urllib.request
 from pathlib import Path
@@ -10,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from segsearch.service.client import SegsearchClient
+from segsearch.service.pngs import encode_image_png
 from segsearch.service.server import SegsearchServer, ServerConfig
 from segsearch.trainer.mosaic import MosaicConfig, TextureMosaic
 
@@ -21,10 +21,7 @@ def mosaic_images(count: int, seed: int) -> list[np.ndarray]:
     return [mosaic[i].image for i in range(count)]
 
 
-def png_bytes(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+png_bytes = encode_image_png
 
 
 def photo() -> np.ndarray:
