@@ -34,10 +34,10 @@ import faiss
 import torch
 from index_speed import build_checkpoint  # bench/ is the script directory
 from PIL import Image
-from segsearch.indexer.distributed import DaskConfig, index_distributed
+from segsearch.indexer.dask_runner import DaskConfig, index_distributed
 from segsearch.indexer.index_store import IndexStore
 from segsearch.indexer.pipeline import IndexConfig, index_corpus
-from segsearch.indexer.segmenter import SegmenterConfig
+from segsearch.spml.segmenter import SegmenterConfig
 from segsearch.trainer.mosaic import MosaicConfig, TextureMosaic
 
 log = logging.getLogger("bench.dask_index")
@@ -109,7 +109,7 @@ def dask_run(corpus: Path, checkpoint: Path, out: Path, config: IndexConfig, wor
 
 
 def _warm_up() -> None:
-    import segsearch.indexer.distributed  # noqa: F401 (imports torch, faiss, the pipeline)
+    import segsearch.indexer.dask_runner  # noqa: F401 (imports torch, faiss, the pipeline)
 
 
 def print_table(rows: list[Row], args: argparse.Namespace) -> None:

@@ -1,6 +1,6 @@
 """Hostile input at volume: N generated requests against a real `segsearch serve` child.
 
-The requests come from `tests/service/fuzz_strategies.py` (hypothesis strategies over every
+The requests come from `segsearch/testing/fuzz_strategies.py` (hypothesis strategies over every
 field the server decodes: hostile image files, masks, regions, filters, top_k, min_score,
 ids, IndexImages streams, DeleteImages lists, undecodable bytes), sent one after the other
 on 127.0.0.1, each with a deadline (`--timeout`), so a hang shows as DEADLINE_EXCEEDED.
@@ -27,11 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-# the request generators live with the tests that use them (tests/service/fuzz_strategies.py)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "service"))
-from fuzz_strategies import FuzzClient, Target, fuzz, warm_up
+from segsearch.testing.fuzz_strategies import FuzzClient, Target, fuzz, warm_up
 from segsearch.service.client import SegsearchClient
-from segsearch.service.serve_process import ServeProcess
+from segsearch.testing.serve_process import ServeProcess
 
 MiB = 1 << 20
 
@@ -41,7 +39,7 @@ def build_tiny_index(root: Path) -> tuple[Path, Path, Path]:
     import torch
     from segsearch.indexer.decode import DecodeConfig
     from segsearch.indexer.pipeline import IndexConfig, index_corpus
-    from segsearch.indexer.segmenter import SegmenterConfig
+    from segsearch.spml.segmenter import SegmenterConfig
     from segsearch.trainer.config import TrainConfig
     from segsearch.trainer.datasets import DataConfig
     from segsearch.trainer.train import train

@@ -45,7 +45,7 @@ from segsearch.indexer.corpus import read_corpus
 from segsearch.indexer.decode import decode_bytes
 from segsearch.indexer.index_store import IndexStore
 from segsearch.indexer.pipeline import IndexConfig, image_records, index_corpus
-from segsearch.indexer.segmenter import Segmenter, SegmenterConfig, StageTimes, resize_for_embedding
+from segsearch.spml.segmenter import Segmenter, SegmenterConfig, StageTimes, resize_for_embedding
 from segsearch.spml.checkpoint import Checkpoint, LabelBank, load_checkpoint, save_checkpoint
 from segsearch.spml.embedding import EmbeddingNet, ModelConfig
 

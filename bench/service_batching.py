@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from segsearch.indexer.pipeline import IndexConfig, index_corpus
-from segsearch.indexer.segmenter import SegmenterConfig
+from segsearch.spml.segmenter import SegmenterConfig
 from segsearch.service.analysis import BatchConfig
 from segsearch.service.client import SegsearchClient
 from segsearch.service.pngs import encode_image_png

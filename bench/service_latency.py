@@ -78,10 +78,10 @@ from segsearch.indexer.index_store import VECTORS_FILE, IndexStore
 from segsearch.indexer.pipeline import SETTINGS_FILE, SETTINGS_VERSION
 from segsearch.indexer.records import ImageRecord, SegmentRecord
 from segsearch.indexer.rle import encode_mask
-from segsearch.indexer.segmenter import SegmenterConfig
+from segsearch.spml.segmenter import SegmenterConfig
 from segsearch.indexer.vector_index import VectorIndex
-from segsearch.service import segment_search_pb2 as pb
-from segsearch.service import segment_search_pb2_grpc as pb_grpc
+from segsearch.service._generated import segment_search_pb2 as pb
+from segsearch.service._generated import segment_search_pb2_grpc as pb_grpc
 from segsearch.service.analysis import BatchConfig
 from segsearch.service.app import ServiceApp, ServiceLimits, index_settings
 from segsearch.service.client import SegsearchClient, search_request

@@ -8,7 +8,7 @@
     segsearch index merge INDEX_DIR [--force]        (merge INDEX_DIR/shards into INDEX_DIR)
 
 `index CORPUS --dask local:2|tcp://HOST:8786` indexes on Dask into INDEX_DIR/shards and
-merges (indexer/distributed.py); verify and stats accept a sharded layout too.
+merges (indexer/dask_runner.py); verify and stats accept a sharded layout too.
 
 argparse cannot mix a positional CORPUS with sub-commands, so `index CORPUS ...` is the hidden
 sub-command `build`: `normalize_index_argv` inserts it when the word after `index` is not one
@@ -166,7 +166,7 @@ def _add_dask_flags(parser: argparse.ArgumentParser) -> None:
 def index_config(args, index_dir: Path, must_exist: bool):
     """IndexConfig from the flags; omitted segmentation flags from the index's settings."""
     from segsearch.indexer.pipeline import IndexConfig, load_settings
-    from segsearch.indexer.segmenter import SegmenterConfig
+    from segsearch.spml.segmenter import SegmenterConfig
 
     stored = load_settings(index_dir) or {}
     decode = _config_from(DecodeConfig, stored.get("decode", {}),
@@ -212,7 +212,7 @@ def run_build(args) -> int:
 
 
 def _run_dask_job(args) -> int:
-    from segsearch.indexer.distributed import DaskConfig, index_distributed
+    from segsearch.indexer.dask_runner import DaskConfig, index_distributed
     from segsearch.indexer.shards import MANIFEST, SHARDS_DIR, ShardLayout
 
     layout = Path(args.out) / SHARDS_DIR  # a re-run takes the shards' settings, as `index` takes OUT's
@@ -251,7 +251,7 @@ def run_delete(args) -> int:
 
 
 def run_verify(args) -> int:
-    from segsearch.errors import IndexError_
+    from segsearch.errors import IndexStoreError
     from segsearch.indexer.index_store import IndexStore
     from segsearch.indexer.sharded_store import open_index, shard_dirs_or_self
     from segsearch.spml.checkpoint import load_checkpoint
@@ -264,7 +264,7 @@ def run_verify(args) -> int:
         with open_index(args.index_dir, read_only=True, repair=False) as store:
             problems = store.verify()
             meta = store.meta
-    except IndexError_ as exc:
+    except IndexStoreError as exc:
         problems = [str(exc)]
         meta = None
     if args.model and meta is not None:

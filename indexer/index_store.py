@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segsearch.errors import IndexError_, IndexFullError, StorageFailedError
+from segsearch.errors import IndexStoreError, IndexFullError, StorageFailedError
 from segsearch.indexer.metadata_store import DEFAULT_MAP_SIZE, MetadataStore
 from segsearch.indexer.records import ImageRecord, IndexMeta, SegmentRecord
 from segsearch.indexer.vector_index import DEFAULT_EF_SEARCH, VectorIndex, space_report
@@ -118,7 +118,7 @@ class IndexStore:
             raise ValueError(f"first_segment_id must be >= 1, got {first_segment_id}")
         root = Path(root)
         if root.exists() and any(root.iterdir()):
-            raise IndexError_(
+            raise IndexStoreError(
                 f"{root} is not empty; choose a new --out directory, or add to an existing "
                 "index with `segsearch index add`"
             )
@@ -162,7 +162,7 @@ class IndexStore:
         """
         root = Path(root)
         if not (root / LMDB_DIR / "data.mdb").exists():
-            raise IndexError_(f"no segsearch index at {root} (missing {LMDB_DIR}); create one with `segsearch index`")
+            raise IndexStoreError(f"no segsearch index at {root} (missing {LMDB_DIR}); create one with `segsearch index`")
         lock_fd = None if read_only else _acquire_writer_lock(root)
         try:
             metadata = MetadataStore.open(root / LMDB_DIR, map_size=map_size, read_only=read_only)
@@ -236,7 +236,7 @@ class IndexStore:
     def delete_images(self, image_ids: Sequence[str]) -> list[int]:
         """Delete images and their segments from both stores; returns the removed segment ids.
 
-        Unknown image ids raise IndexError_ listing them, and nothing is deleted.
+        Unknown image ids raise IndexStoreError listing them, and nothing is deleted.
         """
         if not image_ids:
             return []
@@ -297,13 +297,13 @@ class IndexStore:
     def get_segment(self, segment_id: int) -> SegmentRecord:
         record = self._metadata.get_segment(segment_id)
         if record is None:
-            raise IndexError_(f"segment id {segment_id} is not in the index at {self.root}")
+            raise IndexStoreError(f"segment id {segment_id} is not in the index at {self.root}")
         return record
 
     def get_image(self, image_id: str) -> ImageRecord:
         record = self._metadata.get_image(image_id)
         if record is None:
-            raise IndexError_(f"image id {image_id!r} is not in the index at {self.root}")
+            raise IndexStoreError(f"image id {image_id!r} is not in the index at {self.root}")
         return record
 
     def has_image(self, image_id: str) -> bool:
@@ -442,9 +442,9 @@ class IndexStore:
                 "Data committed before it is safe in LMDB. Check the disk, then reopen the index "
                 "(restart `segsearch serve`): the open rebuilds what FAISS lacks from LMDB")
         if self._closed:
-            raise IndexError_(f"index at {self.root} is closed")
+            raise IndexStoreError(f"index at {self.root} is closed")
         if self._lock_fd is None:
-            raise IndexError_(f"index at {self.root} was opened read-only")
+            raise IndexStoreError(f"index at {self.root} was opened read-only")
 
 
 def _load_vectors(root: Path, metadata: MetadataStore, repair: bool) -> VectorIndex:
@@ -454,12 +454,12 @@ def _load_vectors(root: Path, metadata: MetadataStore, repair: bool) -> VectorIn
     try:
         vectors = VectorIndex.load(path)
         if vectors.dim != meta.embedding_dim or vectors.model_version != meta.model_version:
-            raise IndexError_(
+            raise IndexStoreError(
                 f"FAISS index file {path} belongs to another index ({vectors.dim}-d, model "
                 f"{vectors.model_version!r}; this one is {meta.embedding_dim}-d, {meta.model_version!r})"
             )
         return vectors
-    except IndexError_ as exc:
+    except IndexStoreError as exc:
         if not repair:
             raise
         log.warning("%s; rebuilding it from the LMDB store (%d segments)", exc, meta.num_segments)
@@ -482,7 +482,7 @@ def _vectors_from_lmdb(metadata: MetadataStore, ef_search: int = DEFAULT_EF_SEAR
 
 def _check_model_version(root: Path, meta: IndexMeta, model_version: str | None) -> None:
     if model_version is not None and model_version != meta.model_version:
-        raise IndexError_(
+        raise IndexStoreError(
             f"the index at {root} holds segments of model version {meta.model_version!r}, but "
             f"the model is version {model_version!r}; one index never mixes versions: use the "
             "checkpoint it was built with, or index into a new --out directory"
@@ -495,7 +495,7 @@ def _acquire_writer_lock(root: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
         os.close(fd)
-        raise IndexError_(
+        raise IndexStoreError(
             f"the index at {root} is open for writing by another process (or another IndexStore "
             "in this one); wait for it to finish, or open it read-only"
         ) from exc

@@ -31,7 +31,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from segsearch.errors import IndexError_
+from segsearch.errors import IndexStoreError
 from segsearch.indexer.index_store import LMDB_DIR, VECTORS_FILE, IndexStore, fsync_dir
 from segsearch.indexer.index_store import _acquire_writer_lock as acquire_writer_lock
 from segsearch.indexer.metadata_store import MetadataStore
@@ -86,7 +86,7 @@ def _merge(layout: ShardLayout, out: Path, force: bool, started: float) -> Merge
     with ShardedStore.open(layout.root) as sharded:
         problems = sharded.verify()
         if problems:
-            raise IndexError_(f"the shards of {layout.root} are inconsistent, not merging: " + "; ".join(problems[:5]))
+            raise IndexStoreError(f"the shards of {layout.root} are inconsistent, not merging: " + "; ".join(problems[:5]))
         meta = sharded.meta
     summary = MergeSummary(str(out), layout.num_shards, meta.num_images, meta.num_segments)
     staging = out / STAGING
@@ -99,11 +99,11 @@ def _merge(layout: ShardLayout, out: Path, force: bool, started: float) -> Merge
 
 
 def _shard_generations(layout: ShardLayout) -> list[int]:
-    """Each shard's LMDB generation (cheap: no FAISS load); IndexError_ for a missing shard."""
+    """Each shard's LMDB generation (cheap: no FAISS load); IndexStoreError for a missing shard."""
     generations = []
     for shard_dir in layout.shard_dirs:
         if not is_index_dir(shard_dir):
-            raise IndexError_(f"the sharded layout {layout.root} is incomplete: no index at {shard_dir}; "
+            raise IndexStoreError(f"the sharded layout {layout.root} is incomplete: no index at {shard_dir}; "
                               "finish it by re-running the distributed indexing command")
         metadata = MetadataStore.open(shard_dir / LMDB_DIR, read_only=True)
         try:
@@ -121,7 +121,7 @@ def merge_record(out: str | Path) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, json.JSONDecodeError) as exc:
-        raise IndexError_(f"cannot read {path} ({exc}); delete it to merge again") from exc
+        raise IndexStoreError(f"cannot read {path} ({exc}); delete it to merge again") from exc
 
 
 def _up_to_date(out: Path, generations: list[int], force: bool) -> bool:
@@ -133,7 +133,7 @@ def _up_to_date(out: Path, generations: list[int], force: bool) -> bool:
     with IndexStore.open(out, read_only=True, repair=False) as merged:
         changed = merged.meta.generation != record.get("merged_generation")
     if changed and not force:
-        raise IndexError_(f"the merged index at {out} was changed after it was merged (e.g. by `segsearch "
+        raise IndexStoreError(f"the merged index at {out} was changed after it was merged (e.g. by `segsearch "
                           "index add`); merging again would drop those changes. Pass --force to replace "
                           "it with the merge of the shards anyway")
     return not changed and record.get("shard_generations") == generations
@@ -160,7 +160,7 @@ def _build(layout: ShardLayout, staging: Path, model_version: str, dim: int, ind
     with IndexStore.open(staging, model_version, read_only=True, repair=False) as merged:
         problems = merged.verify()
     if problems:
-        raise IndexError_(f"the merged index in {staging} failed verification: {'; '.join(problems[:5])}")
+        raise IndexStoreError(f"the merged index in {staging} failed verification: {'; '.join(problems[:5])}")
 
 
 def _vectors(store: MetadataStore, index_type: str) -> VectorIndex:
@@ -230,6 +230,6 @@ class _RecordCopier(MetadataStore):
     def _put_new(self, txn: lmdb.Transaction, name: str, batch: list, source: MetadataStore) -> None:
         for key, value in batch:
             if not txn.put(key, value, db=self._dbs[name], overwrite=False):
-                raise IndexError_(f"{name} key {key[:40]!r} of {source.path} is already in another shard; "
+                raise IndexStoreError(f"{name} key {key[:40]!r} of {source.path} is already in another shard; "
                                   "shards must hold disjoint images (re-run the distributed job, which "
                                   "removes cross-shard duplicates)")

@@ -28,7 +28,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from segsearch.errors import IndexError_, IndexFullError, StorageFailedError
+from segsearch.errors import IndexStoreError, IndexFullError, StorageFailedError
 from segsearch.indexer.records import (
     FORMAT_VERSION,
     ImageRecord,
@@ -91,7 +91,7 @@ class MetadataStore:
         """Create a new, empty store at `path` (a directory) holding `meta`."""
         path = Path(path)
         if (path / "data.mdb").exists():
-            raise IndexError_(f"a metadata store already exists at {path}")
+            raise IndexStoreError(f"a metadata store already exists at {path}")
         path.mkdir(parents=True, exist_ok=True)
         env = _open_env(path, map_size, read_only=False)
         for name in _DB_NAMES:
@@ -105,18 +105,18 @@ class MetadataStore:
         """Open an existing store. `map_size` None keeps room to grow (see `_default_map_size`)."""
         path = Path(path)
         if not (path / "data.mdb").exists():
-            raise IndexError_(f"no metadata store at {path} (missing data.mdb)")
+            raise IndexStoreError(f"no metadata store at {path} (missing data.mdb)")
         size = map_size if map_size is not None else _default_map_size(path)
         env = _open_env(path, size, read_only=read_only)
         try:
             store = cls(env, path, read_only=read_only)
             meta = store._check_structure()
-        except (lmdb.Error, IndexError_) as exc:
+        except (lmdb.Error, IndexStoreError) as exc:
             env.close()
-            raise IndexError_(f"cannot read the metadata store at {path}: {exc}") from exc
+            raise IndexStoreError(f"cannot read the metadata store at {path}: {exc}") from exc
         if meta.format_version > FORMAT_VERSION:
             env.close()
-            raise IndexError_(
+            raise IndexStoreError(
                 f"index at {path} has format version {meta.format_version}; this segsearch "
                 f"reads up to {FORMAT_VERSION}. Upgrade segsearch."
             )
@@ -142,7 +142,7 @@ class MetadataStore:
         expected = {"segments": meta.num_segments, "images": meta.num_images}
         wrong = {name: (entries[name], count) for name, count in expected.items() if entries[name] != count}
         if wrong and not self.read_only:
-            raise IndexError_(f"{self.path / 'data.mdb'} is damaged: entry counts (found, expected) {wrong}")
+            raise IndexStoreError(f"{self.path / 'data.mdb'} is damaged: entry counts (found, expected) {wrong}")
         return meta
 
     # ---- reads -----------------------------------------------------------------------
@@ -151,7 +151,7 @@ class MetadataStore:
         with self._env.begin(db=self._dbs["meta"]) as txn:
             raw = txn.get(_META_KEY)
         if raw is None:
-            raise IndexError_(f"metadata store at {self.path} has no meta record")
+            raise IndexStoreError(f"metadata store at {self.path} has no meta record")
         return decode_meta(raw)
 
     def get_segment(self, segment_id: int) -> SegmentRecord | None:
@@ -222,7 +222,7 @@ class MetadataStore:
                 if raw is None and skip_missing:
                     continue
                 if raw is None:
-                    raise IndexError_(f"segment {sid} vanished from the metadata store")
+                    raise IndexStoreError(f"segment {sid} vanished from the metadata store")
                 ids.append(sid)
                 vecs.append(decode_segment_prototype(raw))
                 if len(ids) == batch_size:
@@ -282,7 +282,7 @@ class MetadataStore:
     def delete_images(self, image_ids: Sequence[str]) -> tuple[list[int], int]:
         """Delete images and their segments in ONE transaction.
 
-        Returns `(removed segment ids, new generation)`. Unknown ids raise IndexError_
+        Returns `(removed segment ids, new generation)`. Unknown ids raise IndexStoreError
         listing them, and then nothing is deleted.
         """
         self._check_writable()
@@ -294,7 +294,7 @@ class MetadataStore:
             images = {i: txn.get(_image_key(i), db=self._dbs["images"]) for i in dict.fromkeys(image_ids)}
             unknown = [i for i, raw in images.items() if raw is None]
             if unknown:
-                raise IndexError_(f"unknown image id(s), nothing deleted: {', '.join(map(repr, unknown))}")
+                raise IndexStoreError(f"unknown image id(s), nothing deleted: {', '.join(map(repr, unknown))}")
             meta = decode_meta(txn.get(_META_KEY, db=self._dbs["meta"]))
             for image_id, raw in images.items():
                 image = decode_image(raw)
@@ -355,7 +355,7 @@ class MetadataStore:
 
     def _check_writable(self) -> None:
         if self.read_only:
-            raise IndexError_(f"metadata store at {self.path} was opened read-only")
+            raise IndexStoreError(f"metadata store at {self.path} was opened read-only")
 
 
 def _check_segments(items: Sequence[tuple[ImageRecord, Sequence[SegmentRecord]]], meta: IndexMeta) -> None:
@@ -364,13 +364,13 @@ def _check_segments(items: Sequence[tuple[ImageRecord, Sequence[SegmentRecord]]]
         _image_key(image.image_id)
         for seg in segments:
             if seg.model_version != meta.model_version:
-                raise IndexError_(
+                raise IndexStoreError(
                     f"segment of image {image.image_id!r} was embedded by model version "
                     f"{seg.model_version!r} but this index holds version {meta.model_version!r}; "
                     "use the matching checkpoint or build a new index"
                 )
             if seg.prototype.shape != (meta.embedding_dim,):
-                raise IndexError_(
+                raise IndexStoreError(
                     f"segment of image {image.image_id!r} has a prototype of shape "
                     f"{seg.prototype.shape}; this index holds {meta.embedding_dim}-d vectors"
                 )
@@ -381,7 +381,7 @@ def _check_segments(items: Sequence[tuple[ImageRecord, Sequence[SegmentRecord]]]
 def _image_key(image_id: str) -> bytes:
     key = image_id.encode("utf-8")
     if not key or len(key) > 500:
-        raise IndexError_(f"image id must be 1..500 bytes of UTF-8, got {len(key)} bytes: {image_id[:60]!r}")
+        raise IndexStoreError(f"image id must be 1..500 bytes of UTF-8, got {len(key)} bytes: {image_id[:60]!r}")
     return key
 
 
@@ -411,10 +411,10 @@ def _open_env(path: Path, map_size: int, read_only: bool) -> lmdb.Environment:
             readonly=read_only, create=not read_only, sync=True, metasync=True,
         )
     except lmdb.Error as exc:
-        raise IndexError_(f"cannot open the metadata store at {path}: {exc}") from exc
+        raise IndexStoreError(f"cannot open the metadata store at {path}: {exc}") from exc
     try:
         _check_not_truncated(path, env)
-    except IndexError_:
+    except IndexStoreError:
         env.close()
         raise
     if not read_only:
@@ -426,7 +426,7 @@ def _check_truncated_before_open(path: Path) -> None:
     """An empty or sub-page data file: LMDB would silently make it a NEW empty store."""
     size = (path / "data.mdb").stat().st_size
     if size < 2 * mmap.PAGESIZE:
-        raise IndexError_(_truncated_message(path, size, 2 * mmap.PAGESIZE))
+        raise IndexStoreError(_truncated_message(path, size, 2 * mmap.PAGESIZE))
 
 
 def _check_not_truncated(path: Path, env: lmdb.Environment) -> None:
@@ -435,7 +435,7 @@ def _check_not_truncated(path: Path, env: lmdb.Environment) -> None:
     size = (path / "data.mdb").stat().st_size
     needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
     if size < needed:
-        raise IndexError_(_truncated_message(path, size, needed))
+        raise IndexStoreError(_truncated_message(path, size, needed))
 
 
 def _truncated_message(path: Path, size: int, needed: int) -> str:

@@ -62,12 +62,12 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from segsearch.errors import IndexError_, SegsearchError
+from segsearch.errors import IndexStoreError, SegsearchError
 from segsearch.indexer.corpus import CorpusItem, read_corpus
 from segsearch.indexer.decode import DecodeConfig, DecodedImage, SkippedImage, SkipReason, decode_file
 from segsearch.indexer.index_store import LMDB_DIR, IndexStore
 from segsearch.indexer.records import ImageRecord, SegmentRecord
-from segsearch.indexer.segmenter import (
+from segsearch.spml.segmenter import (
     ClusteredBatch,
     ImageSegments,
     Segmenter,
@@ -203,10 +203,10 @@ def open_or_create_index(out: Path, checkpoint: Checkpoint, config: IndexConfig)
         log.info("continuing the index at %s", out)
         return IndexStore.open(out, version, save_every=config.save_every, map_size=config.map_size)
     if config.must_exist:
-        raise IndexError_(f"no segsearch index at {out} to add to or resume; "
+        raise IndexStoreError(f"no segsearch index at {out} to add to or resume; "
                           "create one with `segsearch index CORPUS --model CKPT --out DIR`")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise IndexError_(f"{out} exists and is not a segsearch index; choose a new --out directory")
+        raise IndexStoreError(f"{out} exists and is not a segsearch index; choose a new --out directory")
     kwargs = {} if config.map_size is None else {"map_size": config.map_size}
     store = IndexStore.create(out, version, checkpoint.config.embedding_dim, config.index_type,
                               save_every=config.save_every, first_segment_id=config.first_segment_id, **kwargs)
@@ -222,7 +222,7 @@ def load_settings(out_dir: str | Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise IndexError_(f"cannot read {path} ({exc}); delete it to accept the current settings") from exc
+        raise IndexStoreError(f"cannot read {path} ({exc}); delete it to accept the current settings") from exc
 
 
 def _settings(config: IndexConfig) -> dict:
@@ -245,7 +245,7 @@ def _check_settings(out: Path, store: IndexStore, config: IndexConfig) -> None:
     if config.index_type != store.meta.index_type:
         differences.append(f"index_type={config.index_type!r} (index: {store.meta.index_type!r})")
     if differences:
-        raise IndexError_(f"the index at {out} was built with other settings: {'; '.join(differences)}; "
+        raise IndexStoreError(f"the index at {out} was built with other settings: {'; '.join(differences)}; "
                           "use the index's settings (omit the flags) or index into a new --out directory")
 
 

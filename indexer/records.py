@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from segsearch.errors import IndexError_
+from segsearch.errors import IndexStoreError
 
 SEGMENT_SCHEMA_VERSION = 1
 IMAGE_SCHEMA_VERSION = 1
@@ -117,14 +117,14 @@ def _unpack(kind: str, supported: int, data: bytes) -> dict[str, Any]:
     try:
         value = msgpack.unpackb(data, raw=False)
     except Exception as exc:  # msgpack raises several types for garbage input
-        raise IndexError_(f"corrupt {kind} record in the metadata store: {exc}") from exc
+        raise IndexStoreError(f"corrupt {kind} record in the metadata store: {exc}") from exc
     if not (isinstance(value, list) and len(value) == 3 and isinstance(value[2], dict)):
-        raise IndexError_(f"corrupt {kind} record in the metadata store (bad envelope)")
+        raise IndexStoreError(f"corrupt {kind} record in the metadata store (bad envelope)")
     found_kind, version, payload = value
     if found_kind != kind:
-        raise IndexError_(f"expected a {kind} record but found a {found_kind!r} record")
+        raise IndexStoreError(f"expected a {kind} record but found a {found_kind!r} record")
     if version != supported:
-        raise IndexError_(
+        raise IndexStoreError(
             f"{kind} record has schema version {version}; this segsearch reads version "
             f"{supported}. Use the segsearch release that wrote the index, or rebuild it."
         )

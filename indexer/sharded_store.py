@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segsearch.errors import IndexError_
+from segsearch.errors import IndexStoreError
 from segsearch.indexer.index_store import IndexStore, SearchHit
 from segsearch.indexer.pipeline import load_settings
 from segsearch.indexer.records import ImageRecord, IndexMeta, SegmentRecord
@@ -56,7 +56,7 @@ class ShardedStore:
         layout = ShardLayout.load(root)
         missing = [str(d) for d in layout.shard_dirs if not is_index_dir(d)]
         if missing:
-            raise IndexError_(f"the sharded layout {root} is incomplete: no index at {', '.join(missing)}; "
+            raise IndexStoreError(f"the sharded layout {root} is incomplete: no index at {', '.join(missing)}; "
                               "finish it by re-running the distributed indexing command")
         shards: list[IndexStore] = []
         try:
@@ -104,14 +104,14 @@ class ShardedStore:
     def get_segment(self, segment_id: int) -> SegmentRecord:
         shard = self.layout.shard_of(segment_id)
         if shard < 0:
-            raise IndexError_(f"segment id {segment_id} is not in the sharded index at {self.root}")
+            raise IndexStoreError(f"segment id {segment_id} is not in the sharded index at {self.root}")
         return self.shards[shard].get_segment(segment_id)
 
     def get_image(self, image_id: str) -> ImageRecord:
         for store in self.shards:
             if store.has_image(image_id):
                 return store.get_image(image_id)
-        raise IndexError_(f"image id {image_id!r} is not in the sharded index at {self.root}")
+        raise IndexStoreError(f"image id {image_id!r} is not in the sharded index at {self.root}")
 
     def has_image(self, image_id: str) -> bool:
         return any(store.has_image(image_id) for store in self.shards)
@@ -161,10 +161,10 @@ class ShardedStore:
     # ---- writes (refused) ------------------------------------------------------------
 
     def add_images(self, batch) -> None:
-        raise IndexError_(read_only_message(self.root))
+        raise IndexStoreError(read_only_message(self.root))
 
     def delete_images(self, image_ids) -> None:
-        raise IndexError_(read_only_message(self.root))
+        raise IndexStoreError(read_only_message(self.root))
 
 
 def merge_hits(rows: Sequence[Sequence[SearchHit]], k: int) -> list[SearchHit]:
@@ -212,7 +212,7 @@ def _check_agreement(layout: ShardLayout, shards: Sequence[IndexStore]) -> None:
                          ("segmentation settings (indexing.json)", settings)):
         if len(set(values)) > 1:
             listing = ", ".join(f"{d.name}: {v}" for d, v in zip(layout.shard_dirs, values))
-            raise IndexError_(f"the shards of {layout.root} disagree on the {name} ({listing}); "
+            raise IndexStoreError(f"the shards of {layout.root} disagree on the {name} ({listing}); "
                               "a sharded index must be built by one job with one checkpoint")
 
 

@@ -34,7 +34,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from segsearch.errors import IndexError_
+from segsearch.errors import IndexStoreError
 from segsearch.indexer.index_store import LMDB_DIR
 from segsearch.indexer.vector_index import atomic_write
 
@@ -88,7 +88,7 @@ class ShardLayout:
     def create(cls, root: str | Path, num_shards: int) -> ShardLayout:
         """Write a new manifest for `num_shards` shards in `root` (the shards come later)."""
         if not 1 <= num_shards <= MAX_SHARDS:
-            raise IndexError_(f"the number of shards must lie in 1..{MAX_SHARDS}, got {num_shards}")
+            raise IndexStoreError(f"the number of shards must lie in 1..{MAX_SHARDS}, got {num_shards}")
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         entries = [{"path": shard_name(k), "first_segment_id": first_segment_id(k)} for k in range(num_shards)]
@@ -108,15 +108,15 @@ class ShardLayout:
             dirs = tuple(root / entry["path"] for entry in entries)  # an absolute path stays as is
             firsts = tuple(int(entry["first_segment_id"]) for entry in entries)
         except FileNotFoundError:
-            raise IndexError_(f"no shard manifest at {path}; build a sharded index with "
+            raise IndexStoreError(f"no shard manifest at {path}; build a sharded index with "
                               "`segsearch index CORPUS --out DIR --dask local:2`") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise IndexError_(f"cannot read the shard manifest {path}: {exc!r}") from None
+            raise IndexStoreError(f"cannot read the shard manifest {path}: {exc!r}") from None
         if manifest.get("format") != MANIFEST_FORMAT:
-            raise IndexError_(f"shard manifest {path} has format {manifest.get('format')!r}; this "
+            raise IndexStoreError(f"shard manifest {path} has format {manifest.get('format')!r}; this "
                               f"segsearch reads format {MANIFEST_FORMAT}")
         if not dirs or list(firsts) != sorted(set(firsts)) or firsts[0] < 1:
-            raise IndexError_(f"shard manifest {path} must list at least one shard with increasing "
+            raise IndexStoreError(f"shard manifest {path} must list at least one shard with increasing "
                               f"first_segment_id values, got {list(firsts)}")
         return cls(root, dirs, firsts, stride)
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from segsearch.errors import IndexError_, IndexFullError, StorageFailedError
+from segsearch.errors import IndexStoreError, IndexFullError, StorageFailedError
 
 log = logging.getLogger(__name__)
 
@@ -189,14 +189,14 @@ class VectorIndex:
 
     @classmethod
     def load(cls, path: str | Path) -> VectorIndex:
-        """Read a file written by `save`; IndexError_ naming the file if missing or damaged."""
+        """Read a file written by `save`; IndexStoreError naming the file if missing or damaged."""
         path = Path(path)
         try:
             data = path.read_bytes()
         except FileNotFoundError as exc:
-            raise IndexError_(f"FAISS index file {path} does not exist") from exc
+            raise IndexStoreError(f"FAISS index file {path} does not exist") from exc
         except OSError as exc:
-            raise IndexError_(f"cannot read FAISS index file {path}: {exc}") from exc
+            raise IndexStoreError(f"cannot read FAISS index file {path}: {exc}") from exc
         header, payload, tombstones = _split_file(path, data)
         self = cls.__new__(cls)
         self.dim, self.spec = int(header["dim"]), header["spec"]
@@ -207,11 +207,11 @@ class VectorIndex:
         try:
             index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
         except RuntimeError as exc:
-            raise IndexError_(f"FAISS index file {path} is corrupt: {str(exc).splitlines()[0]}") from exc
+            raise IndexStoreError(f"FAISS index file {path} is corrupt: {str(exc).splitlines()[0]}") from exc
         self._tombstones = np.frombuffer(tombstones, dtype="<i8").astype(np.int64)
         self._set_index(index)
         if self._index.d != self.dim:
-            raise IndexError_(f"FAISS index file {path} holds {self._index.d}-d vectors, header says {self.dim}")
+            raise IndexStoreError(f"FAISS index file {path} holds {self._index.d}-d vectors, header says {self.dim}")
         return self
 
     # ---- internals -------------------------------------------------------------------
@@ -378,8 +378,8 @@ def space_report(path: Path) -> str:
 
 def _split_file(path: Path, data: bytes) -> tuple[dict, memoryview, memoryview]:
     """Check magic, header, sizes and CRCs; return `(header, faiss bytes, tombstone bytes)`."""
-    def corrupt(reason: str) -> IndexError_:
-        return IndexError_(f"FAISS index file {path} is corrupt or truncated: {reason}")
+    def corrupt(reason: str) -> IndexStoreError:
+        return IndexStoreError(f"FAISS index file {path} is corrupt or truncated: {reason}")
 
     if len(data) < len(MAGIC) + 4 or not data.startswith(MAGIC):
         raise corrupt("not a segsearch FAISS file (bad magic)")
@@ -408,7 +408,7 @@ def _classify(inner: faiss.Index) -> str:
         return "hnsw"
     if isinstance(inner, faiss.IndexFlatCodes):
         return "flat"
-    raise IndexError_(
+    raise IndexStoreError(
         f"FAISS index type {type(inner).__name__} is not supported (deletions must work): use "
         "'auto', 'flat', 'hnsw', 'ivf', or a factory string of a Flat/PQ/SQ, IVF or HNSW index"
     )
@@ -418,11 +418,11 @@ def _validate_spec(dim: int, spec: str) -> None:
     if spec.lower() in ("auto", "flat", "hnsw", "ivf"):
         return
     if spec.upper().startswith("IDMAP"):
-        raise IndexError_(f"index spec {spec!r}: leave out the IDMap prefix, segsearch adds ids itself")
+        raise IndexStoreError(f"index spec {spec!r}: leave out the IDMap prefix, segsearch adds ids itself")
     try:
         index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise IndexError_(f"invalid faiss index factory string {spec!r}: {str(exc).splitlines()[0]}") from exc
+        raise IndexStoreError(f"invalid faiss index factory string {spec!r}: {str(exc).splitlines()[0]}") from exc
     _classify(index)
 
 

@@ -57,9 +57,11 @@ def region_box(mask: np.ndarray, class_index: int) -> tuple[int, int, int, int]:
 
 
 def run_demo(args) -> int:
-    from segsearch.cli import main as segsearch_main
     from segsearch.indexer.pipeline import IndexConfig, index_corpus
+    from segsearch.service.cli import print_hits
+    from segsearch.service.client import SegsearchClient
     from segsearch.service.server import SegsearchServer, ServerConfig
+    from segsearch.service.sheets import write_query_sheet, write_segment_overlay
     from segsearch.trainer.config import TrainConfig
     from segsearch.trainer.datasets import DataConfig, load_split
     from segsearch.trainer.evaluate import EvalConfig, evaluate_checkpoint
@@ -85,11 +87,16 @@ def run_demo(args) -> int:
     try:
         query = test[0]
         box = region_box(query.mask, int(query.mask[query.mask.shape[0] // 2, query.mask.shape[1] // 2]))
-        client = ["--server", server.address]
-        segsearch_main(["query", str(mosaics[0]), "--box", ",".join(map(str, box)), "--top-k", "11",
-                        "--exclude-image", mosaics[0].name, "--out", str(workdir / "query_sheet.png")] + client)
-        segsearch_main(["segment", str(workdir / "corpus" / "photo-coffee.png"),
-                        "--out", str(workdir / "segment_overlay.png")] + client)
+        with SegsearchClient(server.address) as client:
+            query_png = mosaics[0].read_bytes()
+            hits = client.search_box(query_png, box, top_k=11, exclude_image_ids=[mosaics[0].name],
+                                     include_masks=True)
+            print_hits(hits.hits)
+            print(f"contact sheet: {write_query_sheet(query_png, hits, workdir / 'query_sheet.png', mosaics[0].name)}")
+            photo_png = (workdir / "corpus" / "photo-coffee.png").read_bytes()
+            segments = client.segment(photo_png)
+            print(f"{len(segments.segments)} segments of photo-coffee.png")
+            print(f"overlay: {write_segment_overlay(photo_png, segments, workdir / 'segment_overlay.png')}")
         print(f"metrics were served at http://127.0.0.1:{server.metrics_port}/metrics")
     finally:
         server.stop(grace=1.0)

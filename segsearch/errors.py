@@ -22,17 +22,17 @@ class CheckpointError(SegsearchError):
     """A checkpoint is missing, corrupt, or does not match the requested model."""
 
 
-class IndexError_(SegsearchError):
+class IndexStoreError(SegsearchError):
     """An index directory is missing, inconsistent, or from another model version."""
 
 
-class IndexFullError(IndexError_):
+class IndexFullError(IndexStoreError):
     """No room for a write: the disk holding the index, or the LMDB map, is full.
 
     Nothing is lost: the message says whether the batch was committed, and what to free or grow."""
 
 
-class StorageFailedError(IndexError_):
+class StorageFailedError(IndexStoreError):
     """The disk failed a write or sync of the index (e.g. fsync returned EIO).
 
     After a failed fsync the kernel may have dropped the unwritten pages, so retrying cannot be

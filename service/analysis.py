@@ -1,7 +1,7 @@
 """The model side of the service: decode a client's image, embed it, segment it.
 
 Everything goes through the indexer's own code (`indexer.decode` for safe decoding with the
-pixel guard, `indexer.segmenter` for resize -> embed -> k-means -> labels), so a query image
+pixel guard, `spml.segmenter` for resize -> embed -> k-means -> labels), so a query image
 is processed exactly as an indexed one and its vectors are comparable with the index.
 
 A box/mask query needs embeddings only: `_embed_batch` calls `Segmenter.embed` on the same
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from segsearch.indexer.decode import DecodeConfig, DecodedImage, ImageSkipped, decode_bytes
-from segsearch.indexer.segmenter import ImageSegments, Segmenter, StageTimes, resize_for_embedding, upsample_nearest
+from segsearch.spml.segmenter import ImageSegments, Segmenter, StageTimes, resize_for_embedding, upsample_nearest
 from segsearch.service.batcher import DynamicBatcher
 from segsearch.service.errors import InvalidArgument
 from segsearch.service.request_scope import add_stage_seconds, check_deadline, current_scope, stage

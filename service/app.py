@@ -18,7 +18,7 @@ import torch
 from segsearch.indexer.decode import DecodeConfig
 from segsearch.indexer.index_store import IndexStore
 from segsearch.indexer.pipeline import load_settings
-from segsearch.indexer.segmenter import Segmenter, SegmenterConfig
+from segsearch.spml.segmenter import Segmenter, SegmenterConfig
 from segsearch.indexer.sharded_store import ShardedStore, open_index, read_only_message, settings_dir
 from segsearch.service.analysis import BatchConfig, ImageAnalyzer
 from segsearch.service.errors import FailedPrecondition

@@ -207,13 +207,17 @@ def run_query(args) -> int:
                 response = client.search_mask(image, _read_bytes(args.mask, "the mask"), **options)
         except grpc.RpcError as error:
             raise SegsearchError(f"{error.code().name}: {error.details()}") from None
-    _print_hits(response.hits, args.json)
+    print_hits(response.hits, args.json)
     if args.out:
-        _write_sheet(args, image, response)
+        from segsearch.service.sheets import write_query_sheet
+
+        title = Path(args.image).name if args.image else f"segment {args.segment_id}"
+        print(f"contact sheet: {write_query_sheet(image, response, args.out, title)}")
     return 0
 
 
-def _print_hits(hits, as_json: bool) -> None:
+def print_hits(hits, as_json: bool = False) -> None:
+    """Hits as a table (or JSON lines), as `segsearch query` prints them."""
     if as_json:
         for hit in hits:
             print(json.dumps({"segment_id": hit.segment_id, "score": round(hit.score, 5), "image_id": hit.image_id,
@@ -224,35 +228,6 @@ def _print_hits(hits, as_json: bool) -> None:
     print(f"{'rank':>4}  {'score':>6}  {'segment':>8}  {'label':<16} image")
     for rank, hit in enumerate(hits, start=1):
         print(f"{rank:>4}  {hit.score:6.3f}  {hit.segment_id:>8}  {hit.label:<16} {hit.image_id}")
-
-
-def _write_sheet(args, image: bytes | None, response) -> None:
-    from segsearch.service.sheets import contact_sheet, decode_mask
-
-    if image is not None:
-        picture = _decode_local(image)
-        mask = decode_mask(response.query_mask_png)
-        title = Path(args.image).name
-    else:  # a stored segment: its own hit (first) stands for the query
-        first = response.hits[0] if response.hits else None
-        picture = np.full((64, 64, 3), 200, np.uint8)
-        mask, title = None, f"segment {args.segment_id}"
-        if first is not None:
-            from segsearch.service.sheets import read_local_image
-
-            picture = read_local_image(first.image_uri, (first.image_width, first.image_height))
-            if picture is None:
-                picture = np.full((first.image_height, first.image_width, 3), 150, np.uint8)
-            mask = decode_mask(first.mask_png)
-    path = contact_sheet(picture, mask, list(response.hits), args.out, title=str(title))
-    print(f"contact sheet: {path}")
-
-
-def _decode_local(data: bytes) -> np.ndarray:
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
 
 
 def add_segment_parser(subparsers) -> None:
@@ -270,8 +245,6 @@ def add_segment_parser(subparsers) -> None:
 def run_segment(args) -> int:
     import grpc
 
-    from segsearch.service.pngs import decode_png_array
-
     image = _read_bytes(args.image, "the image")
     with _client(args) as client:
         try:
@@ -285,11 +258,9 @@ def run_segment(args) -> int:
         Path(f"{args.maps}_segments.png").write_bytes(response.segment_map_png)
         Path(f"{args.maps}_labels.png").write_bytes(response.label_map_png)
     if args.out:
-        from segsearch.service.sheets import segmentation_overlay
+        from segsearch.service.sheets import write_segment_overlay
 
-        path = segmentation_overlay(_decode_local(image), decode_png_array(response.segment_map_png),
-                                    decode_png_array(response.label_map_png), list(response.labels), args.out)
-        print(f"overlay: {path}")
+        print(f"overlay: {write_segment_overlay(image, response, args.out)}")
     return 0
 
 

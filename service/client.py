@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from segsearch.service import segment_search_pb2 as pb
-from segsearch.service import segment_search_pb2_grpc as pb_grpc
+from segsearch.service._generated import segment_search_pb2 as pb
+from segsearch.service._generated import segment_search_pb2_grpc as pb_grpc
 
 DEFAULT_TIMEOUT = 30.0
 MiB = 1 << 20

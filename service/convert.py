@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 
 from segsearch.indexer.records import ImageRecord, SegmentRecord
-from segsearch.service import segment_search_pb2 as pb
+from segsearch.service._generated import segment_search_pb2 as pb
 from segsearch.service.pngs import encode_label_map_png, encode_mask_png, encode_rle_mask_png, encode_segment_map_png
 from segsearch.service.regions import Box
 from segsearch.service.search import Hit
-from segsearch.service.segmentation import Segmentation
+from segsearch.service.segment_rpc import Segmentation
 
 
 def box_message(box) -> pb.Box:

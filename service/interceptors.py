@@ -33,7 +33,7 @@ from collections.abc import Callable
 import grpc
 
 from segsearch.service.errors import InvalidArgument, ResourceExhausted, ServiceError, Unauthenticated
-from segsearch.service.metrics import ServiceMetrics
+from segsearch.service.prometheus import ServiceMetrics
 from segsearch.service.request_scope import RequestScope, request_scope
 
 log = logging.getLogger(__name__)

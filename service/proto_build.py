@@ -10,7 +10,7 @@ directory and requires byte-identical files. After editing the .proto run
 The code is generated with `-I protos`, so the descriptor keeps its public name
 `segsearch/v1/segment_search.proto` (what reflection shows and other languages import),
 and the one absolute import protoc writes into the gRPC stubs (`from segsearch.v1 import
-...`, a package that does not exist here) is rewritten to `segsearch.service`.
+...`, a package that does not exist here) is rewritten to `segsearch.service._generated`.
 """
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ from pathlib import Path
 PROTO_NAME = "segsearch/v1/segment_search.proto"
 GENERATED = ("segment_search_pb2.py", "segment_search_pb2.pyi", "segment_search_pb2_grpc.py")
 SERVICE_DIR = Path(__file__).resolve().parent
+GENERATED_DIR = SERVICE_DIR / "_generated"
 REPO_ROOT = SERVICE_DIR.parent
 PROTOS_DIR = REPO_ROOT / "protos"
 _PROTOC_IMPORT = "from segsearch.v1 import segment_search_pb2"
-_PACKAGE_IMPORT = "from segsearch.service import segment_search_pb2"
+_PACKAGE_IMPORT = "from segsearch.service._generated import segment_search_pb2"
 
 
 def generate(out_dir: Path, protos_dir: Path = PROTOS_DIR) -> list[Path]:
@@ -53,7 +54,7 @@ def generate(out_dir: Path, protos_dir: Path = PROTOS_DIR) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=SERVICE_DIR, help="default: %(default)s")
+    parser.add_argument("--out", type=Path, default=GENERATED_DIR, help="default: %(default)s")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as staging:
         for path in generate(Path(staging)):

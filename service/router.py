@@ -32,8 +32,8 @@ import grpc
 
 from segsearch.errors import SegsearchError
 from segsearch.indexer.sharded_store import merge_hits
-from segsearch.service import segment_search_pb2 as pb
-from segsearch.service import segment_search_pb2_grpc as pb_grpc
+from segsearch.service._generated import segment_search_pb2 as pb
+from segsearch.service._generated import segment_search_pb2_grpc as pb_grpc
 from segsearch.service.errors import (
     DeadlineExceeded,
     FailedPrecondition,

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from segsearch.service import segment_search_pb2_grpc as pb_grpc
+from segsearch.service._generated import segment_search_pb2_grpc as pb_grpc
 from segsearch.service.errors import Unavailable
-from segsearch.service.metrics import ServiceMetrics
+from segsearch.service.prometheus import ServiceMetrics
 from segsearch.service.router import CONNECT_TIMEOUT, DEFAULT_BACKEND_TIMEOUT, Router, refuse_write
 from segsearch.service.server import DEFAULT_PORT, GrpcFrontend, MiB, run_until_signalled
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from segsearch.errors import IndexError_
+from segsearch.errors import IndexStoreError
 from segsearch.indexer.index_store import IndexStore
 from segsearch.indexer.records import ImageRecord, SegmentRecord
 from segsearch.service.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -92,7 +92,7 @@ def stored_prototype(store: IndexStore, segment_id: int, model_version: str) -> 
 def get_segment(store: IndexStore, segment_id: int, model_version: str) -> SegmentRecord:
     try:
         record = store.get_segment(int(segment_id))
-    except IndexError_:
+    except IndexStoreError:
         raise NotFound(f"segment id {segment_id} is not in the index "
                        f"({store.meta.num_segments} segments); ids come from search results") from None
     if record.model_version != model_version:
@@ -130,6 +130,6 @@ def _images(store: IndexStore, image_ids: set[str]) -> dict[str, ImageRecord]:
     for image_id in image_ids:
         try:
             found[image_id] = store.get_image(image_id)
-        except IndexError_:
+        except IndexStoreError:
             pass  # deleted between the search and now: the hit keeps its segment record
     return found

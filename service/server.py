@@ -28,12 +28,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from segsearch.errors import SegsearchError
-from segsearch.service import segment_search_pb2 as pb
-from segsearch.service import segment_search_pb2_grpc as pb_grpc
+from segsearch.service._generated import segment_search_pb2 as pb
+from segsearch.service._generated import segment_search_pb2_grpc as pb_grpc
 from segsearch.service.analysis import BatchConfig
 from segsearch.service.app import ServiceApp, ServiceLimits
 from segsearch.service.interceptors import build_interceptors
-from segsearch.service.metrics import ServiceMetrics
+from segsearch.service.prometheus import ServiceMetrics
 from segsearch.service.servicer import SegmentSearchServicer
 
 log = logging.getLogger(__name__)

@@ -7,15 +7,15 @@ loaded) every call answers UNAVAILABLE, as health answers NOT_SERVING.
 """
 from __future__ import annotations
 
-from segsearch.errors import IndexError_
+from segsearch.errors import IndexStoreError
 from segsearch.service import convert
-from segsearch.service import segment_search_pb2 as pb
-from segsearch.service import segment_search_pb2_grpc as pb_grpc
+from segsearch.service._generated import segment_search_pb2 as pb
+from segsearch.service._generated import segment_search_pb2_grpc as pb_grpc
 from segsearch.service.app import ServiceApp
 from segsearch.service.errors import FailedPrecondition, InvalidArgument, Unavailable
 from segsearch.service.queries import RegionSpec, embedding_query, region_query, segment_id_query
 from segsearch.service.search import get_segment, search, validate_options
-from segsearch.service.segmentation import segment_image
+from segsearch.service.segment_rpc import segment_image
 from segsearch.service.updates import NewImage
 
 
@@ -103,5 +103,5 @@ def _region_spec(region: pb.Region) -> RegionSpec:
 def _image_or_none(app: ServiceApp, image_id: str):
     try:
         return app.store.get_image(image_id)
-    except IndexError_:
+    except IndexStoreError:
         return None

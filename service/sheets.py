@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from scipy import ndimage
 
-from segsearch.trainer.overlays import class_colours
+from segsearch.service.pngs import decode_png_array
+from segsearch.spml.palette import class_colours
 
 TILE = 224
 CAPTION = 40
@@ -187,3 +188,33 @@ def _save(image: Image.Image, out_path: str | Path) -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     image.save(out_path)
     return out_path
+
+
+# ---- from a service answer to a picture (the `query` and `segment` commands, the demo) ----------
+
+def decode_image_bytes(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> `(H, W, 3)` uint8 RGB, EXIF orientation applied (as the server does)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+
+
+def write_query_sheet(image: bytes | None, response, out_path: str | Path, title: str) -> Path:
+    """The contact sheet of a SearchSimilar answer. `image`: the query's encoded bytes, or None
+    for a search by segment id, whose own hit (first) then stands for the query."""
+    if image is not None:
+        return contact_sheet(decode_image_bytes(image), decode_mask(response.query_mask_png),
+                             list(response.hits), out_path, title=title)
+    picture, mask = np.full((64, 64, 3), 200, np.uint8), None
+    if response.hits:
+        first = response.hits[0]
+        picture = read_local_image(first.image_uri, (first.image_width, first.image_height))
+        if picture is None:
+            picture = np.full((first.image_height, first.image_width, 3), 150, np.uint8)
+        mask = decode_mask(first.mask_png)
+    return contact_sheet(picture, mask, list(response.hits), out_path, title=title)
+
+
+def write_segment_overlay(image: bytes, response, out_path: str | Path) -> Path:
+    """The overlay of a Segment answer over the encoded image it was asked about."""
+    return segmentation_overlay(decode_image_bytes(image), decode_png_array(response.segment_map_png),
+                                decode_png_array(response.label_map_png), list(response.labels), out_path)

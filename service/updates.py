@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from segsearch.errors import IndexError_, IndexFullError, StorageFailedError
+from segsearch.errors import IndexStoreError, IndexFullError, StorageFailedError
 from segsearch.indexer.decode import ImageSkipped, SkipReason, decode_bytes
 from segsearch.indexer.index_store import IndexStore
 from segsearch.indexer.pipeline import image_records
@@ -128,7 +128,7 @@ class IndexUpdater:
                 return self.store.delete_images(list(dict.fromkeys(image_ids)))
             except (IndexFullError, StorageFailedError):
                 raise
-            except IndexError_ as error:
+            except IndexStoreError as error:
                 raise NotFound(str(error)) from None
 
 

@@ -25,8 +25,9 @@ from segsearch.spml.prototypes import flatten_segments, segment_prototypes
 from segsearch.trainer.config import TrainConfig
 from segsearch.trainer.datasets import DataConfig, load_split
 from segsearch.trainer.descriptors import pixel_descriptors
-from segsearch.trainer.label_bank import build_label_banks, knn_vote, segment_batch
-from segsearch.trainer.metrics import Scores, confusion_matrix
+from segsearch.spml.label_vote import knn_vote
+from segsearch.trainer.label_bank import build_label_banks, segment_batch
+from segsearch.trainer.scores import Scores, confusion_matrix
 from segsearch.trainer.overlays import overlay_sheet, plot_confusion
 from segsearch.trainer.prepared import PreparedSet, prepare_set
 from segsearch.trainer.train import prepare_training_data, resolve_device

@@ -23,7 +23,7 @@ class PixelSum:
 
     Why: under data-parallel training each process sees part of the global batch; the
     processes add their counts up and divide their sums by the *global* count, so the
-    result is the mean over the whole global batch (see trainer/distributed.py).
+    result is the mean over the whole global batch (see trainer/ddp.py).
     `weight * term` scales the sum, like `weight * loss` does for a mean.
     """
 

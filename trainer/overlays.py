@@ -3,28 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import imgviz
 import numpy as np
 from PIL import Image, ImageDraw
 
-from segsearch.trainer.sample import IGNORE_INDEX
-
-
-def class_colours() -> np.ndarray:
-    """(256, 3) uint8: imgviz's palette shifted by one, so that class 0 is not black (black
-    means "ignore" in our pictures)."""
-    return imgviz.label_colormap()[1:]
-
-
-def colourise(labels: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
-    """(H, W) class ids (255 = ignore, drawn black) -> (H, W, 3) uint8."""
-    colours = class_colours()
-    safe = np.where(labels == IGNORE_INDEX, 0, labels)
-    rgb = colours[safe % len(colours)].copy()
-    if image is not None:
-        rgb = (0.6 * rgb + 0.4 * image).astype(np.uint8)
-    rgb[labels == IGNORE_INDEX] = 0
-    return rgb
+from segsearch.spml.palette import class_colours, colourise
 
 
 def overlay_sheet(

@@ -85,7 +85,7 @@ class MemoryBank:
 
     def push_entry(self, entry: BankEntry) -> None:
         """Push prepared rows, e.g. the whole global batch's segments gathered from every
-        process, so that all processes keep the same bank (trainer/distributed.py)."""
+        process, so that all processes keep the same bank (trainer/ddp.py)."""
         if self.enabled:
             self.entries.append(entry)
 
@@ -128,7 +128,7 @@ def relation_losses(
     `bank` holds every prototype beyond the batch's own segments (never a pixel's own
     segment): the memory bank, and under data-parallel training first the other processes'
     segments of the global batch, carrying gradient. reduction="sum" returns PixelSums for
-    a mean over the global batch (trainer/distributed.py)."""
+    a mean over the global batch (trainer/ddp.py)."""
     own = _own_segment(segments, extra=bank.prototypes.shape[0])
     prototypes = torch.cat([segments.prototypes, bank.prototypes])
     losses = {}

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-IGNORE_INDEX = 255
-"""Mask value of pixels that carry no class (VOC object borders, 'difficult' objects)."""
+# Mask value of pixels that carry no class (VOC object borders, 'difficult' objects); defined
+# in spml so that labels and pictures share one value.
+from segsearch.spml.palette import IGNORE_INDEX  # noqa: F401
 
 
 @dataclass

@@ -8,7 +8,7 @@ by a 1x1 classifier and cross-entropy on the weak labels (partial CE) or on ever
 rate, a progress bar with each loss term, metrics as JSONL and a loss-curve PNG.
 
 Under torchrun the same loop runs data-parallel (DDP, gathered prototypes, a global-batch
-mean); trainer/distributed.py states the conventions. Alone it is the plain loop.
+mean); trainer/ddp.py states the conventions. Alone it is the plain loop.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from segsearch.spml.kmeans import KMeansConfig, spherical_kmeans
 from segsearch.trainer.config import TrainConfig
 from segsearch.trainer.curves import plot_loss_curves
 from segsearch.trainer.datasets import LoadedSplit, load_split
-from segsearch.trainer.distributed import (
+from segsearch.trainer.ddp import (
     Replica, World, average_floats, concat_entries, gather_segments, global_mean, make_replica,
     process_group, rank_batch, rank_pixels, share_from_main,
 )

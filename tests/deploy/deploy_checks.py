@@ -161,7 +161,7 @@ def exported_metric_names() -> tuple[set[str], set[str]]:
     """(sample names, family names) that a real ServiceMetrics registry serves once it has
     seen a request with stages and has index gauges, e.g. segsearch_requests_total and
     segsearch_request_duration_seconds_bucket."""
-    from segsearch.service.metrics import ServiceMetrics
+    from segsearch.service.prometheus import ServiceMetrics
 
     metrics = ServiceMetrics()
     metrics.track_index(lambda: 3.0, lambda: 1.0)

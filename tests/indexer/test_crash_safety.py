@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segsearch.errors import IndexError_
+from segsearch.errors import IndexStoreError
 from segsearch.indexer.index_store import VECTORS_FILE, IndexStore
 from segsearch.indexer.vector_index import VectorIndex
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_index_store import DIM, MODEL, fill, make_batch, make_image  # noqa: E402
+from indexer_helpers import DIM, MODEL, fill, make_batch, make_image
 
 CHUNKS, PER_CHUNK = 24, 5
 
@@ -32,8 +31,8 @@ CHUNKS, PER_CHUNK = 24, 5
 CHILD = textwrap.dedent(f"""
     import sys
     from pathlib import Path
-    sys.path.insert(0, {str(Path(__file__).parent)!r})
-    from test_index_store import DIM, MODEL, IndexStore, make_batch
+    sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]  # the helpers
+    from indexer_helpers import DIM, MODEL, IndexStore, make_batch
     root, spec, save_every = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     if len(sys.argv) > 4:  # die by SIGKILL at the N-th pass through a chosen point
         import os, signal
@@ -209,7 +208,7 @@ def test_damaged_faiss_file_is_rebuilt_from_lmdb(tmp_path, caplog, damage):
         path.write_bytes(os.urandom(4096))
     else:
         path.unlink()
-    with pytest.raises(IndexError_, match="vectors.faiss"):
+    with pytest.raises(IndexStoreError, match="vectors.faiss"):
         IndexStore.open(root, MODEL, repair=False)
     with caplog.at_level(logging.WARNING), IndexStore.open(root, MODEL) as store:
         _assert_consistent(store)
@@ -228,7 +227,7 @@ def test_faiss_file_of_another_index_is_not_trusted(tmp_path, caplog):
                     seg.model_version = model
             store.add_images(batch)
     (tmp_path / "a" / VECTORS_FILE).write_bytes((tmp_path / "b" / VECTORS_FILE).read_bytes())
-    with pytest.raises(IndexError_, match="belongs to another index"):
+    with pytest.raises(IndexStoreError, match="belongs to another index"):
         IndexStore.open(tmp_path / "a", repair=False)
     with caplog.at_level(logging.WARNING), IndexStore.open(tmp_path / "a") as store:
         _assert_consistent(store)
@@ -269,12 +268,12 @@ def test_leftover_temp_file_of_an_interrupted_save_is_removed(tmp_path):
 def test_full_map_is_a_clear_error_and_the_store_stays_consistent(tmp_path):
     root = tmp_path / "index"
     store = IndexStore.create(root, MODEL, DIM, map_size=1 << 20)
-    with pytest.raises(IndexError_, match=r"metadata map .* is full .*reopen the index") as info:
+    with pytest.raises(IndexStoreError, match=r"metadata map .* is full .*reopen the index") as info:
         for c in range(200):
             store.add_images(make_batch(f"c{c}-{j}" for j in range(20)))
     assert "nothing from this batch was written" in str(info.value)
     failed = f"c{c}-0"
-    with pytest.raises(IndexError_):
+    with pytest.raises(IndexStoreError):
         store.get_image(failed)
     _assert_consistent(store)
     assert store.search(make_image("c0-3")[1][0].prototype, 1)[0][0].segment.image_id == "c0-3"

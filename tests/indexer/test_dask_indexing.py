@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from segsearch.cli import main as segsearch_main
-from segsearch.indexer.distributed import DaskConfig, index_distributed, split
+from segsearch.indexer.dask_runner import DaskConfig, index_distributed, split
 from segsearch.indexer.index_store import LMDB_DIR, IndexStore
 from segsearch.indexer.merge import merge_record, merge_shards
 from segsearch.indexer.metadata_store import MetadataStore
@@ -31,14 +31,9 @@ from segsearch.indexer.pipeline import SKIPPED_FILE, SkipReport, index_corpus
 from segsearch.indexer.sharded_store import ShardedStore
 from segsearch.indexer.shards import ID_STRIDE, SHARDS_DIR, ShardLayout
 
-from test_pipeline import (  # noqa: F401  (one_torch_thread: the module-scoped autouse fixture)
-    all_prototypes,
-    one_torch_thread,
-    photo,
-    small_config,
-    tiny_checkpoint,
-    write_photos,
-)
+from indexer_helpers import all_prototypes, small_config, write_photos
+from model_helpers import photo, tiny_checkpoint
+
 
 distributed = pytest.importorskip("distributed")
 
@@ -228,12 +223,12 @@ def _worker_blocked_in_shard_1(client, shard_dir: Path, expect_images: int, time
 
 
 def test_existing_single_process_index_is_refused(tmp_path, checkpoint, corpus, reference, client):
-    from segsearch.errors import IndexError_
+    from segsearch.errors import IndexStoreError
 
-    with pytest.raises(IndexError_, match="built by one process"):
+    with pytest.raises(IndexStoreError, match="built by one process"):
         index_distributed(corpus, checkpoint, reference, CONFIG, DaskConfig(), client=client)
     config = dataclasses.replace(CONFIG, must_exist=True)
-    with pytest.raises(IndexError_, match="no sharded index"):
+    with pytest.raises(IndexStoreError, match="no sharded index"):
         index_distributed(corpus, checkpoint, tmp_path / "new", config, DaskConfig(), client=client)
 
 
@@ -264,13 +259,13 @@ def test_merge_interrupted_before_its_commit_point_is_redone(built, tmp_path, mo
 
 
 def test_merged_index_changed_after_its_merge_is_not_replaced_silently(built, tmp_path):
-    from segsearch.errors import IndexError_
+    from segsearch.errors import IndexStoreError
 
     out = tmp_path / "index"
     shutil.copytree(built[0], out, ignore=shutil.ignore_patterns("writer.lock"))
     with IndexStore.open(out) as merged:
         merged.delete_images(["coins.png"])
-    with pytest.raises(IndexError_, match="changed after it was merged"):
+    with pytest.raises(IndexStoreError, match="changed after it was merged"):
         merge_shards(out / SHARDS_DIR, out)
     assert merge_shards(out / SHARDS_DIR, out, force=True).images == 7
     with IndexStore.open(out, read_only=True) as merged:
@@ -301,7 +296,7 @@ def test_cli_with_its_own_local_cluster(tmp_path, checkpoint, corpus, reference,
 def test_local_cluster_listens_on_loopback_only():
     """`--dask local:N`: scheduler, nannies, workers and their HTTP endpoints on 127.0.0.1."""
     psutil = pytest.importorskip("psutil")
-    from segsearch.indexer.distributed import connect
+    from segsearch.indexer.dask_runner import connect
 
     with connect("local:1") as client:
         assert len(client.nthreads()) == 1 and set(client.nthreads().values()) == {1}

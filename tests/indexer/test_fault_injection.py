@@ -25,12 +25,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segsearch.errors import IndexError_, IndexFullError, StorageFailedError
+from segsearch.errors import IndexStoreError, IndexFullError, StorageFailedError
 from segsearch.indexer.index_store import VECTORS_FILE, IndexStore
 from segsearch.indexer.vector_index import VectorIndex
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_index_store import DIM, MODEL, fill, make_batch, make_image  # noqa: E402
+from indexer_helpers import DIM, MODEL, fill, make_batch, make_image
 
 
 def _consistent(store: IndexStore) -> bool:
@@ -140,8 +139,8 @@ WRAP(fdatasync)
 LMDB_EIO_CHILD = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    sys.path.insert(0, sys.argv[3])
-    from test_index_store import DIM, MODEL, IndexStore, make_batch
+    sys.path[:0] = [sys.argv[3], str(Path(sys.argv[3]).parent)]  # the helpers
+    from indexer_helpers import DIM, MODEL, IndexStore, make_batch
     root, flag = Path(sys.argv[1]), Path(sys.argv[2])
     seen = {}
     store = IndexStore.create(root, MODEL, DIM)
@@ -206,13 +205,13 @@ def test_deleted_vectors_do_not_come_back_with_an_older_faiss_file(tmp_path, spe
 OPEN_CHILD = textwrap.dedent("""
     import json, sys
     from segsearch.indexer.index_store import IndexStore
-    from segsearch.errors import IndexError_
+    from segsearch.errors import IndexStoreError
     results = {}
     for read_only in (False, True):
         try:
             IndexStore.open(sys.argv[1], read_only=read_only).close()
             results[str(read_only)] = "opened"
-        except IndexError_ as exc:
+        except IndexStoreError as exc:
             results[str(read_only)] = str(exc)
     print(json.dumps(results))
 """)
@@ -265,7 +264,7 @@ def test_lmdb_counts_that_disagree_with_the_meta_record_are_refused(tmp_path):
         key = next(iter(txn.cursor(db=segments).iternext(values=False)))
         txn.delete(key, db=segments)  # a segment record lost behind the meta record's back
     env.close()
-    with pytest.raises(IndexError_, match=r"data\.mdb is damaged: entry counts"):
+    with pytest.raises(IndexStoreError, match=r"data\.mdb is damaged: entry counts"):
         IndexStore.open(root, MODEL)
 
 

@@ -20,14 +20,9 @@ from segsearch.indexer.metadata_store import segment_key
 from segsearch.indexer.pipeline import index_corpus
 from segsearch.spml.checkpoint import load_checkpoint
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_pipeline import (  # noqa: E402, F401
-    one_torch_thread,
-    other_version_checkpoint,
-    small_config,
-    tiny_checkpoint,
-    write_photos,
-)
+from indexer_helpers import small_config, write_photos
+from model_helpers import other_version_checkpoint, tiny_checkpoint
+
 
 # The flags that match test_pipeline.small_config() (embed 64, grid 4x4, 5 iterations, ...).
 SMALL = ["--embed-size", "64", "--grid", "4x4", "--kmeans-iterations", "5", "--min-area", "0.01",
@@ -194,7 +189,7 @@ def test_index_word_before_corpus_is_optional():
 
 def test_help_defaults_are_the_segmenter_defaults():
     from segsearch.indexer.cli import HELP_DEFAULTS
-    from segsearch.indexer.segmenter import SegmenterConfig
+    from segsearch.spml.segmenter import SegmenterConfig
 
     defaults = SegmenterConfig()
     assert HELP_DEFAULTS == {name: getattr(defaults, name) for name in HELP_DEFAULTS}

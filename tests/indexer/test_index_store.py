@@ -1,50 +1,21 @@
 """IndexStore: LMDB + FAISS together, with real LMDB and FAISS in temporary directories."""
 
-import hashlib
 import subprocess
 import sys
 import textwrap
-import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from segsearch.errors import IndexError_
+from segsearch.errors import IndexStoreError
 from segsearch.indexer.index_store import VECTORS_FILE, IndexStore
-from segsearch.indexer.records import ImageRecord, SegmentRecord, encode_segment
-from segsearch.indexer.rle import decode_mask, encode_mask, mask_box
+from segsearch.indexer.records import ImageRecord, encode_segment
+from segsearch.indexer.rle import decode_mask
 from segsearch.indexer.vector_index import VectorIndex
+from indexer_helpers import DIM, MODEL, fill, make_batch, make_image
 
-DIM = 16
-MODEL = "spml-test-1"
 SPECS = ["flat", "hnsw", "IVF8,Flat"]  # IVF8 needs 312 vectors; tests use >= 400 segments
-
-
-def make_image(image_id: str, n_segments: int = 4, model: str = MODEL, content: str = "") -> tuple:
-    """A synthetic image of vertical strips, deterministic in its id (and `content`)."""
-    rng = np.random.default_rng(zlib.crc32(f"{image_id}{content}".encode()))
-    height, width = 12, 20
-    edges = np.linspace(0, width, n_segments + 1).astype(int)
-    segments = []
-    for s in range(n_segments):
-        mask = np.zeros((height, width), bool)
-        mask[:, edges[s]:edges[s + 1]] = True
-        proto = rng.standard_normal(DIM).astype(np.float32)
-        segments.append(SegmentRecord(
-            0, image_id, mask_box(mask), mask.mean(), encode_mask(mask), mask.shape,
-            f"class{s}", 0.5 + 0.1 * s, model, proto / np.linalg.norm(proto),
-        ))
-    sha = hashlib.sha256(f"{image_id}{content}".encode()).hexdigest()
-    return ImageRecord(image_id, f"file:///corpus/{image_id}.png", width, height, sha), segments
-
-
-def make_batch(names) -> list:
-    return [make_image(name) for name in names]
-
-
-def fill(store: IndexStore, n_images: int = 120, chunk: int = 30) -> None:
-    for start in range(0, n_images, chunk):
-        store.add_images(make_batch(f"img{i:04d}" for i in range(start, start + chunk)))
 
 
 def neighbours(store: IndexStore, queries: np.ndarray, k: int = 5) -> list:
@@ -122,9 +93,9 @@ def test_delete_removes_from_search_and_lmdb(store):
     removed = store.delete_images(["img0007", "img0100"])
     assert sorted(removed) == sorted(gone_ids)
     for sid in gone_ids:
-        with pytest.raises(IndexError_, match=f"segment id {sid}"):
+        with pytest.raises(IndexStoreError, match=f"segment id {sid}"):
             store.get_segment(sid)
-    with pytest.raises(IndexError_, match="img0007"):
+    with pytest.raises(IndexStoreError, match="img0007"):
         store.get_image("img0007")
     assert not store.has_image("img0007") and store.has_image("img0008")
     found = {h.segment_id for row in store.search(gone_protos, 10) for h in row}
@@ -136,7 +107,7 @@ def test_delete_removes_from_search_and_lmdb(store):
 
 def test_delete_unknown_image_lists_it_and_deletes_nothing(store):
     fill(store, 20, 20)
-    with pytest.raises(IndexError_, match="'nope'") as info:
+    with pytest.raises(IndexStoreError, match="'nope'") as info:
         store.delete_images(["img0001", "nope"])
     assert "img0001" not in str(info.value)
     assert store.get_image("img0001").segment_ids and store.stats()["num_images"] == 20
@@ -165,7 +136,7 @@ def test_reopen_keeps_everything_and_refuses_another_model(tmp_path):
         store.delete_images(["img0004"])
         queries = np.stack([store.get_segment(i).prototype for i in (1, 50, 200)])
         before = neighbours(store, queries)
-    with pytest.raises(IndexError_, match="'spml-test-1'.*'spml-other'") as info:
+    with pytest.raises(IndexStoreError, match="'spml-test-1'.*'spml-other'") as info:
         IndexStore.open(tmp_path / "index", "spml-other")
     assert "new --out" in str(info.value)
     with IndexStore.open(tmp_path / "index", MODEL) as store:
@@ -177,7 +148,7 @@ def test_reopen_keeps_everything_and_refuses_another_model(tmp_path):
 
 def test_segments_of_another_model_version_are_refused(tmp_path):
     with IndexStore.create(tmp_path / "index", MODEL, DIM) as store:
-        with pytest.raises(IndexError_, match="model version 'spml-v9'"):
+        with pytest.raises(IndexStoreError, match="model version 'spml-v9'"):
             store.add_images([make_image("a", model="spml-v9")])
         assert store.stats()["num_segments"] == 0 and store.verify() == []
 
@@ -185,11 +156,11 @@ def test_segments_of_another_model_version_are_refused(tmp_path):
 def test_create_and_open_refuse_wrong_directories(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("x")
-    with pytest.raises(IndexError_, match="not empty"):
+    with pytest.raises(IndexStoreError, match="not empty"):
         IndexStore.create(tmp_path / "full", MODEL, DIM)
-    with pytest.raises(IndexError_, match="no segsearch index"):
+    with pytest.raises(IndexStoreError, match="no segsearch index"):
         IndexStore.open(tmp_path / "missing")
-    with pytest.raises(IndexError_, match="factory"):
+    with pytest.raises(IndexStoreError, match="factory"):
         IndexStore.create(tmp_path / "bad", MODEL, DIM, "nonsense42")
     assert not (tmp_path / "bad").exists()  # nothing half-made
 
@@ -197,7 +168,7 @@ def test_create_and_open_refuse_wrong_directories(tmp_path):
 def test_one_writer_at_a_time(tmp_path):
     store = IndexStore.create(tmp_path / "index", MODEL, DIM)
     try:
-        with pytest.raises(IndexError_, match="open for writing"):
+        with pytest.raises(IndexStoreError, match="open for writing"):
             IndexStore.open(tmp_path / "index")
     finally:
         store.close()
@@ -253,11 +224,11 @@ def test_reader_refresh_sees_a_writer_process(tmp_path):
         fill(store, 20, 20)
     reader = IndexStore.open(root, MODEL, read_only=True)
     try:
-        with pytest.raises(IndexError_, match="read-only"):
+        with pytest.raises(IndexStoreError, match="read-only"):
             reader.add_images(make_batch(["x"]))
         writer = textwrap.dedent(f"""
-            import sys; sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
-            from test_index_store import IndexStore, make_batch
+            import sys; sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]
+            from indexer_helpers import IndexStore, make_batch
             with IndexStore.open({str(root)!r}) as s:
                 s.add_images(make_batch(["new1", "new2"]))
                 s.delete_images(["img0003"])

@@ -4,7 +4,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from segsearch.errors import IndexError_
+from segsearch.errors import IndexStoreError
 from segsearch.indexer import records
 from segsearch.indexer.records import (
     ImageRecord,
@@ -67,14 +67,14 @@ def test_values_are_msgpack_envelopes_with_a_schema_version_not_pickle():
 
 def test_unknown_schema_version_is_refused_clearly():
     data = msgpack.packb(["segment", 99, {}], use_bin_type=True)
-    with pytest.raises(IndexError_, match="schema version 99"):
+    with pytest.raises(IndexStoreError, match="schema version 99"):
         decode_segment(data)
 
 
 def test_wrong_kind_and_garbage_are_refused():
-    with pytest.raises(IndexError_, match="expected a segment record"):
+    with pytest.raises(IndexStoreError, match="expected a segment record"):
         decode_segment(encode_image(ImageRecord("a", "u", 1, 1, "0" * 64)))
-    with pytest.raises(IndexError_, match="corrupt"):
+    with pytest.raises(IndexStoreError, match="corrupt"):
         decode_meta(b"\xc1\x00garbage")
-    with pytest.raises(IndexError_, match="envelope"):
+    with pytest.raises(IndexStoreError, match="envelope"):
         decode_meta(msgpack.packb({"not": "a list"}))

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from segsearch.errors import IndexError_
+from segsearch.errors import IndexStoreError
 from segsearch.indexer import vector_index
 from segsearch.indexer.vector_index import VectorIndex, ivf_nlist_for
 
@@ -132,7 +132,7 @@ def test_add_rejects_bad_input():
 
 @pytest.mark.parametrize("spec", ["IDMap2,Flat", "nonsense42", "PCA8,Flat"])
 def test_bad_or_unsupported_specs_are_refused(spec):
-    with pytest.raises(IndexError_):
+    with pytest.raises(IndexStoreError):
         VectorIndex(DIM, spec)
 
 
@@ -179,12 +179,12 @@ def test_damaged_files_raise_naming_the_file(tmp_path, damage):
     else:
         data = bytearray()
     path.write_bytes(bytes(data))
-    with pytest.raises(IndexError_, match="corrupt or truncated") as info:
+    with pytest.raises(IndexStoreError, match="corrupt or truncated") as info:
         VectorIndex.load(path)
     assert str(path) in str(info.value)
 
 
 def test_missing_file_raises_naming_it(tmp_path):
-    with pytest.raises(IndexError_, match="does not exist") as info:
+    with pytest.raises(IndexStoreError, match="does not exist") as info:
         VectorIndex.load(tmp_path / "nope.faiss")
     assert os.fspath(tmp_path / "nope.faiss") in str(info.value)

@@ -14,7 +14,7 @@ import torch
 
 from segsearch.indexer.decode import DecodeConfig
 from segsearch.indexer.pipeline import IndexConfig, index_corpus
-from segsearch.indexer.segmenter import SegmenterConfig
+from segsearch.spml.segmenter import SegmenterConfig
 from segsearch.service.analysis import BatchConfig
 from segsearch.trainer.config import TrainConfig
 from segsearch.trainer.datasets import DataConfig

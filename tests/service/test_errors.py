@@ -6,7 +6,7 @@ import grpc
 import numpy as np
 import pytest
 
-from segsearch.service import segment_search_pb2 as pb
+from segsearch.service._generated import segment_search_pb2 as pb
 from service_helpers import PHOTO, png_bytes
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -99,7 +99,7 @@ def test_a_checkpoint_of_another_model_version_is_refused_at_start(index_templat
                                                                     tmp_path_factory):
     """The server never serves an index with a model that did not build it (FAILED_PRECONDITION's
     counterpart at load time: the server does not come up, and says which versions differ)."""
-    from segsearch.errors import IndexError_
+    from segsearch.errors import IndexStoreError
     from segsearch.service.server import SegsearchServer, ServerConfig
     from segsearch.spml.checkpoint import load_checkpoint, save_checkpoint
 
@@ -115,7 +115,7 @@ def test_a_checkpoint_of_another_model_version_is_refused_at_start(index_templat
                                           metrics_port=None))
     server.start()
     try:
-        with pytest.raises(IndexError_, match=f"the model is version '{other_version}'"):
+        with pytest.raises(IndexStoreError, match=f"the model is version '{other_version}'"):
             server.load()
     finally:
         server.stop(grace=0)

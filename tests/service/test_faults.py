@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import grpc
@@ -18,10 +17,8 @@ import pytest
 from segsearch.cli import main
 from segsearch.indexer import metadata_store
 from segsearch.indexer.index_store import VECTORS_FILE, IndexStore
+from segsearch.testing.faults import KILL_MODES, Check, format_table, run_kill_rounds, run_verify
 from service_helpers import copy_index, mosaic_images, png_bytes, start_server
-
-sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))
-from faults import KILL_MODES, Check, format_table, run_kill_rounds, run_verify  # noqa: E402
 
 
 def _assert_nothing_lost(results, final: Check, ledger) -> None:

@@ -13,7 +13,7 @@ import math
 import grpc
 import numpy as np
 import pytest
-from fuzz_strategies import (
+from segsearch.testing.fuzz_strategies import (
     INT32_MAX,
     INT32_MIN,
     UINT64_MAX,
@@ -32,9 +32,9 @@ from fuzz_strategies import (
     warm_up,
 )
 from PIL import Image
-from segsearch.service import segment_search_pb2 as pb
+from segsearch.service._generated import segment_search_pb2 as pb
 from segsearch.service.client import SegsearchClient
-from segsearch.service.serve_process import ServeProcess
+from segsearch.testing.serve_process import ServeProcess
 from service_helpers import PHOTO, copy_index, photo, png_bytes
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

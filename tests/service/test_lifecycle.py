@@ -8,7 +8,7 @@ import threading
 import grpc
 import pytest
 
-from segsearch.service import segment_search_pb2 as pb
+from segsearch.service._generated import segment_search_pb2 as pb
 from segsearch.service.client import SegsearchClient
 from segsearch.service.server import SegsearchServer, ServerConfig
 from service_helpers import copy_index, metric_value, start_server

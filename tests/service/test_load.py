@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -15,7 +14,6 @@ from segsearch.indexer.index_store import IndexStore
 from segsearch.service.loadgen import HealthProbe, LoadConfig, RequestMix, arrival_offsets, run_load
 from service_helpers import copy_index, mosaic_images, png_bytes, start_server
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 SOAK_SECONDS = float(os.environ.get("SEGSEARCH_SOAK_SECONDS", "120"))
 SOAK_BOUND_MIB = 50.0
 
@@ -83,12 +81,13 @@ def test_overload_sheds_keeps_health_serving_and_recovers(index_template, checkp
 def test_soak_keeps_the_server_rss_bounded(index_template, checkpoint_path, tmp_path_factory):
     """`segsearch serve` in a child process under steady open-loop load for SEGSEARCH_SOAK_SECONDS
     (default 120): its RSS after the warm-up grows by less than 50 MiB and it keeps answering."""
-    sys.path.insert(0, str(BENCH))
-    from load_service import soak, start_server
+    from segsearch.testing.serve_process import ServeProcess
+    from segsearch.testing.soak import soak
 
     index_dir = copy_index(index_template, tmp_path_factory)
     mix = RequestMix(_segment_ids(index_dir))  # read before the server holds the index
-    server = start_server(index_dir, checkpoint_path, tmp_path_factory.mktemp("soak"))
+    server = ServeProcess(index_dir, checkpoint_path, tmp_path_factory.mktemp("soak"),
+                          extra=["--max-concurrent", "8", "--grace", "5"], start_timeout=180.0)
     try:
         result = soak(server, mix, LoadConfig(mode="open", rate=50, clients=32, requests=1 << 30, seconds=10),
                       SOAK_SECONDS, window_s=10, rss_every=2, bound_mib=SOAK_BOUND_MIB)

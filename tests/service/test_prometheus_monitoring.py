@@ -26,7 +26,7 @@ import grpc
 import pytest
 import yaml
 from segsearch.indexer.index_store import IndexStore
-from segsearch.service.metrics import LATENCY_BUCKETS
+from segsearch.service.prometheus import LATENCY_BUCKETS
 from segsearch.service.server import SegsearchServer, ServerConfig
 from service_helpers import copy_index, start_server
 

@@ -3,14 +3,14 @@ contract keeps the names clients are written against."""
 from __future__ import annotations
 
 from segsearch.service import proto_build
-from segsearch.service import segment_search_pb2 as pb
+from segsearch.service._generated import segment_search_pb2 as pb
 
 
 def test_committed_stubs_match_a_fresh_generation(tmp_path):
     written = proto_build.generate(tmp_path)
     assert [path.name for path in written] == list(proto_build.GENERATED)
     for path in written:
-        committed = proto_build.SERVICE_DIR / path.name
+        committed = proto_build.GENERATED_DIR / path.name
         assert committed.read_bytes() == path.read_bytes(), (
             f"{committed.name} is stale: run `python -m segsearch.service.proto_build`")
 

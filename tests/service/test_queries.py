@@ -10,7 +10,7 @@ from PIL import Image
 
 from segsearch.indexer.rle import decode_mask
 from segsearch.indexer.index_store import IndexStore
-from segsearch.service import segment_search_pb2 as pb
+from segsearch.service._generated import segment_search_pb2 as pb
 from segsearch.service.pngs import decode_png_array
 from service_helpers import PHOTO, metric_value, png_bytes
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from segsearch.indexer.shards import ID_STRIDE, SHARDS_DIR
-from segsearch.service import segment_search_pb2 as pb
+from segsearch.service._generated import segment_search_pb2 as pb
 from segsearch.service.client import SegsearchClient, search_request
 from segsearch.service.errors import DeadlineExceeded
 from segsearch.service.router import Router, RouterError
@@ -164,7 +164,7 @@ def other_model_index(checkpoint_path, tmp_path):
     """A one-image index built with a checkpoint whose weights differ by one nudge."""
     from segsearch.indexer.decode import DecodeConfig
     from segsearch.indexer.pipeline import IndexConfig, index_corpus
-    from segsearch.indexer.segmenter import SegmenterConfig
+    from segsearch.spml.segmenter import SegmenterConfig
     from segsearch.spml.checkpoint import load_checkpoint, save_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_path)

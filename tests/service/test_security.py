@@ -19,14 +19,14 @@ import grpc
 import numpy as np
 import psutil
 import pytest
-from fuzz_strategies import METHODS, Call, FuzzClient, png_claiming
+from segsearch.testing.fuzz_strategies import METHODS, Call, FuzzClient, png_claiming
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from segsearch.service import segment_search_pb2 as pb
+from segsearch.service._generated import segment_search_pb2 as pb
 from segsearch.service.app import ServiceLimits
 from segsearch.service.client import SegsearchClient
 from segsearch.service.interceptors import AuthInterceptor, build_interceptors
-from segsearch.service.metrics import ServiceMetrics
-from segsearch.service.serve_process import ServeProcess
+from segsearch.service.prometheus import ServiceMetrics
+from segsearch.testing.serve_process import ServeProcess
 from service_helpers import copy_index, metric_value, png_bytes, start_server
 
 TOKEN = "tok-3f9c1e7a-SECRET-d41d8cd98f00"

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from segsearch.cli import main
-from segsearch.service import segment_search_pb2 as pb
+from segsearch.service._generated import segment_search_pb2 as pb
 from segsearch.service.client import SegsearchClient
 from service_helpers import PHOTO, copy_index, mosaic_images, png_bytes
 

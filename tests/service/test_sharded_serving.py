@@ -15,9 +15,9 @@ import torch
 
 from segsearch.indexer.decode import DecodeConfig
 from segsearch.indexer.pipeline import IndexConfig
-from segsearch.indexer.segmenter import SegmenterConfig
+from segsearch.spml.segmenter import SegmenterConfig
 from segsearch.indexer.shards import ID_STRIDE, SHARDS_DIR
-from segsearch.service import segment_search_pb2 as pb
+from segsearch.service._generated import segment_search_pb2 as pb
 from service_helpers import PHOTO, mosaic_images, png_bytes, start_server
 
 distributed = pytest.importorskip("distributed")
@@ -26,7 +26,7 @@ distributed = pytest.importorskip("distributed")
 @pytest.fixture(scope="module")
 def sharded_out(tmp_path_factory, corpus_dir, checkpoint_path):
     """OUT with OUT/shards (2 shards) and the merged index at OUT."""
-    from segsearch.indexer.distributed import DaskConfig, index_distributed
+    from segsearch.indexer.dask_runner import DaskConfig, index_distributed
 
     out = tmp_path_factory.mktemp("sharded") / "index"
     config = IndexConfig(progress=False, decode_workers=1, decode=DecodeConfig(max_side=128), index_type="flat",

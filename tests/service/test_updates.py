@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from segsearch.indexer.index_store import IndexStore
-from segsearch.service import segment_search_pb2 as pb
+from segsearch.service._generated import segment_search_pb2 as pb
 from service_helpers import copy_index, metric_value, mosaic_images, png_bytes, start_server
 
 

@@ -17,7 +17,7 @@ from segsearch.spml.checkpoint import load_checkpoint
 from segsearch.spml.embedding import EmbeddingNet
 from segsearch.trainer.config import TrainConfig
 from segsearch.trainer.datasets import DataConfig
-from segsearch.trainer.distributed import World, rank_batch, rank_pixels
+from segsearch.trainer.ddp import World, rank_batch, rank_pixels
 from segsearch.trainer.loss import segsort_loss
 from segsearch.trainer.train import batch_indices, train
 

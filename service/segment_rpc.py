@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from segsearch.indexer.segmenter import upsample_nearest
+from segsearch.spml.segmenter import upsample_nearest
 from segsearch.service.analysis import ImageAnalyzer, to_original_size
 
 NO_SEGMENT = 65535

@@ -21,7 +21,7 @@ One batch of `B` images of any sizes goes through:
    measured there. A segment that vanishes in that resize (images smaller than the
    embedding map) is left out.
 5. **label** every segment by k-NN vote among the checkpoint's labelled training
-   prototypes (`trainer.label_bank.knn_vote`); `label_score` is the vote share in (0, 1].
+   prototypes (`spml.label_vote.knn_vote`); `label_score` is the vote share in (0, 1].
 
 Steps 1-2 and the k-means of step 3 run on the model's device (CUDA when the model is there;
 the same code on CPU) in `Segmenter.cluster`, which hands back only the k-means ids and the
@@ -49,7 +49,7 @@ from segsearch.spml.checkpoint import LabelBank
 from segsearch.spml.embedding import EmbeddingNet
 from segsearch.spml.kmeans import KMeansConfig, spherical_kmeans
 from segsearch.spml.prototypes import NORM_EPS, segment_sums
-from segsearch.trainer.label_bank import knn_vote
+from segsearch.spml.label_vote import knn_vote
 
 DEFAULT_EMBED_SIZE = 320
 DEFAULT_GRID = (8, 8)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from segsearch.service import segment_search_pb2 as segsearch_dot_v1_dot_segment__search__pb2
+from segsearch.service._generated import segment_search_pb2 as segsearch_dot_v1_dot_segment__search__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -35,7 +35,7 @@ import numpy as np
 from hypothesis import strategies as st
 from PIL import Image
 
-from segsearch.service import segment_search_pb2 as pb
+from segsearch.service._generated import segment_search_pb2 as pb
 
 INT32_MIN, INT32_MAX, UINT64_MAX = -(2 ** 31), 2 ** 31 - 1, 2 ** 64 - 1
 SERVICE = pb.DESCRIPTOR.services_by_name["SegmentSearch"]

@@ -1,6 +1,4 @@
 """Batched segmentation: masks partition each image, prototypes, the tiny-segment rule, labels."""
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from segsearch.indexer.rle import encode_mask, mask_box
-from segsearch.indexer.segmenter import (
+from segsearch.spml.segmenter import (
     Segmenter,
     SegmenterConfig,
     StageTimes,
@@ -19,10 +17,9 @@ from segsearch.indexer.segmenter import (
     upsample_nearest,
 )
 from segsearch.spml.checkpoint import load_checkpoint
-from segsearch.trainer.label_bank import knn_vote
+from segsearch.spml.label_vote import knn_vote
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_pipeline import SEGMENTER, one_torch_thread, photo, tiny_checkpoint  # noqa: E402, F401
+from model_helpers import SEGMENTER, photo, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

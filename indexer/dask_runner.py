@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from segsearch.errors import IndexError_, SegsearchError
+from segsearch.errors import IndexStoreError, SegsearchError
 from segsearch.indexer.corpus import CorpusItem, read_corpus
 from segsearch.indexer.decode import SkipReason
 from segsearch.indexer.index_store import LMDB_DIR, IndexStore
@@ -253,16 +253,16 @@ def _open_layout(out: Path, must_exist: bool, wanted: int | None, default_shards
     if (root / MANIFEST).exists():
         layout = ShardLayout.load(root)
         if wanted not in (None, layout.num_shards):
-            raise IndexError_(f"the sharded index at {root} has {layout.num_shards} shards; omit --shards "
+            raise IndexStoreError(f"the sharded index at {root} has {layout.num_shards} shards; omit --shards "
                               f"or pass --shards {layout.num_shards} (or index into a new --out directory)")
         return layout
     if is_index_dir(out):
-        raise IndexError_(f"{out} holds an index built by one process; distributed indexing builds a sharded "
+        raise IndexStoreError(f"{out} holds an index built by one process; distributed indexing builds a sharded "
                           "index into a new --out directory (or add to this one without --dask)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise IndexError_(f"{out} exists and is not a segsearch index; choose a new --out directory")
+        raise IndexStoreError(f"{out} exists and is not a segsearch index; choose a new --out directory")
     if must_exist:
-        raise IndexError_(f"no sharded index at {out} to resume; drop --resume to create one")
+        raise IndexStoreError(f"no sharded index at {out} to resume; drop --resume to create one")
     return ShardLayout.create(root, wanted or default_shards)
 
 
@@ -318,7 +318,7 @@ def _run_shards(client, layout: ShardLayout, runs: list[list[CorpusItem]], check
                  summary.segments_indexed)
         results.append(ShardRun(shard, worker, summary))
     if failures:
-        raise IndexError_("distributed indexing failed (after retries) in " + "; ".join(failures)
+        raise IndexStoreError("distributed indexing failed (after retries) in " + "; ".join(failures)
                           + ". Committed work is kept: re-run the same command to resume every shard")
     return sorted(results, key=lambda run: run.shard)
 
