@@ -26,7 +26,8 @@ from segsearch.trainer.datasets import DataConfig, load_split
 from segsearch.trainer.evaluate import EvalConfig, evaluate_prepared
 from segsearch.trainer.label_bank import build_label_banks
 from segsearch.trainer.prepared import prepare_set, weak_targets, with_cam_labels
-from segsearch.trainer.train import build_model_config, resolve_device, train, weak_label_config
+from segsearch.spml.device import resolve_device
+from segsearch.trainer.train import build_model_config, train, weak_label_config
 from segsearch.trainer.weak_labels import WeakLabelConfig
 
 SUPERVISIONS = ("tags", "boxes", "scribbles", "points")

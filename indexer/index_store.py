@@ -57,7 +57,8 @@ import numpy as np
 from segsearch.errors import IndexStoreError, IndexFullError, StorageFailedError
 from segsearch.indexer.metadata_store import DEFAULT_MAP_SIZE, MetadataStore
 from segsearch.indexer.records import ImageRecord, IndexMeta, SegmentRecord
-from segsearch.indexer.vector_index import DEFAULT_EF_SEARCH, VectorIndex, space_report
+from segsearch.durable import fsync_dir, remove_stale_temp_files, space_report
+from segsearch.indexer.vector_index import DEFAULT_EF_SEARCH, VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ class IndexStore:
         try:
             _check_model_version(root, metadata.meta(), model_version)
             if not read_only:
-                _remove_stale_temp_files(root)
+                remove_stale_temp_files(root, VECTORS_FILE)
             vectors = _load_vectors(root, metadata, repair)
         except BaseException:
             metadata.close()
@@ -500,22 +501,6 @@ def _acquire_writer_lock(root: Path) -> int:
             "in this one); wait for it to finish, or open it read-only"
         ) from exc
     return fd
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or create inside `path` durable (the entry lives in the directory)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_stale_temp_files(root: Path) -> None:
-    """Temp files of a save interrupted by a crash (the real file is intact)."""
-    for tmp in root.glob(f".{VECTORS_FILE}.tmp-*"):
-        log.info("removing %s left by an interrupted save", tmp)
-        tmp.unlink(missing_ok=True)
 
 
 def _id_problems(faiss_ids: np.ndarray, lmdb_ids: np.ndarray) -> list[str]:

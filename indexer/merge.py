@@ -32,14 +32,15 @@ import lmdb
 import numpy as np
 
 from segsearch.errors import IndexStoreError
-from segsearch.indexer.index_store import LMDB_DIR, VECTORS_FILE, IndexStore, fsync_dir
+from segsearch.durable import atomic_write, fsync_dir
+from segsearch.indexer.index_store import LMDB_DIR, VECTORS_FILE, IndexStore
 from segsearch.indexer.index_store import _acquire_writer_lock as acquire_writer_lock
 from segsearch.indexer.metadata_store import MetadataStore
 from segsearch.indexer.pipeline import SETTINGS_FILE, SKIPPED_FILE, SkipReport
 from segsearch.indexer.records import decode_meta, encode_meta
 from segsearch.indexer.sharded_store import ShardedStore
 from segsearch.indexer.shards import ShardLayout, is_index_dir
-from segsearch.indexer.vector_index import VectorIndex, atomic_write
+from segsearch.indexer.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from segsearch.indexer.records import (
     encode_meta,
     encode_segment,
 )
-from segsearch.indexer.vector_index import space_report
+from segsearch.durable import space_report
 
 log = logging.getLogger(__name__)
 

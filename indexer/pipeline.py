@@ -58,11 +58,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from segsearch.errors import IndexStoreError, SegsearchError
+from segsearch.durable import atomic_write, atomic_write_json, remove_stale_temp_files
+from segsearch.errors import IndexStoreError
 from segsearch.indexer.corpus import CorpusItem, read_corpus
 from segsearch.indexer.decode import DecodeConfig, DecodedImage, SkippedImage, SkipReason, decode_file
 from segsearch.indexer.index_store import LMDB_DIR, IndexStore
@@ -75,6 +75,7 @@ from segsearch.spml.segmenter import (
     StageTimes,
     resize_for_embedding,
 )
+from segsearch.spml.device import resolve_device
 from segsearch.spml.checkpoint import Checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def index_corpus(corpus: str | Path | Sequence[CorpusItem], checkpoint_path: str
     """
     config = config or IndexConfig()
     started = time.perf_counter()
-    device = _device(config.device)
+    device = resolve_device(config.device)
     items = list(corpus) if isinstance(corpus, (list, tuple)) else read_corpus(corpus)
     checkpoint = load_checkpoint(checkpoint_path)
     out = Path(out_dir)
@@ -210,7 +211,7 @@ def open_or_create_index(out: Path, checkpoint: Checkpoint, config: IndexConfig)
     kwargs = {} if config.map_size is None else {"map_size": config.map_size}
     store = IndexStore.create(out, version, checkpoint.config.embedding_dim, config.index_type,
                               save_every=config.save_every, first_segment_id=config.first_segment_id, **kwargs)
-    _write_json_atomic(out / SETTINGS_FILE, _settings(config))
+    atomic_write_json(out / SETTINGS_FILE, _settings(config))
     return store
 
 
@@ -237,7 +238,7 @@ def _check_settings(out: Path, store: IndexStore, config: IndexConfig) -> None:
     wanted = _settings(config)
     stored = load_settings(out)
     if stored is None:  # a crash between creating the index and writing the file
-        _write_json_atomic(out / SETTINGS_FILE, wanted)
+        atomic_write_json(out / SETTINGS_FILE, wanted)
         stored = wanted
     differences = [f"{group}.{key}={wanted[group].get(key)!r} (index: {value!r})"
                    for group in ("decode", "segmenter") for key, value in stored.get(group, {}).items()
@@ -282,7 +283,7 @@ class SkipReport:
         if not kept and not self.path.exists():
             return 0
         text = "".join(json.dumps(entry) + "\n" for entry in kept)
-        _write_atomic(self.path, text.encode("utf-8"))
+        atomic_write(self.path, text.encode("utf-8"))
         return len(kept)
 
 
@@ -447,33 +448,6 @@ def _prepare(item: CorpusItem, config: IndexConfig) -> _Prepared:
     return _Prepared(item, result, resized, time.perf_counter() - start)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise SegsearchError(f"unknown device {name!r} ({exc}); use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SegsearchError(f"device {name!r} asked for, but CUDA is not available here; use auto or cpu")
-    return device
-
-
 def _remove_stale_temp_files(out: Path) -> None:
     for name in (SKIPPED_FILE, SETTINGS_FILE):
-        for temp in out.glob(f".{name}.tmp-*"):
-            temp.unlink(missing_ok=True)
-
-
-def _write_json_atomic(path: Path, value: dict) -> None:
-    _write_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """temp file + fsync + rename, so a crash leaves the old file or the new one."""
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+        remove_stale_temp_files(out, name)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from segsearch.errors import IndexStoreError
 from segsearch.indexer.index_store import LMDB_DIR
-from segsearch.indexer.vector_index import atomic_write
+from segsearch.durable import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,9 @@ fsync of the directory. A truncated or corrupt file fails the length/CRC checks 
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -44,7 +42,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from segsearch.errors import IndexStoreError, IndexFullError, StorageFailedError
+from segsearch.durable import atomic_write, space_report  # noqa: F401  (space_report: re-exported)
+from segsearch.errors import IndexStoreError
 
 log = logging.getLogger(__name__)
 
@@ -316,64 +315,6 @@ def default_nprobe(nlist: int) -> int:
     Measured on clustered prototypes (bench/search_speed.py): nprobe 12 of 4096 lists gives
     recall@10 0.98 at 1M, while nlist/16 (256) was no faster than exact search."""
     return int(min(nlist, max(8, nlist // 256)))
-
-
-def atomic_write(path: Path, chunks: list[bytes | np.ndarray]) -> None:
-    """Write `chunks` to `path` so that a crash leaves either the old or the new file.
-
-    A full disk raises IndexFullError (the old file is intact; retrying later is safe). A failed
-    fsync raises StorageFailedError: the kernel may have dropped the unwritten pages and a later
-    fsync can succeed without them, so the caller must not simply retry (the "fsyncgate" rule).
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            for chunk in chunks:
-                handle.write(memoryview(chunk))
-            handle.flush()
-            _fsync(handle.fileno(), tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno in DISK_FULL_ERRNOS:
-            raise IndexFullError(f"cannot write {path}: {space_report(path.parent)}; the previous "
-                                 "file is intact. Free space there and retry") from exc
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        _fsync(dir_fd, path.parent)
-    finally:
-        os.close(dir_fd)
-
-
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-def _fsync(fd: int, path: Path) -> None:
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        raise StorageFailedError(
-            f"fsync of {path} failed ({os.strerror(exc.errno) if exc.errno else exc}): the disk may "
-            "have lost recent writes; check it (dmesg, SMART) before writing again"
-        ) from exc
-
-
-def space_report(path: Path) -> str:
-    """'no space left on the filesystem mounted at M (F bytes free)': names the disk to free."""
-    path = Path(os.path.abspath(path))
-    mount = path
-    try:
-        while mount.parent != mount and os.stat(mount.parent).st_dev == os.stat(mount).st_dev:
-            mount = mount.parent
-        stats = os.statvfs(path)
-        free = stats.f_bavail * stats.f_frsize
-    except OSError:
-        return f"no space left on the filesystem holding {path}"
-    return f"no space left on the filesystem mounted at {mount} ({free} bytes free), which holds {path}"
 
 
 def _split_file(path: Path, data: bytes) -> tuple[dict, memoryview, memoryview]:

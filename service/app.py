@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from segsearch.indexer.decode import DecodeConfig
 from segsearch.indexer.index_store import IndexStore
@@ -23,6 +22,7 @@ from segsearch.indexer.sharded_store import ShardedStore, open_index, read_only_
 from segsearch.service.analysis import BatchConfig, ImageAnalyzer
 from segsearch.service.errors import FailedPrecondition
 from segsearch.service.updates import IndexUpdater
+from segsearch.spml.device import resolve_device
 from segsearch.spml.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class ServiceApp:
         read_only = read_only or sharded
         try:
             decode_config, segmenter_config = index_settings(settings_dir(index_dir), limits)
-            model = checkpoint.build_model().to(torch.device(device))
+            model = checkpoint.build_model().to(resolve_device(device))
             segmenter = Segmenter(model, checkpoint.label_bank, segmenter_config)
             analyzer = ImageAnalyzer(segmenter, decode_config, batching)
         except BaseException:

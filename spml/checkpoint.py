@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from segsearch.durable import atomic_write
 from segsearch.errors import CheckpointError
 from segsearch.spml.embedding import EmbeddingNet, ModelConfig
 
@@ -64,7 +64,7 @@ def model_version(config: ModelConfig, state_dict: dict) -> str:
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> str:
-    """Write atomically (temp file + fsync + rename); returns the model version."""
+    """Write durably (`segsearch.durable.atomic_write`); returns the model version."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -83,12 +83,7 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> str:
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    temp = path.with_name(path.name + ".tmp")
-    with open(temp, "wb") as handle:
-        handle.write(buffer.getvalue())
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    atomic_write(path, buffer.getbuffer())
     return payload["model_version"]
 
 

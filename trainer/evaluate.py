@@ -30,7 +30,8 @@ from segsearch.trainer.label_bank import build_label_banks, segment_batch
 from segsearch.trainer.scores import Scores, confusion_matrix
 from segsearch.trainer.overlays import overlay_sheet, plot_confusion
 from segsearch.trainer.prepared import PreparedSet, prepare_set
-from segsearch.trainer.train import prepare_training_data, resolve_device
+from segsearch.spml.device import resolve_device
+from segsearch.trainer.train import prepare_training_data
 from segsearch.trainer.weak_labels import WeakLabelConfig
 
 logger = logging.getLogger(__name__)

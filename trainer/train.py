@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from segsearch.errors import DatasetError
+from segsearch.spml.device import resolve_device
 from segsearch.spml.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from segsearch.spml.embedding import EmbeddingNet, ModelConfig
 from segsearch.spml.kmeans import KMeansConfig, spherical_kmeans
@@ -53,12 +54,6 @@ class TrainResult:
     images_per_second: float  # of the global batch, under torchrun
     steps: int
     rank: int = 0  # under torchrun, the process that returned this
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_model_config(config: TrainConfig, class_names: list[str]) -> ModelConfig:

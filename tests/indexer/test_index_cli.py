@@ -66,9 +66,10 @@ def _index_subprocess(argv, kill_after_commits=None, kill_after_start=None, slee
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see test_pipeline.one_torch_thread
     proc = subprocess.Popen([sys.executable, "-m", "segsearch.cli", "index", *argv], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    commits = 0
+    commits, lines = 0, []
     try:
         for line in proc.stderr:
+            lines.append(line)
             commits += "committed chunk" in line
             started = "continuing the index" in line or "created index" in line
             if (kill_after_commits is not None and commits >= kill_after_commits) or \
@@ -79,6 +80,8 @@ def _index_subprocess(argv, kill_after_commits=None, kill_after_start=None, slee
     finally:
         proc.stderr.close()
         code = proc.wait(timeout=120)
+    if code not in (0, -9):
+        print("".join(lines[-30:]))  # shown by pytest when the caller's assertion fails
     return code, commits
 
 

@@ -158,7 +158,7 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     def crash(*args):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(vector_index.os, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError):
         index.save(path)
     assert path.read_bytes() == before
