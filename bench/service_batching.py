@@ -27,10 +27,11 @@ import torch
 
 from segsearch.indexer.pipeline import IndexConfig, index_corpus
 from segsearch.spml.segmenter import SegmenterConfig
-from segsearch.service.analysis import BatchConfig
+from segsearch.service.config import BatchConfig
 from segsearch.service.client import SegsearchClient
 from segsearch.service.pngs import encode_image_png
-from segsearch.service.server import SegsearchServer, ServerConfig
+from segsearch.service.server import SegsearchServer
+from segsearch.service.config import ServerConfig
 from segsearch.spml.checkpoint import Checkpoint, LabelBank, save_checkpoint
 from segsearch.spml.embedding import EmbeddingNet, ModelConfig
 from segsearch.trainer.mosaic import MosaicConfig, TextureMosaic

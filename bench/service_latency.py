@@ -52,7 +52,6 @@ Usage: python bench/service_latency.py [--sizes 100000,1000000] [--spec auto] [-
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import logging
@@ -75,19 +74,21 @@ from search_speed import SearchBenchConfig, make_mixture, sample  # bench/ is th
 
 from segsearch.indexer.decode import DecodeConfig
 from segsearch.indexer.index_store import VECTORS_FILE, IndexStore
-from segsearch.indexer.pipeline import SETTINGS_FILE, SETTINGS_VERSION
+from segsearch.indexer.config import SETTINGS_FILE, IndexSettings
 from segsearch.indexer.records import ImageRecord, SegmentRecord
 from segsearch.indexer.rle import encode_mask
 from segsearch.spml.segmenter import SegmenterConfig
 from segsearch.indexer.vector_index import VectorIndex
 from segsearch.service._generated import segment_search_pb2 as pb
 from segsearch.service._generated import segment_search_pb2_grpc as pb_grpc
-from segsearch.service.analysis import BatchConfig
-from segsearch.service.app import ServiceApp, ServiceLimits, index_settings
+from segsearch.service.config import BatchConfig
+from segsearch.service.app import ServiceApp, index_settings
+from segsearch.service.config import ServiceLimits
 from segsearch.service.client import SegsearchClient, search_request
 from segsearch.service.pngs import encode_image_png
 from segsearch.service.search import DEFAULT_TOP_K, MIN_FETCH, OVERFETCH
-from segsearch.service.server import SegsearchServer, ServerConfig
+from segsearch.service.server import SegsearchServer
+from segsearch.service.config import ServerConfig
 from segsearch.service.servicer import SegmentSearchServicer
 from segsearch.spml.checkpoint import load_checkpoint
 from segsearch.trainer.config import TrainConfig
@@ -186,10 +187,8 @@ def ensure_checkpoint(out: Path) -> Path:
 
 
 def settings_document(spec: str, embed_size: int) -> dict:
-    """`indexing.json` as the indexer writes it (`pipeline._settings`): decode + segmenter."""
-    segmenter = dataclasses.asdict(SegmenterConfig(embed_size=embed_size))
-    return {"version": SETTINGS_VERSION, "index_type": spec, "decode": dataclasses.asdict(DecodeConfig()),
-            "segmenter": {k: list(v) if isinstance(v, tuple) else v for k, v in segmenter.items()}}
+    """`indexing.json` as the indexer writes it: default decode, the segmenter at `embed_size`."""
+    return IndexSettings(segmenter=SegmenterConfig(embed_size=embed_size), index_type=spec).to_json()
 
 
 def segment_templates() -> list[tuple[tuple[int, int, int, int], list[int], float]]:

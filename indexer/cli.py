@@ -25,12 +25,11 @@ import sys
 from pathlib import Path
 
 from segsearch.errors import SegsearchError
-from segsearch.indexer.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, DecodeConfig
+from segsearch.indexer.config import DEFAULT_LOCAL_WORKERS, DaskConfig, IndexConfig, IndexSettings
+from segsearch.indexer.decode import DecodeConfig
+from segsearch.spml.config import SegmenterConfig
 
 ACTIONS = ("build", "add", "delete", "verify", "stats", "merge")
-# SegmenterConfig's defaults, for the help text only: importing segmenter.py imports torch,
-# which would cost every `segsearch` command seconds (a test keeps these equal).
-HELP_DEFAULTS = {"embed_size": 320, "grid": (8, 8), "iterations": 10, "min_area_fraction": 0.005, "knn_k": 20}
 
 
 def normalize_index_argv(argv: list[str]) -> list[str]:
@@ -120,76 +119,70 @@ def add_index_parser(subparsers) -> None:
 
 
 def _add_job_flags(parser: argparse.ArgumentParser) -> None:
+    decode, segmenter, run = DecodeConfig(), SegmenterConfig(), IndexConfig()
     seg = parser.add_argument_group("segmentation (fixed per index; omitted flags take the index's values)")
-    seg.add_argument("--max-side", type=int, help=f"longest image side after resizing (default {DEFAULT_MAX_SIDE})")
+    seg.add_argument("--max-side", type=int, help=f"longest image side after resizing (default {decode.max_side})")
     seg.add_argument("--max-pixels", type=int,
-                     help=f"refuse images with more pixels than this, before decoding (default {DEFAULT_MAX_PIXELS})")
+                     help=f"refuse images with more pixels than this, before decoding (default {decode.max_pixels})")
     seg.add_argument("--embed-size", type=int,
-                     help="side of the square network input; aspect not preserved "
-                          f"(default {HELP_DEFAULTS['embed_size']})")
+                     help=f"side of the square network input; aspect not preserved (default {segmenter.embed_size})")
     seg.add_argument("--grid", type=_grid,
                      help="k-means grid initialisation ROWSxCOLS, i.e. at most ROWS*COLS segments per "
-                          "image (default {}x{})".format(*HELP_DEFAULTS["grid"]))
-    seg.add_argument("--kmeans-iterations", type=int,
-                     help=f"k-means iterations (default {HELP_DEFAULTS['iterations']})")
+                          "image (default {}x{})".format(*segmenter.grid))
+    seg.add_argument("--kmeans-iterations", type=int, help=f"k-means iterations (default {segmenter.iterations})")
     seg.add_argument("--min-area", type=float,
                      help="segments below this fraction of the image are merged into their neighbour "
-                          f"with the longest shared border (default {HELP_DEFAULTS['min_area_fraction']})")
-    seg.add_argument("--knn-k", type=int, help=f"neighbours in the label vote (default {HELP_DEFAULTS['knn_k']})")
+                          f"with the longest shared border (default {segmenter.min_area_fraction})")
+    seg.add_argument("--knn-k", type=int, help=f"neighbours in the label vote (default {segmenter.knn_k})")
     seg.add_argument("--index-type",
                      help="auto (exact, then HNSW above 50k segments), flat, hnsw, ivf, or a faiss "
-                          "index_factory string such as 'IVF256,Flat' (default auto; fixed at creation)")
-    run = parser.add_argument_group("run")
-    run.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s)")
-    run.add_argument("--chunk-size", type=int, default=64,
+                          f"index_factory string such as 'IVF256,Flat' (default {run.index_type}; fixed at creation)")
+    job = parser.add_argument_group("run")
+    job.add_argument("--batch-size", type=int, default=run.batch_size,
+                     help="images per forward pass (default: %(default)s)")
+    job.add_argument("--chunk-size", type=int, default=run.chunk_size,
                      help="images per store commit; a crash redoes at most one chunk (default: %(default)s)")
-    run.add_argument("--save-every", type=int, default=8,
+    job.add_argument("--save-every", type=int, default=run.save_every,
                      help="chunks between FAISS file writes (default: %(default)s)")
-    run.add_argument("--workers", type=int, default=0, help="decoding threads, 0 = min(4, CPUs) (default: %(default)s)")
-    run.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    job.add_argument("--workers", type=int, default=run.decode_workers,
+                     help="decoding threads, 0 = min(4, CPUs) (default: %(default)s)")
+    job.add_argument("--device", default=run.device, help="auto, cpu or cuda (default: %(default)s)")
+    job.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_dask_flags(parser: argparse.ArgumentParser) -> None:
     dask = parser.add_argument_group("distributed indexing (Dask)")
     dask.add_argument("--dask", metavar="CLUSTER",
                       help="index on Dask into OUT/shards, then merge into OUT: local[:N] starts N worker "
-                           "processes on 127.0.0.1 (default 2), tcp://HOST:8786 uses a running scheduler")
+                           f"processes on 127.0.0.1 (default {DEFAULT_LOCAL_WORKERS}), tcp://HOST:8786 uses a running scheduler")
     dask.add_argument("--shards", type=int, help="number of shards (default: one per worker; fixed at creation)")
-    dask.add_argument("--retries", type=int, default=3,
+    dask.add_argument("--retries", type=int, default=DaskConfig.retries,
                       help="re-runs of a failed shard task; each resumes its shard (default: %(default)s)")
     dask.add_argument("--no-merge", action="store_true",
                       help="keep only the sharded layout OUT/shards (servable as is; merge later with "
                            "`segsearch index merge OUT`)")
 
 
-def index_config(args, index_dir: Path, must_exist: bool):
+def index_config(args, index_dir: Path, must_exist: bool) -> IndexConfig:
     """IndexConfig from the flags; omitted segmentation flags from the index's settings."""
-    from segsearch.indexer.pipeline import IndexConfig, load_settings
-    from segsearch.spml.segmenter import SegmenterConfig
-
-    stored = load_settings(index_dir) or {}
-    decode = _config_from(DecodeConfig, stored.get("decode", {}),
-                          {"max_side": args.max_side, "max_pixels": args.max_pixels})
-    segmenter = _config_from(SegmenterConfig, stored.get("segmenter", {}), {
-        "embed_size": args.embed_size, "grid": args.grid, "iterations": args.kmeans_iterations,
-        "min_area_fraction": args.min_area, "knn_k": args.knn_k})
+    stored = IndexSettings.load(index_dir) or IndexSettings()
+    decode = _replace(stored.decode, max_side=args.max_side, max_pixels=args.max_pixels)
+    segmenter = _replace(stored.segmenter, embed_size=args.embed_size, grid=args.grid,
+                         iterations=args.kmeans_iterations, min_area_fraction=args.min_area, knn_k=args.knn_k)
     try:
         return IndexConfig(
             batch_size=args.batch_size, chunk_size=args.chunk_size, decode=decode, segmenter=segmenter,
-            index_type=args.index_type or stored.get("index_type", "auto"), decode_workers=args.workers,
+            index_type=args.index_type or stored.index_type, decode_workers=args.workers,
             device=args.device, progress=not args.no_progress, must_exist=must_exist,
             save_every=args.save_every)
     except ValueError as exc:
         raise SegsearchError(f"invalid setting: {exc}") from None
 
 
-def _config_from(cls, stored: dict, flags: dict):
-    known = {f.name for f in dataclasses.fields(cls)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in known}
-    values.update({k: v for k, v in flags.items() if v is not None})
+def _replace(config, **flags):
+    """`config` with the flags that were given (not None)."""
     try:
-        return cls(**values)
+        return dataclasses.replace(config, **{k: v for k, v in flags.items() if v is not None})
     except ValueError as exc:
         raise SegsearchError(f"invalid setting: {exc}") from None
 
@@ -212,7 +205,7 @@ def run_build(args) -> int:
 
 
 def _run_dask_job(args) -> int:
-    from segsearch.indexer.dask_runner import DaskConfig, index_distributed
+    from segsearch.indexer.dask_runner import index_distributed
     from segsearch.indexer.shards import MANIFEST, SHARDS_DIR, ShardLayout
 
     layout = Path(args.out) / SHARDS_DIR  # a re-run takes the shards' settings, as `index` takes OUT's
@@ -283,14 +276,15 @@ def run_verify(args) -> int:
 
 
 def run_stats(args) -> int:
-    from segsearch.indexer.pipeline import SKIPPED_FILE, SkipReport, load_settings
+    from segsearch.indexer.pipeline import SKIPPED_FILE, SkipReport
     from segsearch.indexer.sharded_store import open_index, settings_dir, shard_dirs_or_self
 
     with open_index(args.index_dir, read_only=True) as store:
         stats = store.stats()
     stats["skipped_images"] = sum(len(SkipReport(Path(d) / SKIPPED_FILE).entries())
                                   for d in shard_dirs_or_self(args.index_dir))
-    stats["settings"] = load_settings(settings_dir(args.index_dir))
+    settings = IndexSettings.load(settings_dir(args.index_dir))
+    stats["settings"] = None if settings is None else settings.to_json()
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))
     else:

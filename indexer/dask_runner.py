@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from segsearch.errors import IndexStoreError, SegsearchError
+from segsearch.indexer.config import DaskConfig, parse_cluster
 from segsearch.indexer.corpus import CorpusItem, read_corpus
 from segsearch.indexer.decode import SkipReason
 from segsearch.indexer.index_store import LMDB_DIR, IndexStore
@@ -51,29 +52,7 @@ from segsearch.indexer.shards import MANIFEST, SHARDS_DIR, ShardLayout, is_index
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOCAL_WORKERS = 2
-DEFAULT_RETRIES = 3
 CONNECT_TIMEOUT_S = 120  # for a running cluster to show at least one worker
-
-
-@dataclass
-class DaskConfig:
-    """cluster: "local", "local:N" or a scheduler address "tcp://HOST:PORT". num_shards:
-    None = the layout's count, or for a new layout one shard per worker. retries: re-runs of
-    a shard task that raised. merge: build the merged index at OUT afterwards."""
-
-    cluster: str = f"local:{DEFAULT_LOCAL_WORKERS}"
-    num_shards: int | None = None
-    retries: int = DEFAULT_RETRIES
-    merge: bool = True
-    force_merge: bool = False
-
-    def __post_init__(self) -> None:
-        parse_cluster(self.cluster)
-        if self.num_shards is not None and self.num_shards < 1:
-            raise ValueError(f"num_shards must be >= 1, got {self.num_shards}")
-        if self.retries < 0:
-            raise ValueError(f"retries must be >= 0, got {self.retries}")
 
 
 @dataclass
@@ -125,19 +104,6 @@ class DistributedSummary:
         lines.append(f"index {self.out_dir}: {self.index_images} images, {self.index_segments} segments; "
                      f"total {self.seconds:.1f} s")
         return "\n".join(lines)
-
-
-def parse_cluster(spec: str) -> tuple[str, int | str]:
-    """`("local", workers)` or `("address", "tcp://...")`; SegsearchError for anything else."""
-    if spec == "local" or spec.startswith("local:"):
-        text = spec.partition(":")[2] or str(DEFAULT_LOCAL_WORKERS)
-        if not text.isdigit() or int(text) < 1:
-            raise SegsearchError(f"--dask {spec!r}: expected local:N with N >= 1 workers, e.g. local:2")
-        return "local", int(text)
-    if "://" in spec:
-        return "address", spec
-    raise SegsearchError(f"--dask {spec!r}: use local, local:N (a local cluster of N worker processes) "
-                         "or a scheduler address such as tcp://HOST:8786")
 
 
 @contextmanager

@@ -46,7 +46,6 @@ bounded by `max_side`), so `width / mask_shape[1]` maps a box back onto the file
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import logging
 import os
@@ -61,17 +60,17 @@ import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from segsearch.durable import atomic_write, atomic_write_json, remove_stale_temp_files
+from segsearch.durable import atomic_write, remove_stale_temp_files
 from segsearch.errors import IndexStoreError
+from segsearch.indexer.config import SETTINGS_FILE, IndexConfig, IndexSettings
 from segsearch.indexer.corpus import CorpusItem, read_corpus
-from segsearch.indexer.decode import DecodeConfig, DecodedImage, SkippedImage, SkipReason, decode_file
+from segsearch.indexer.decode import DecodedImage, SkippedImage, SkipReason, decode_file
 from segsearch.indexer.index_store import LMDB_DIR, IndexStore
 from segsearch.indexer.records import ImageRecord, SegmentRecord
 from segsearch.spml.segmenter import (
     ClusteredBatch,
     ImageSegments,
     Segmenter,
-    SegmenterConfig,
     StageTimes,
     resize_for_embedding,
 )
@@ -81,42 +80,6 @@ from segsearch.spml.checkpoint import Checkpoint, load_checkpoint
 log = logging.getLogger(__name__)
 
 SKIPPED_FILE = "skipped.jsonl"
-SETTINGS_FILE = "indexing.json"
-SETTINGS_VERSION = 1
-
-
-@dataclass
-class IndexConfig:
-    """Settings of one indexing run.
-
-    batch_size: images per forward pass; chunk_size: images per store commit (one LMDB
-    transaction; a crash loses at most one chunk of work). save_every: chunks between FAISS
-    file writes (LMDB is always committed; a crash re-adds at most that many chunks' vectors
-    from LMDB on the next open). decode_workers: decoding threads (0 = min(4, CPUs)).
-    must_exist: refuse to create a new index (`--resume`, `index add`).
-    first_segment_id: the id counter of a NEW index (a shard's id range, see shards.py).
-    """
-
-    batch_size: int = 8
-    chunk_size: int = 64
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
-    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
-    index_type: str = "auto"
-    decode_workers: int = 0
-    device: str = "auto"
-    progress: bool = True
-    must_exist: bool = False
-    save_every: int = 8
-    map_size: int | None = None
-    first_segment_id: int = 1
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.chunk_size < 1 or self.save_every < 1:
-            raise ValueError("batch_size, chunk_size and save_every must be >= 1")
-        if self.decode_workers < 0:
-            raise ValueError(f"decode_workers must be >= 0, got {self.decode_workers}")
-
-
 @dataclass
 class IndexSummary:
     """What a run did (counts of this run) and what the index holds afterwards."""
@@ -211,38 +174,18 @@ def open_or_create_index(out: Path, checkpoint: Checkpoint, config: IndexConfig)
     kwargs = {} if config.map_size is None else {"map_size": config.map_size}
     store = IndexStore.create(out, version, checkpoint.config.embedding_dim, config.index_type,
                               save_every=config.save_every, first_segment_id=config.first_segment_id, **kwargs)
-    atomic_write_json(out / SETTINGS_FILE, _settings(config))
+    IndexSettings.of(config).save(out)
     return store
-
-
-def load_settings(out_dir: str | Path) -> dict | None:
-    """The segmentation settings an index was built with (`indexing.json`), or None."""
-    path = Path(out_dir) / SETTINGS_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise IndexStoreError(f"cannot read {path} ({exc}); delete it to accept the current settings") from exc
-
-
-def _settings(config: IndexConfig) -> dict:
-    return {"version": SETTINGS_VERSION, "index_type": config.index_type,
-            "decode": dataclasses.asdict(config.decode),
-            "segmenter": {k: list(v) if isinstance(v, tuple) else v
-                          for k, v in dataclasses.asdict(config.segmenter).items()}}
 
 
 def _check_settings(out: Path, store: IndexStore, config: IndexConfig) -> None:
     """Refuse to extend an index with other segmentation settings or another index type."""
-    wanted = _settings(config)
-    stored = load_settings(out)
+    wanted = IndexSettings.of(config)
+    stored = IndexSettings.load(out)
     if stored is None:  # a crash between creating the index and writing the file
-        atomic_write_json(out / SETTINGS_FILE, wanted)
+        wanted.save(out)
         stored = wanted
-    differences = [f"{group}.{key}={wanted[group].get(key)!r} (index: {value!r})"
-                   for group in ("decode", "segmenter") for key, value in stored.get(group, {}).items()
-                   if wanted[group].get(key) != value]
+    differences = wanted.differences(stored)
     if config.index_type != store.meta.index_type:
         differences.append(f"index_type={config.index_type!r} (index: {store.meta.index_type!r})")
     if differences:

@@ -31,7 +31,7 @@ import numpy as np
 
 from segsearch.errors import IndexStoreError
 from segsearch.indexer.index_store import IndexStore, SearchHit
-from segsearch.indexer.pipeline import load_settings
+from segsearch.indexer.config import IndexSettings
 from segsearch.indexer.records import ImageRecord, IndexMeta, SegmentRecord
 from segsearch.indexer.shards import ShardLayout, find_layout, is_index_dir
 
@@ -205,7 +205,7 @@ def settings_dir(path: str | Path) -> Path:
 def _check_agreement(layout: ShardLayout, shards: Sequence[IndexStore]) -> None:
     """Shards of one layout must be interchangeable except for their segments."""
     metas = [store.meta for store in shards]
-    settings = [json.dumps(load_settings(d), sort_keys=True) for d in layout.shard_dirs]
+    settings = [_settings_text(d) for d in layout.shard_dirs]
     for name, values in (("model version", [m.model_version for m in metas]),
                          ("embedding dimension", [m.embedding_dim for m in metas]),
                          ("index type", [m.index_type for m in metas]),
@@ -214,6 +214,11 @@ def _check_agreement(layout: ShardLayout, shards: Sequence[IndexStore]) -> None:
             listing = ", ".join(f"{d.name}: {v}" for d, v in zip(layout.shard_dirs, values))
             raise IndexStoreError(f"the shards of {layout.root} disagree on the {name} ({listing}); "
                               "a sharded index must be built by one job with one checkpoint")
+
+
+def _settings_text(shard_dir: Path) -> str:
+    settings = IndexSettings.load(shard_dir)
+    return "none" if settings is None else json.dumps(settings.to_json(), sort_keys=True)
 
 
 def _range_problems(layout: ShardLayout, number: int, store: IndexStore, name: str) -> list[str]:

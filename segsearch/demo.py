@@ -60,7 +60,8 @@ def run_demo(args) -> int:
     from segsearch.indexer.pipeline import IndexConfig, index_corpus
     from segsearch.service.cli import print_hits
     from segsearch.service.client import SegsearchClient
-    from segsearch.service.server import SegsearchServer, ServerConfig
+    from segsearch.service.server import SegsearchServer
+    from segsearch.service.config import ServerConfig
     from segsearch.service.sheets import write_query_sheet, write_segment_overlay
     from segsearch.trainer.config import TrainConfig
     from segsearch.trainer.datasets import DataConfig, load_split

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,24 +23,11 @@ import torch
 from segsearch.indexer.decode import DecodeConfig, DecodedImage, ImageSkipped, decode_bytes
 from segsearch.spml.segmenter import ImageSegments, Segmenter, StageTimes, resize_for_embedding, upsample_nearest
 from segsearch.service.batcher import DynamicBatcher
+from segsearch.service.config import BatchConfig
 from segsearch.service.errors import InvalidArgument
 from segsearch.service.request_scope import add_stage_seconds, check_deadline, current_scope, stage
 
 MAX_SEGMENTS = 1024
-
-
-@dataclass(frozen=True)
-class BatchConfig:
-    """Dynamic batching of model calls (see `batcher.py`); max_batch <= 1 turns it off."""
-
-    max_batch: int = 8
-    max_wait_ms: float = 2.0
-
-    @classmethod
-    def auto(cls, device: str) -> "BatchConfig":
-        """Batch on accelerators; on CPU one image already keeps every core busy, and
-        bench/service_batching.py measured no gain there (0.8-1.1x on 2 cores), so it is off."""
-        return cls(max_batch=8 if not device.startswith("cpu") else 1)
 
 
 class ImageAnalyzer:

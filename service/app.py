@@ -16,30 +16,17 @@ from pathlib import Path
 
 from segsearch.indexer.decode import DecodeConfig
 from segsearch.indexer.index_store import IndexStore
-from segsearch.indexer.pipeline import load_settings
+from segsearch.indexer.config import IndexSettings
 from segsearch.spml.segmenter import Segmenter, SegmenterConfig
 from segsearch.indexer.sharded_store import ShardedStore, open_index, read_only_message, settings_dir
-from segsearch.service.analysis import BatchConfig, ImageAnalyzer
+from segsearch.service.analysis import ImageAnalyzer
+from segsearch.service.config import BatchConfig, ServiceLimits
 from segsearch.service.errors import FailedPrecondition
 from segsearch.service.updates import IndexUpdater
 from segsearch.spml.device import resolve_device
 from segsearch.spml.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_TOP_K = 100
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
-
-
-@dataclass(frozen=True)
-class ServiceLimits:
-    max_top_k: int = DEFAULT_MAX_TOP_K
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-
-    def __post_init__(self):
-        if self.max_top_k < 1 or self.max_image_pixels < 1:
-            raise ValueError("max_top_k and max_image_pixels must be >= 1")
-
 
 @dataclass
 class ServiceApp:
@@ -87,10 +74,5 @@ class _ShardedUpdater(IndexUpdater):
 def index_settings(index_dir: str | Path, limits: ServiceLimits) -> tuple[DecodeConfig, SegmenterConfig]:
     """The index's decode and segmenter settings (defaults if it has none), with the server's
     pixel limit (a guard, not a segmentation setting)."""
-    settings = load_settings(index_dir) or {}
-    decode = DecodeConfig(**settings.get("decode", {}))
-    decode = dataclasses.replace(decode, max_pixels=limits.max_image_pixels)
-    raw = dict(settings.get("segmenter", {}))
-    if "grid" in raw:
-        raw["grid"] = tuple(raw["grid"])
-    return decode, SegmenterConfig(**raw)
+    settings = IndexSettings.load(index_dir) or IndexSettings()
+    return dataclasses.replace(settings.decode, max_pixels=limits.max_image_pixels), settings.segmenter

@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from segsearch.errors import SegsearchError
+from segsearch.service.config import DEFAULT_PORT, BatchConfig, MiB, RouterConfig, ServerConfig, ServiceLimits
 
 TOKEN_ENV = "SEGSEARCH_TOKEN"
-DEFAULT_SERVER = "127.0.0.1:50051"
+DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_PORT}"
+CLIENT_TIMEOUT = 60.0  # seconds: the CLI waits longer than the library client (a first region query loads)
 
 
 def _pair(text: str, count: int, what: str) -> tuple[int, ...]:
@@ -59,55 +61,62 @@ def _read_bytes(path: str, what: str) -> bytes:
 
 # ---- serve -------------------------------------------------------------------------------
 
-def add_serve_parser(subparsers) -> None:
-    from segsearch.service.app import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_TOP_K
-    from segsearch.service.server import DEFAULT_METRICS_PORT, DEFAULT_PORT
+def _add_frontend_flags(p: argparse.ArgumentParser, d) -> None:
+    """The flags `serve` and `route` share, with defaults from their config `d`."""
+    p.add_argument("--host", default=d.host, help="address to bind (default: %(default)s; "
+                   "0.0.0.0 exposes the service to the network)")
+    p.add_argument("--port", type=int, default=d.port, help="gRPC port, 0 = any free (default: %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=d.metrics_port,
+                   help="Prometheus /metrics port, 0 = any free (default: %(default)s)")
+    p.add_argument("--max-concurrent", type=int, default=d.max_concurrent,
+                   help="concurrent requests before RESOURCE_EXHAUSTED (default: %(default)s)")
+    p.add_argument("--max-message-mib", type=int, default=d.max_message_bytes // MiB,
+                   help="gRPC message limit (default: %(default)s)")
+    p.add_argument("--grace", type=float, default=d.grace_seconds,
+                   help="seconds in-flight calls get on SIGTERM (default: %(default)s)")
 
+
+def _frontend_options(args) -> dict:
+    return dict(host=args.host, port=args.port, max_concurrent=args.max_concurrent,
+                max_message_bytes=args.max_message_mib * MiB, token=_read_token(args.token_file),
+                grace_seconds=args.grace)
+
+
+def add_serve_parser(subparsers) -> None:
+    d, limits, batching = ServerConfig(index_dir="", checkpoint=""), ServiceLimits(), BatchConfig()
     p = subparsers.add_parser("serve", help="serve an index over gRPC (search, segment, live updates)",
                               description="Serve INDEX_DIR with the model it was built with: gRPC "
                               "segsearch.v1.SegmentSearch, grpc.health.v1, reflection, and Prometheus "
                               "metrics on their own HTTP port. Stops cleanly on SIGTERM.")
     p.add_argument("index_dir", metavar="INDEX_DIR")
     p.add_argument("--model", required=True, metavar="CKPT", help="checkpoint the index was built with")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; "
-                   "0.0.0.0 exposes the service to the network)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port, 0 = any free (default: %(default)s)")
-    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
-                   help="Prometheus /metrics port, 0 = any free (default: %(default)s)")
+    _add_frontend_flags(p, d)
     p.add_argument("--no-metrics", action="store_true", help="no metrics endpoint")
-    p.add_argument("--max-concurrent", type=int, default=8,
-                   help="concurrent requests before RESOURCE_EXHAUSTED (default: %(default)s)")
-    p.add_argument("--max-top-k", type=int, default=DEFAULT_MAX_TOP_K, help="(default: %(default)s)")
-    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+    p.add_argument("--max-top-k", type=int, default=limits.max_top_k, help="(default: %(default)s)")
+    p.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels,
                    help="larger images are refused before decoding (default: %(default)s)")
-    p.add_argument("--max-message-mib", type=int, default=16, help="gRPC message limit (default: %(default)s)")
     p.add_argument("--token-file", help=f"require this bearer token (else ${TOKEN_ENV}, if set)")
     p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--read-only", action="store_true",
                    help="open the index read-only (IndexImages/DeleteImages refused; follows another writer)")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
-    p.add_argument("--device", default="cpu", help="torch device of the model (default: %(default)s)")
+    p.add_argument("--device", default=d.device, help="torch device of the model (default: %(default)s)")
     p.add_argument("--batch-max", type=int, default=0,
-                   help="batch up to this many concurrent model calls; 1 = no batching; 0 = auto: 8 on "
-                        "CUDA, off on CPU where it measured no gain (default: %(default)s)")
-    p.add_argument("--batch-wait-ms", type=float, default=2.0,
+                   help="batch up to this many concurrent model calls; 1 = no batching; 0 = auto: "
+                        f"{batching.max_batch} on CUDA, off on CPU where it measured no gain (default: %(default)s)")
+    p.add_argument("--batch-wait-ms", type=float, default=batching.max_wait_ms,
                    help="how long a model call waits for others to batch with (default: %(default)s)")
     p.set_defaults(handler=run_serve)
 
 
 def run_serve(args) -> int:
-    from segsearch.service.analysis import BatchConfig
-    from segsearch.service.app import ServiceLimits
-    from segsearch.service.server import ServerConfig, serve
+    from segsearch.service.server import serve
 
     config = ServerConfig(
-        index_dir=args.index_dir, checkpoint=args.model, host=args.host, port=args.port,
+        index_dir=args.index_dir, checkpoint=args.model, **_frontend_options(args),
         metrics_port=None if args.no_metrics else args.metrics_port,
-        max_message_bytes=args.max_message_mib << 20, max_concurrent=args.max_concurrent,
         limits=ServiceLimits(max_top_k=args.max_top_k, max_image_pixels=args.max_image_pixels),
-        token=_read_token(args.token_file), tls_cert=args.tls_cert, tls_key=args.tls_key,
-        read_only=args.read_only, grace_seconds=args.grace, device=args.device,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, read_only=args.read_only, device=args.device,
         batching=BatchConfig(args.batch_max, args.batch_wait_ms) if args.batch_max else None,
     )
     return serve(config, on_ready=lambda line: print(line, flush=True))
@@ -116,8 +125,7 @@ def run_serve(args) -> int:
 # ---- route -------------------------------------------------------------------------------
 
 def add_route_parser(subparsers) -> None:
-    from segsearch.service.server import DEFAULT_PORT
-
+    d = RouterConfig()
     p = subparsers.add_parser("route", help="serve several `segsearch serve` backends (shards) as one",
                               description="A read-only gRPC segsearch.v1.SegmentSearch (+ health, reflection) "
                               "that fans each search out to every backend (each a `segsearch serve` of some "
@@ -125,27 +133,19 @@ def add_route_parser(subparsers) -> None:
                               "one model version. IndexImages/DeleteImages answer FAILED_PRECONDITION.")
     p.add_argument("--backend", action="append", required=True, metavar="HOST:PORT",
                    help="a backend server (repeat for each)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port, 0 = any free (default: %(default)s)")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="Prometheus /metrics port, 0 = any free (default: none)")
-    p.add_argument("--max-concurrent", type=int, default=32,
-                   help="concurrent requests before RESOURCE_EXHAUSTED (default: %(default)s)")
+    _add_frontend_flags(p, d)
     p.add_argument("--token-file", help=f"require this bearer token and send it to the backends "
                    f"(else ${TOKEN_ENV}, if set)")
-    p.add_argument("--connect-timeout", type=float, default=30.0,
+    p.add_argument("--connect-timeout", type=float, default=d.connect_timeout,
                    help="seconds to wait for every backend at start (default: %(default)s)")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
     p.set_defaults(handler=run_route)
 
 
 def run_route(args) -> int:
-    from segsearch.service.router_server import RouterConfig, route
+    from segsearch.service.router_server import route
 
-    config = RouterConfig(backends=list(args.backend), host=args.host, port=args.port,
-                          metrics_port=args.metrics_port, max_concurrent=args.max_concurrent,
-                          token=_read_token(args.token_file), connect_timeout=args.connect_timeout,
-                          grace_seconds=args.grace)
+    config = RouterConfig(backends=list(args.backend), **_frontend_options(args), metrics_port=args.metrics_port,
+                          connect_timeout=args.connect_timeout)
     return route(config, on_ready=lambda line: print(line, flush=True))
 
 
@@ -155,7 +155,7 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=DEFAULT_SERVER, help="host:port (default: %(default)s)")
     p.add_argument("--token-file", help=f"bearer token file (else ${TOKEN_ENV}, if set)")
     p.add_argument("--tls-ca", help="PEM root certificate: connect with TLS")
-    p.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=CLIENT_TIMEOUT, help="deadline in seconds (default: %(default)s)")
 
 
 def _client(args):
@@ -278,6 +278,9 @@ def _id_range(text: str) -> tuple[int, int]:
 
 
 def add_load_parser(subparsers) -> None:
+    from segsearch.service.loadgen import LoadConfig
+
+    d = LoadConfig()
     p = subparsers.add_parser("load", help="drive a running server with bounded SearchSimilar load",
                               description="Send SearchSimilar calls to a running `segsearch serve` (plaintext, "
                               "no token): closed loop (--clients callers) or open loop (--rate queries/s, at "
@@ -289,17 +292,18 @@ def add_load_parser(subparsers) -> None:
     p.add_argument("--region-images", nargs="*", default=[], metavar="IMAGE",
                    help="query images for searches by region (a box a third of the image)")
     p.add_argument("--region-fraction", type=float, default=0.0, help="share of searches by region")
-    p.add_argument("--mode", choices=("closed", "open"), default="closed")
-    p.add_argument("--clients", type=int, default=8, help="closed: callers; open: most calls in flight")
-    p.add_argument("--rate", type=float, default=100.0, help="open loop: offered queries/s")
-    p.add_argument("--arrivals", choices=("poisson", "fixed"), default="poisson")
-    p.add_argument("--requests", type=int, default=1000, help="stop after this many (default: %(default)s)")
-    p.add_argument("--seconds", type=float, default=10.0, help="... or after this long (default: %(default)s)")
+    p.add_argument("--mode", choices=("closed", "open"), default=d.mode, help="(default: %(default)s)")
+    p.add_argument("--clients", type=int, default=d.clients,
+                   help="closed: callers; open: most calls in flight (default: %(default)s)")
+    p.add_argument("--rate", type=float, default=d.rate, help="open loop: offered queries/s (default: %(default)s)")
+    p.add_argument("--arrivals", choices=("poisson", "fixed"), default=d.arrivals, help="(default: %(default)s)")
+    p.add_argument("--requests", type=int, default=d.requests, help="stop after this many (default: %(default)s)")
+    p.add_argument("--seconds", type=float, default=d.seconds, help="... or after this long (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--probe-health", action="store_true", help="check grpc.health.v1 10 times a second meanwhile")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--server", default=DEFAULT_SERVER, help="host:port (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=5.0, help="deadline of each call (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=d.timeout, help="deadline of each call (default: %(default)s)")
     p.set_defaults(handler=run_load_command)
 
 

@@ -19,14 +19,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from segsearch.service._generated import segment_search_pb2 as pb
+from segsearch.service.config import DEFAULT_PORT, MiB
 from segsearch.service._generated import segment_search_pb2_grpc as pb_grpc
 
 DEFAULT_TIMEOUT = 30.0
-MiB = 1 << 20
 
 
 class SegsearchClient:
-    def __init__(self, address: str = "127.0.0.1:50051", *, token: str | None = None,
+    def __init__(self, address: str = f"127.0.0.1:{DEFAULT_PORT}", *, token: str | None = None,
                  root_cert: str | Path | bytes | None = None, timeout: float | None = DEFAULT_TIMEOUT,
                  max_message_bytes: int = 16 * MiB):
         options = [("grpc.max_receive_message_length", max_message_bytes),

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import grpc
 
 from segsearch.errors import SegsearchError
+from segsearch.service.config import MiB, RouterConfig
 from segsearch.indexer.sharded_store import merge_hits
 from segsearch.service._generated import segment_search_pb2 as pb
 from segsearch.service._generated import segment_search_pb2_grpc as pb_grpc
@@ -46,9 +47,8 @@ from segsearch.service.search import validate_top_k
 
 log = logging.getLogger(__name__)
 
-MiB = 1 << 20
 DEFAULT_BACKEND_TIMEOUT = 60.0  # when the incoming call has no deadline
-CONNECT_TIMEOUT = 30.0
+CONNECT_TIMEOUT = RouterConfig.connect_timeout  # seconds for every backend to answer at start
 
 
 class RouterError(SegsearchError):

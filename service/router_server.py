@@ -8,31 +8,17 @@ FAILED_PRECONDITION. Health says SERVING once every backend answered GetInfo wit
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import grpc
 
 from segsearch.service._generated import segment_search_pb2_grpc as pb_grpc
+from segsearch.service.config import RouterConfig
 from segsearch.service.errors import Unavailable
 from segsearch.service.prometheus import ServiceMetrics
-from segsearch.service.router import CONNECT_TIMEOUT, DEFAULT_BACKEND_TIMEOUT, Router, refuse_write
-from segsearch.service.server import DEFAULT_PORT, GrpcFrontend, MiB, run_until_signalled
+from segsearch.service.router import DEFAULT_BACKEND_TIMEOUT, Router, refuse_write
+from segsearch.service.server import GrpcFrontend, run_until_signalled
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RouterConfig:
-    backends: list[str] = field(default_factory=list)
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT  # 0 = any free port
-    metrics_port: int | None = None  # None = no metrics endpoint; 0 = any
-    metrics_host: str | None = None  # default: same as host
-    max_message_bytes: int = 16 * MiB
-    max_concurrent: int = 32
-    token: str | None = None  # required from the router's clients (and sent to the backends)
-    connect_timeout: float = CONNECT_TIMEOUT
-    grace_seconds: float = 10.0
 
 
 def call_timeout(context: grpc.ServicerContext) -> float:

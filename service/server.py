@@ -20,7 +20,6 @@ import logging
 import signal
 import threading
 from concurrent import futures
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -30,8 +29,8 @@ from grpc_reflection.v1alpha import reflection
 from segsearch.errors import SegsearchError
 from segsearch.service._generated import segment_search_pb2 as pb
 from segsearch.service._generated import segment_search_pb2_grpc as pb_grpc
-from segsearch.service.analysis import BatchConfig
-from segsearch.service.app import ServiceApp, ServiceLimits
+from segsearch.service.app import ServiceApp
+from segsearch.service.config import BatchConfig, ServerConfig
 from segsearch.service.interceptors import build_interceptors
 from segsearch.service.prometheus import ServiceMetrics
 from segsearch.service.servicer import SegmentSearchServicer
@@ -39,9 +38,6 @@ from segsearch.service.servicer import SegmentSearchServicer
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentSearch"].full_name
-DEFAULT_PORT = 50051
-DEFAULT_METRICS_PORT = 9464
-MiB = 1 << 20
 SPARE_WORKERS = 8
 # Calls that may wait for a free worker before gRPC's own limit (`maximum_concurrent_rpcs`)
 # answers RESOURCE_EXHAUSTED. That limit applies to every method, health checks included, so
@@ -52,26 +48,6 @@ QUEUED_CALLS = 64
 
 class ServerError(SegsearchError):
     """The server cannot start (port in use, bad TLS files, ...)."""
-
-
-@dataclass
-class ServerConfig:
-    index_dir: str
-    checkpoint: str
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT  # 0 = any free port
-    metrics_port: int | None = DEFAULT_METRICS_PORT  # None = no metrics endpoint; 0 = any
-    metrics_host: str | None = None  # default: same as host
-    max_message_bytes: int = 16 * MiB
-    max_concurrent: int = 8
-    limits: ServiceLimits = field(default_factory=ServiceLimits)
-    token: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    read_only: bool = False
-    grace_seconds: float = 10.0
-    device: str = "cpu"
-    batching: BatchConfig | None = None  # None: auto (batch on CUDA, not on CPU); max_batch <= 1: off
 
 
 def build_grpc_server(servicer, health_servicer: health.HealthServicer, metrics: ServiceMetrics,

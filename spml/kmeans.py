@@ -31,66 +31,13 @@ centroid sums pick ``index_add`` or the one-hot matmul by device; both are teste
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from segsearch.spml.config import KMeansConfig  # noqa: F401  (the k-means settings, torch-free)
 from segsearch.spml.prototypes import NORM_EPS, segment_counts, segment_prototypes
-
-TRAIN_GRID = (6, 6)
-INFERENCE_GRID = (12, 12)
-
-
-@dataclass(frozen=True)
-class KMeansConfig:
-    """Spherical k-means settings (SPML reference: 6x6 grid at training, 12x12 at inference).
-
-    grid: (rows, cols) of the initial grid; ``K = rows * cols`` segments per image.
-    iterations: rounds of assign + update (SPML: 10).
-    coord_weight: scale of the ``yx in [-0.5, 0.5]`` coordinates concatenated to the unit
-        embedding before re-normalising (SPML: 1.0). 0 clusters embeddings alone; about 1-2
-        keeps segments compact and grid-like. Much larger values do *not* tend to a fixed
-        grid: the coordinates are centred on the image, so after re-normalisation only
-        their direction from the centre survives and segments become wedges.
-    init: "cell_mean" (normalised mean of each grid cell's features, as SPML) or
-        "cell_centre" (the feature of each cell's centre pixel).
-    empty_cluster: "keep" (an empty cluster keeps its previous centroid) or "reseed"
-        (it moves to its image's worst-fitting pixel).
-    """
-
-    grid: tuple[int, int] = TRAIN_GRID
-    iterations: int = 10
-    coord_weight: float = 1.0
-    init: Literal["cell_mean", "cell_centre"] = "cell_mean"
-    empty_cluster: Literal["keep", "reseed"] = "keep"
-
-    def __post_init__(self) -> None:
-        rows, cols = self.grid
-        if rows < 1 or cols < 1:
-            raise ValueError(f"grid must be two positive integers, got {self.grid}")
-        if self.iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
-        if self.coord_weight < 0:
-            raise ValueError(f"coord_weight must be >= 0, got {self.coord_weight}")
-        if self.init not in ("cell_mean", "cell_centre"):
-            raise ValueError(f"init must be 'cell_mean' or 'cell_centre', got {self.init!r}")
-        if self.empty_cluster not in ("keep", "reseed"):
-            raise ValueError(
-                f"empty_cluster must be 'keep' or 'reseed', got {self.empty_cluster!r}"
-            )
-
-    @property
-    def num_segments(self) -> int:
-        """K = rows * cols."""
-        return self.grid[0] * self.grid[1]
-
-    @classmethod
-    def for_inference(cls, **overrides) -> "KMeansConfig":
-        """The finer inference setting (12x12 grid); other fields as given or default."""
-        return cls(**{"grid": INFERENCE_GRID, **overrides})
-
 
 @dataclass
 class KMeansResult:

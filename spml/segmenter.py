@@ -47,44 +47,12 @@ from PIL import Image
 
 from segsearch.spml.checkpoint import LabelBank
 from segsearch.spml.embedding import EmbeddingNet
-from segsearch.spml.kmeans import KMeansConfig, spherical_kmeans
+from segsearch.spml.config import SegmenterConfig
+from segsearch.spml.kmeans import spherical_kmeans
 from segsearch.spml.prototypes import NORM_EPS, segment_sums
 from segsearch.spml.label_vote import knn_vote
 
-DEFAULT_EMBED_SIZE = 320
-DEFAULT_GRID = (8, 8)
-DEFAULT_MIN_AREA_FRACTION = 0.005
 DROPPED = -1  # label_map value of pixels that belong to no segment
-
-
-@dataclass(frozen=True)
-class SegmenterConfig:
-    """How images become segments (see the module docstring for each step).
-
-    embed_size: side of the square network input E (the embedding map is E/4).
-    grid / iterations / coord_weight: the spherical k-means settings (``K = rows * cols``).
-    min_area_fraction: segments smaller than this fraction of the image are merged away.
-    knn_k: neighbours in the label vote.
-    """
-
-    embed_size: int = DEFAULT_EMBED_SIZE
-    grid: tuple[int, int] = DEFAULT_GRID
-    iterations: int = 10
-    coord_weight: float = 1.0
-    min_area_fraction: float = DEFAULT_MIN_AREA_FRACTION
-    knn_k: int = 20
-
-    def __post_init__(self) -> None:
-        if self.embed_size < 16:
-            raise ValueError(f"embed_size must be >= 16, got {self.embed_size}")
-        if not 0.0 <= self.min_area_fraction < 1.0:
-            raise ValueError(f"min_area_fraction must be in [0, 1), got {self.min_area_fraction}")
-        if self.knn_k < 1:
-            raise ValueError(f"knn_k must be >= 1, got {self.knn_k}")
-        self.kmeans()  # validates grid, iterations and coord_weight
-
-    def kmeans(self) -> KMeansConfig:
-        return KMeansConfig(grid=tuple(self.grid), iterations=self.iterations, coord_weight=self.coord_weight)
 
 
 @dataclass

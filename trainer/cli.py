@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from segsearch.trainer.config import METHODS, TrainConfig
+from segsearch.trainer.config import METHODS, EvalConfig, TrainConfig
 from segsearch.trainer.datasets import DataConfig
 
 
@@ -68,9 +68,9 @@ def add_train_parser(subparsers) -> None:
     o.add_argument("--seed", type=int, default=d.seed, help="seed of weights, batches and weak labels (default: %(default)s)")
     s = p.add_argument_group("SPML")
     s.add_argument("--train-grid", type=_grid, default=d.train_grid,
-                   help="k-means grid initialisation during training, ROWSxCOLS (default: 6x6)")
+                   help="k-means grid initialisation during training, ROWSxCOLS (default: {}x{})".format(*d.train_grid))
     s.add_argument("--inference-grid", type=_grid, default=d.inference_grid,
-                   help="k-means grid for the label bank and inference (default: 8x8)")
+                   help="k-means grid for the label bank and inference (default: {}x{})".format(*d.inference_grid))
     s.add_argument("--kmeans-iterations", type=int, default=d.kmeans_iterations, help="(default: %(default)s)")
     s.add_argument("--scribble-length", type=float, default=d.scribble_length,
                    help="fraction of each full scribble kept, in (0, 1] (default: %(default)s)")
@@ -121,6 +121,7 @@ def run_train(args) -> int:
 
 
 def add_eval_parser(subparsers) -> None:
+    e, data = EvalConfig(), DataConfig()
     p = subparsers.add_parser("eval", help="mIoU of a checkpoint by segment retrieval",
                               description="Label each test segment by k-NN vote over the checkpoint's "
                               "labelled training prototypes; print mIoU beside chance, colour-histogram "
@@ -131,21 +132,24 @@ def add_eval_parser(subparsers) -> None:
                    "(default: the checkpoint's directory)")
     p.add_argument("--data", default=None, help="evaluate on another dataset: 'mosaic' or a VOC "
                    "directory (default: the one the checkpoint was trained on)")
-    p.add_argument("--image-size", type=int, default=128, help="with --data: image size (default: %(default)s)")
-    p.add_argument("--num-test", type=int, default=60, help="with --data mosaic: test images (default: %(default)s)")
-    p.add_argument("--inference-grid", type=_grid, default=(8, 8),
-                   help="k-means grid for test images, ROWSxCOLS (default: 8x8)")
-    p.add_argument("--k", type=int, default=20, help="neighbours in the k-NN vote (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=data.image_size,
+                   help="with --data: image size (default: %(default)s)")
+    p.add_argument("--num-test", type=int, default=data.num_test,
+                   help="with --data mosaic: test images (default: %(default)s)")
+    p.add_argument("--inference-grid", type=_grid, default=e.inference_grid,
+                   help="k-means grid for test images, ROWSxCOLS (default: {}x{})".format(*e.inference_grid))
+    p.add_argument("--k", type=int, default=e.k, help="neighbours in the k-NN vote (default: %(default)s)")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip the colour-histogram and backbone baselines (faster)")
-    p.add_argument("--overlays", type=int, default=6, help="test images drawn in eval_overlays.png (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    p.add_argument("--overlays", type=int, default=e.overlays,
+                   help="test images drawn in eval_overlays.png (default: %(default)s)")
+    p.add_argument("--device", default=e.device, help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=run_eval)
 
 
 def run_eval(args) -> int:
-    from segsearch.trainer.evaluate import EvalConfig, evaluate_checkpoint
+    from segsearch.trainer.evaluate import evaluate_checkpoint
 
     data = None
     if args.data is not None:

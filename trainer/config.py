@@ -1,8 +1,10 @@
-"""Typed configuration of a training run (every field is a `segsearch train` flag)."""
+"""Typed configuration of a training run and of an evaluation (their fields are the flags of
+`segsearch train` and `segsearch eval`, which take their defaults from here)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from segsearch.spml.config import INFERENCE_GRID, TRAIN_GRID, KMeansConfig, SegmenterConfig
 from segsearch.trainer.datasets import DataConfig
 
 METHODS = ("spml", "partial_ce", "full_ce")
@@ -25,9 +27,9 @@ class TrainConfig:
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    train_grid: tuple[int, int] = (6, 6)
-    inference_grid: tuple[int, int] = (8, 8)
-    kmeans_iterations: int = 10
+    train_grid: tuple[int, int] = TRAIN_GRID
+    inference_grid: tuple[int, int] = INFERENCE_GRID
+    kmeans_iterations: int = KMeansConfig.iterations
     scribble_length: float = 1.0
     points_per_region: int = 1
     edge_source: str = "hed"  # hed | sobel
@@ -60,3 +62,18 @@ class TrainConfig:
             if name in values:
                 values[name] = tuple(values[name])
         return cls(**values)
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = "runs/spml/checkpoint.pt"
+    out_dir: str = ""  # default: the checkpoint's directory
+    data: DataConfig | None = None  # default: the data the checkpoint was trained on
+    inference_grid: tuple[int, int] = INFERENCE_GRID
+    kmeans_iterations: int = KMeansConfig.iterations
+    k: int = SegmenterConfig.knn_k  # neighbours in the k-NN vote, as the indexer votes
+    baselines: bool = True
+    overlays: int = 6
+    device: str = "auto"
+    seed: int = 0
+    progress: bool = True

@@ -23,7 +23,8 @@ from segsearch.spml.embedding import EmbeddingNet
 from segsearch.spml.kmeans import KMeansConfig
 from segsearch.spml.prototypes import flatten_segments, segment_prototypes
 from segsearch.trainer.config import TrainConfig
-from segsearch.trainer.datasets import DataConfig, load_split
+from segsearch.trainer.config import EvalConfig  # noqa: F401  (re-exported: evaluate(EvalConfig(...)))
+from segsearch.trainer.datasets import load_split
 from segsearch.trainer.descriptors import pixel_descriptors
 from segsearch.spml.label_vote import knn_vote
 from segsearch.trainer.label_bank import build_label_banks, segment_batch
@@ -36,21 +37,6 @@ from segsearch.trainer.weak_labels import WeakLabelConfig
 
 logger = logging.getLogger(__name__)
 BASELINE_DESCRIPTORS = ("colour_histogram", "backbone")
-
-
-@dataclass
-class EvalConfig:
-    checkpoint: str = "runs/spml/checkpoint.pt"
-    out_dir: str = ""  # default: the checkpoint's directory
-    data: DataConfig | None = None  # default: the data the checkpoint was trained on
-    inference_grid: tuple[int, int] = (8, 8)
-    kmeans_iterations: int = 10
-    k: int = 20
-    baselines: bool = True
-    overlays: int = 6
-    device: str = "auto"
-    seed: int = 0
-    progress: bool = True
 
 
 @dataclass

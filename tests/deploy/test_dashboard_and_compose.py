@@ -15,7 +15,7 @@ from deploy_checks import (
     parse_segsearch_argv,
     promql_names,
 )
-from segsearch.service.server import DEFAULT_METRICS_PORT, DEFAULT_PORT
+from segsearch.service.config import DEFAULT_METRICS_PORT, DEFAULT_PORT
 
 DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
 PROVISIONING = DEPLOY / "grafana" / "provisioning"

@@ -23,7 +23,7 @@ from deploy_checks import (
     read_stages,
     tool,
 )
-from segsearch.service.server import DEFAULT_METRICS_PORT, DEFAULT_PORT
+from segsearch.service.config import DEFAULT_METRICS_PORT, DEFAULT_PORT
 
 DOCKERFILES = ["Dockerfile", "Dockerfile.gpu"]
 IMAGE_UID = "10001"  # deploy/k8s sets runAsUser to the same

@@ -15,7 +15,8 @@ from functools import cache
 import pytest
 import yaml
 from deploy_checks import DEPLOY, parse_segsearch_argv, tool
-from segsearch.service.server import DEFAULT_METRICS_PORT, DEFAULT_PORT, SERVICE_NAME
+from segsearch.service.server import SERVICE_NAME
+from segsearch.service.config import DEFAULT_METRICS_PORT, DEFAULT_PORT
 
 K8S = DEPLOY / "k8s"
 NAMESPACE = "segsearch"

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 from deploy_checks import DEPLOY, exported_metric_names, promql_names, tool
-from segsearch.service.server import DEFAULT_METRICS_PORT
+from segsearch.service.config import DEFAULT_METRICS_PORT
 
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 PROMTOOL = tool("promtool")

@@ -190,14 +190,6 @@ def test_index_word_before_corpus_is_optional():
         assert normalize_index_argv(unchanged) == unchanged
 
 
-def test_help_defaults_are_the_segmenter_defaults():
-    from segsearch.indexer.cli import HELP_DEFAULTS
-    from segsearch.spml.segmenter import SegmenterConfig
-
-    defaults = SegmenterConfig()
-    assert HELP_DEFAULTS == {name: getattr(defaults, name) for name in HELP_DEFAULTS}
-
-
 def test_unavailable_device_is_a_one_line_error(built, corpus, checkpoint, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")

@@ -15,7 +15,7 @@ import torch
 from segsearch.indexer.decode import DecodeConfig
 from segsearch.indexer.pipeline import IndexConfig, index_corpus
 from segsearch.spml.segmenter import SegmenterConfig
-from segsearch.service.analysis import BatchConfig
+from segsearch.service.config import BatchConfig
 from segsearch.trainer.config import TrainConfig
 from segsearch.trainer.datasets import DataConfig
 from segsearch.trainer.train import train

@@ -10,7 +10,8 @@ from PIL import Image
 
 from segsearch.service.client import SegsearchClient
 from segsearch.service.pngs import encode_image_png
-from segsearch.service.server import SegsearchServer, ServerConfig
+from segsearch.service.server import SegsearchServer
+from segsearch.service.config import ServerConfig
 from segsearch.trainer.mosaic import MosaicConfig, TextureMosaic
 
 PHOTO = "photo.png"  # 256x192, indexed at 128x96 (max_side 128)

@@ -83,7 +83,7 @@ def test_server_keeps_serving_after_errors(served, corpus_dir):
 def test_oversized_images_are_refused_before_decoding(index_template, checkpoint_path, tmp_path_factory):
     from service_helpers import copy_index, start_server
 
-    from segsearch.service.app import ServiceLimits
+    from segsearch.service.config import ServiceLimits
 
     running = start_server(copy_index(index_template, tmp_path_factory), checkpoint_path,
                            limits=ServiceLimits(max_image_pixels=100 * 100), metrics_port=None)
@@ -100,7 +100,8 @@ def test_a_checkpoint_of_another_model_version_is_refused_at_start(index_templat
     """The server never serves an index with a model that did not build it (FAILED_PRECONDITION's
     counterpart at load time: the server does not come up, and says which versions differ)."""
     from segsearch.errors import IndexStoreError
-    from segsearch.service.server import SegsearchServer, ServerConfig
+    from segsearch.service.server import SegsearchServer
+    from segsearch.service.config import ServerConfig
     from segsearch.spml.checkpoint import load_checkpoint, save_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_path)

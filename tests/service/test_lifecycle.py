@@ -10,7 +10,8 @@ import pytest
 
 from segsearch.service._generated import segment_search_pb2 as pb
 from segsearch.service.client import SegsearchClient
-from segsearch.service.server import SegsearchServer, ServerConfig
+from segsearch.service.server import SegsearchServer
+from segsearch.service.config import ServerConfig
 from service_helpers import copy_index, metric_value, start_server
 
 

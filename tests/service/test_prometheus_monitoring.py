@@ -27,7 +27,8 @@ import pytest
 import yaml
 from segsearch.indexer.index_store import IndexStore
 from segsearch.service.prometheus import LATENCY_BUCKETS
-from segsearch.service.server import SegsearchServer, ServerConfig
+from segsearch.service.server import SegsearchServer
+from segsearch.service.config import ServerConfig
 from service_helpers import copy_index, start_server
 
 REPO = Path(__file__).resolve().parents[2]

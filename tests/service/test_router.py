@@ -20,7 +20,8 @@ from segsearch.service._generated import segment_search_pb2 as pb
 from segsearch.service.client import SegsearchClient, search_request
 from segsearch.service.errors import DeadlineExceeded
 from segsearch.service.router import Router, RouterError
-from segsearch.service.router_server import RouterConfig, RouterServer
+from segsearch.service.router_server import RouterServer
+from segsearch.service.config import RouterConfig
 from service_helpers import PHOTO, mosaic_images, png_bytes, start_server
 from test_sharded_serving import sharded_out  # noqa: F401  (the module-scoped layout fixture)
 

@@ -22,7 +22,7 @@ import pytest
 from segsearch.testing.fuzz_strategies import METHODS, Call, FuzzClient, png_claiming
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from segsearch.service._generated import segment_search_pb2 as pb
-from segsearch.service.app import ServiceLimits
+from segsearch.service.config import ServiceLimits
 from segsearch.service.client import SegsearchClient
 from segsearch.service.interceptors import AuthInterceptor, build_interceptors
 from segsearch.service.prometheus import ServiceMetrics

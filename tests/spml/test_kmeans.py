@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from segsearch.spml.config import INFERENCE_GRID
 from segsearch.spml.kmeans import (
     KMeansConfig,
     _cluster_sums,
@@ -214,7 +215,7 @@ def test_prototypes_carry_gradients_but_segment_ids_do_not():
 
 def test_config_validation_and_inference_grid():
     assert KMeansConfig().grid == (6, 6) and KMeansConfig().num_segments == 36
-    assert KMeansConfig.for_inference().num_segments == 144
+    assert KMeansConfig(grid=INFERENCE_GRID).num_segments == 64
     bad_settings = [
         dict(grid=(0, 3)),
         dict(iterations=0),

@@ -1,0 +1,75 @@
+"""Settings of the service's two front ends, `segsearch serve` and `segsearch route`, with no
+grpc or torch import: their CLIs read every default from here, each written once."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MiB = 1 << 20
+DEFAULT_PORT = 50051
+DEFAULT_METRICS_PORT = 9464
+
+
+DEFAULT_MAX_TOP_K = 100
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    max_top_k: int = DEFAULT_MAX_TOP_K
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+    def __post_init__(self):
+        if self.max_top_k < 1 or self.max_image_pixels < 1:
+            raise ValueError("max_top_k and max_image_pixels must be >= 1")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Dynamic batching of model calls (see `batcher.py`); max_batch <= 1 turns it off."""
+
+    max_batch: int = 8
+    max_wait_ms: float = 2.0
+
+    @classmethod
+    def auto(cls, device: str) -> "BatchConfig":
+        """Batch on accelerators; on CPU one image already keeps every core busy, and
+        bench/service_batching.py measured no gain there (0.8-1.1x on 2 cores), so it is off."""
+        return cls(max_batch=8 if not device.startswith("cpu") else 1)
+
+
+@dataclass(kw_only=True)
+class FrontendConfig:
+    """What any gRPC front end of ours needs: where to bind, how much to take, when to stop."""
+
+    host: str = "127.0.0.1"  # 0.0.0.0 exposes the service to the network
+    port: int = DEFAULT_PORT  # 0 = any free port
+    metrics_port: int | None = None  # None = no metrics endpoint; 0 = any free port
+    metrics_host: str | None = None  # default: same as host
+    max_message_bytes: int = 16 * MiB
+    max_concurrent: int = 8  # calls in flight before RESOURCE_EXHAUSTED
+    token: str | None = None  # bearer token required from clients
+    grace_seconds: float = 10.0  # in-flight calls get this long on SIGTERM
+
+
+@dataclass(kw_only=True)
+class ServerConfig(FrontendConfig):
+    """`segsearch serve`: one index and the model it was built with."""
+
+    index_dir: str
+    checkpoint: str
+    metrics_port: int | None = DEFAULT_METRICS_PORT
+    limits: ServiceLimits = field(default_factory=ServiceLimits)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    read_only: bool = False
+    device: str = "cpu"
+    batching: BatchConfig | None = None  # None: auto (batch on CUDA, not on CPU); max_batch <= 1: off
+
+
+@dataclass(kw_only=True)
+class RouterConfig(FrontendConfig):
+    """`segsearch route`: backends to fan out to. Its token is also sent to the backends."""
+
+    backends: list[str] = field(default_factory=list)
+    max_concurrent: int = 32
+    connect_timeout: float = 30.0  # seconds to wait for every backend at start
