@@ -261,7 +261,7 @@ def _build_index(config: LatencyConfig, size: int, path: Path, version: str, dim
             result = store.add_images(image_chunk(first, chunk, version, labels, templates))
             ids += [result.segment_ids[0], result.segment_ids[-1]]
             log.info("  %d / %d images (%.0f s)", first + count, images, time.perf_counter() - started)
-        factory = store.stats()["faiss_index"]
+        factory = store.stats().faiss_index
     finally:
         store.close()  # flushes the FAISS file
     seconds = time.perf_counter() - started

@@ -280,7 +280,7 @@ def run_stats(args) -> int:
     from segsearch.indexer.sharded_store import open_index, settings_dir, shard_dirs_or_self
 
     with open_index(args.index_dir, read_only=True) as store:
-        stats = store.stats()
+        stats = store.stats().to_json()
     stats["skipped_images"] = sum(len(SkipReport(Path(d) / SKIPPED_FILE).entries())
                                   for d in shard_dirs_or_self(args.index_dir))
     settings = IndexSettings.load(settings_dir(args.index_dir))

@@ -58,6 +58,7 @@ from segsearch.errors import IndexStoreError, IndexFullError, StorageFailedError
 from segsearch.indexer.metadata_store import DEFAULT_MAP_SIZE, MetadataStore
 from segsearch.indexer.records import ImageRecord, IndexMeta, SegmentRecord
 from segsearch.durable import fsync_dir, remove_stale_temp_files, space_report
+from segsearch.indexer.store_api import StoreStats
 from segsearch.indexer.vector_index import DEFAULT_EF_SEARCH, VectorIndex
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,11 @@ class IndexStore:
         self._mutex = threading.RLock()
         self._closed = False
         self._failed: str | None = None  # why writes are refused after a storage failure
+
+    @property
+    def read_only(self) -> bool:
+        """Opened without the writer lock: writes are refused, `refresh` follows the writer."""
+        return self._lock_fd is None
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -319,20 +325,17 @@ class IndexStore:
         with self._mutex:
             return self._metadata.segment_ids(), self._vectors.ids()
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> StoreStats:
         meta = self._metadata.meta()
         path = self.root / VECTORS_FILE
         with self._mutex:
-            return {
-                "path": str(self.root), "model_version": meta.model_version,
-                "embedding_dim": meta.embedding_dim, "num_images": meta.num_images,
-                "num_segments": meta.num_segments, "index_spec": meta.index_type,
-                "faiss_index": self._vectors.describe(), "faiss_vectors": len(self._vectors),
-                "faiss_tombstones": self._vectors.num_tombstones, "generation": meta.generation,
-                "faiss_generation": self._vectors.generation, "format_version": meta.format_version,
-                "faiss_file_bytes": path.stat().st_size if path.exists() else 0,
-                **{f"lmdb_{key}": value for key, value in self._metadata.usage().items()},
-            }
+            return StoreStats(
+                path=str(self.root), model_version=meta.model_version, embedding_dim=meta.embedding_dim,
+                num_images=meta.num_images, num_segments=meta.num_segments, index_spec=meta.index_type,
+                faiss_index=self._vectors.describe(), faiss_vectors=len(self._vectors),
+                faiss_tombstones=self._vectors.num_tombstones, generation=meta.generation,
+                format_version=meta.format_version, faiss_file_bytes=path.stat().st_size if path.exists() else 0,
+                lmdb=self._metadata.usage())
 
     def verify(self) -> list[str]:
         """Problems found (empty = consistent): FAISS vs LMDB ids, versions, counts, links."""

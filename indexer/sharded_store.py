@@ -34,6 +34,7 @@ from segsearch.indexer.index_store import IndexStore, SearchHit
 from segsearch.indexer.config import IndexSettings
 from segsearch.indexer.records import ImageRecord, IndexMeta, SegmentRecord
 from segsearch.indexer.shards import ShardLayout, find_layout, is_index_dir
+from segsearch.indexer.store_api import StoreStats
 
 log = logging.getLogger(__name__)
 
@@ -128,19 +129,8 @@ class ShardedStore:
         changed = [store.refresh() for store in self.shards]
         return any(changed)
 
-    def stats(self) -> dict[str, object]:
-        per_shard = [store.stats() for store in self.shards]
-        meta = self.meta
-        kinds = sorted({str(s["faiss_index"]) for s in per_shard})
-        return {
-            "path": str(self.root), "model_version": meta.model_version, "embedding_dim": meta.embedding_dim,
-            "num_images": meta.num_images, "num_segments": meta.num_segments, "index_spec": meta.index_type,
-            "faiss_index": f"{len(per_shard)} shards: {', '.join(kinds)}",
-            "faiss_vectors": sum(int(s["faiss_vectors"]) for s in per_shard),
-            "faiss_tombstones": sum(int(s["faiss_tombstones"]) for s in per_shard),
-            "generation": meta.generation, "format_version": meta.format_version,
-            "num_shards": len(per_shard), "shards": per_shard,
-        }
+    def stats(self) -> StoreStats:
+        return StoreStats.combine(str(self.root), self.meta, (store.stats() for store in self.shards))
 
     def verify(self) -> list[str]:
         """Each shard's own problems (prefixed with its name), ids outside a shard's range,

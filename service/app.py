@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+from segsearch.indexer.store_api import ReadableStore
 from segsearch.indexer.decode import DecodeConfig
-from segsearch.indexer.index_store import IndexStore
 from segsearch.indexer.config import IndexSettings
 from segsearch.spml.segmenter import Segmenter, SegmenterConfig
 from segsearch.indexer.sharded_store import ShardedStore, open_index, read_only_message, settings_dir
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServiceApp:
-    store: IndexStore | ShardedStore  # a sharded layout is served read-only
+    store: ReadableStore  # a sharded layout is served read-only
     analyzer: ImageAnalyzer
     updater: IndexUpdater
     model_version: str

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from segsearch.indexer.index_store import IndexStore
+from segsearch.indexer.store_api import ReadableStore
 from segsearch.service import regions
 from segsearch.service.analysis import ImageAnalyzer, to_original_size
 from segsearch.service.errors import InvalidArgument
@@ -70,7 +70,7 @@ def _point_query(analyzer: ImageAnalyzer, image, point: tuple[int, int]) -> Quer
     return QueryVector(segment.prototype.astype(np.float32), mask)
 
 
-def segment_id_query(store: IndexStore, segment_id: int, model_version: str) -> QueryVector:
+def segment_id_query(store: ReadableStore, segment_id: int, model_version: str) -> QueryVector:
     """The stored prototype of a segment (NOT_FOUND if unknown)."""
     return QueryVector(get_segment(store, segment_id, model_version).prototype)
 

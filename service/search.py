@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from segsearch.errors import IndexStoreError
-from segsearch.indexer.index_store import IndexStore
+from segsearch.indexer.store_api import ReadableStore
 from segsearch.indexer.records import ImageRecord, SegmentRecord
 from segsearch.service.errors import FailedPrecondition, InvalidArgument, NotFound
 from segsearch.service.request_scope import stage
@@ -83,13 +83,13 @@ def validate_options(top_k: int, max_top_k: int, min_score: float, labels, exclu
     )
 
 
-def stored_prototype(store: IndexStore, segment_id: int, model_version: str) -> np.ndarray:
+def stored_prototype(store: ReadableStore, segment_id: int, model_version: str) -> np.ndarray:
     """The prototype of a stored segment (a segment-id query); NOT_FOUND if unknown."""
     record = get_segment(store, segment_id, model_version)
     return record.prototype
 
 
-def get_segment(store: IndexStore, segment_id: int, model_version: str) -> SegmentRecord:
+def get_segment(store: ReadableStore, segment_id: int, model_version: str) -> SegmentRecord:
     try:
         record = store.get_segment(int(segment_id))
     except IndexStoreError:
@@ -102,7 +102,7 @@ def get_segment(store: IndexStore, segment_id: int, model_version: str) -> Segme
     return record
 
 
-def search(store: IndexStore, vector: np.ndarray, options: SearchOptions) -> list[Hit]:
+def search(store: ReadableStore, vector: np.ndarray, options: SearchOptions) -> list[Hit]:
     """Up to top_k hits for the unit-norm query `vector` (D,), best first, filters applied."""
     total = store.meta.num_segments
     if total == 0:
@@ -125,7 +125,7 @@ def search(store: IndexStore, vector: np.ndarray, options: SearchOptions) -> lis
     return [Hit(h.segment_id, h.score, h.segment, images.get(h.segment.image_id)) for h in hits]
 
 
-def _images(store: IndexStore, image_ids: set[str]) -> dict[str, ImageRecord]:
+def _images(store: ReadableStore, image_ids: set[str]) -> dict[str, ImageRecord]:
     found = {}
     for image_id in image_ids:
         try:

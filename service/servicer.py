@@ -82,9 +82,9 @@ class SegmentSearchServicer(pb_grpc.SegmentSearchServicer):
         app = self._loaded()
         stats = app.store.stats()
         return pb.InfoResponse(
-            model_version=app.model_version, num_segments=stats["num_segments"], num_images=stats["num_images"],
-            embedding_dim=stats["embedding_dim"], label_names=app.analyzer.class_names,
-            index_type=stats["index_spec"], faiss_index=stats["faiss_index"], max_top_k=app.limits.max_top_k,
+            model_version=app.model_version, num_segments=stats.num_segments, num_images=stats.num_images,
+            embedding_dim=stats.embedding_dim, label_names=app.analyzer.class_names,
+            index_type=stats.index_spec, faiss_index=stats.faiss_index, max_top_k=app.limits.max_top_k,
             max_image_pixels=app.limits.max_image_pixels, read_only=app.read_only,
         )
 

@@ -109,10 +109,10 @@ def _assert_final_state(root: Path) -> None:
         indexed = {image.image_id for image in store._metadata.iter_images()}
         assert indexed == expected  # every image exactly once (a dict key), deleted ones gone
         stats = store.stats()
-        assert stats["num_segments"] == 4 * len(expected) == store.segment_ids()[0].size
+        assert stats.num_segments == 4 * len(expected) == store.segment_ids()[0].size
         query = make_image("c017-3")[1][1].prototype
         assert store.search(query, 1)[0][0].segment.image_id == "c017-3"
-    assert VectorIndex.load(root / VECTORS_FILE).generation == stats["generation"]
+    assert VectorIndex.load(root / VECTORS_FILE).generation == stats.generation
 
 
 @pytest.mark.parametrize("point,at,spec", [

@@ -45,15 +45,15 @@ def test_records_round_trip_with_assigned_ids(tmp_path):
             assert got.mask_rle == original.mask_rle and got.mask_shape == (12, 20)
             assert decode_mask(got.mask_rle, got.mask_shape)[:, got.box[0]:got.box[2]].all()
         stats = store.stats()
-        assert (stats["num_images"], stats["num_segments"], stats["faiss_vectors"]) == (1, 4, 4)
-        assert stats["model_version"] == MODEL and stats["generation"] == 1
+        assert (stats.num_images, stats.num_segments, stats.faiss_vectors) == (1, 4, 4)
+        assert stats.model_version == MODEL and stats.generation == 1
 
 
 def test_each_segment_finds_itself(store):
     fill(store)
     lmdb_ids, faiss_ids = store.segment_ids()
     assert lmdb_ids.size == 480 and np.array_equal(lmdb_ids, faiss_ids)
-    assert store.stats()["faiss_index"].split(" ")[0] != "Flat" or store.meta.index_type == "flat"
+    assert store.stats().faiss_index.split(" ")[0] != "Flat" or store.meta.index_type == "flat"
     protos = np.stack([store.get_segment(int(i)).prototype for i in lmdb_ids])
     hits = store.search(protos, 3)
     assert [row[0].segment_id for row in hits] == lmdb_ids.tolist()
@@ -67,7 +67,7 @@ def test_reindexing_the_same_content_adds_nothing(store):
     again = store.add_images(make_batch(["img0003", "img0010"]))
     assert again.segment_ids == [] and again.image_ids == []
     assert {image_id for image_id, _ in again.skipped} == {"img0003", "img0010"}
-    assert store.stats()["generation"] == before["generation"]  # nothing was written
+    assert store.stats().generation == before.generation  # nothing was written
     renamed = ImageRecord("other-name", "file:///x", 20, 12, store.get_image("img0005").sha256)
     result = store.add_images([(renamed, [])])
     assert result.image_ids == [] and "already indexed as image 'img0005'" in result.skipped[0][1]
@@ -75,7 +75,7 @@ def test_reindexing_the_same_content_adds_nothing(store):
     assert changed.image_ids == [] and "different content" in changed.skipped[0][1]
     mixed = store.add_images(make_batch(["img0001", "brand-new"]))
     assert mixed.image_ids == ["brand-new"] and len(mixed.segment_ids) == 4
-    assert store.stats()["num_images"] == before["num_images"] + 1
+    assert store.stats().num_images == before.num_images + 1
     assert store.verify() == []
 
 
@@ -83,7 +83,7 @@ def test_duplicate_within_one_batch_is_stored_once(tmp_path):
     with IndexStore.create(tmp_path / "index", MODEL, DIM) as store:
         result = store.add_images([make_image("a"), make_image("a")])
         assert result.image_ids == ["a"] and len(result.skipped) == 1
-        assert store.stats()["num_segments"] == 4
+        assert store.stats().num_segments == 4
 
 
 def test_delete_removes_from_search_and_lmdb(store):
@@ -102,7 +102,7 @@ def test_delete_removes_from_search_and_lmdb(store):
     assert not found & set(gone_ids)
     lmdb_ids, faiss_ids = store.segment_ids()
     assert np.array_equal(lmdb_ids, faiss_ids) and not np.isin(gone_ids, faiss_ids).any()
-    assert store.stats()["num_images"] == 118 and store.verify() == []
+    assert store.stats().num_images == 118 and store.verify() == []
 
 
 def test_delete_unknown_image_lists_it_and_deletes_nothing(store):
@@ -110,7 +110,7 @@ def test_delete_unknown_image_lists_it_and_deletes_nothing(store):
     with pytest.raises(IndexStoreError, match="'nope'") as info:
         store.delete_images(["img0001", "nope"])
     assert "img0001" not in str(info.value)
-    assert store.get_image("img0001").segment_ids and store.stats()["num_images"] == 20
+    assert store.get_image("img0001").segment_ids and store.stats().num_images == 20
 
 
 def test_delete_then_readd_gives_the_same_results(store):
@@ -141,7 +141,7 @@ def test_reopen_keeps_everything_and_refuses_another_model(tmp_path):
     assert "new --out" in str(info.value)
     with IndexStore.open(tmp_path / "index", MODEL) as store:
         assert neighbours(store, queries) == before
-        assert store.stats()["num_images"] == 59 and store.verify() == []
+        assert store.stats().num_images == 59 and store.verify() == []
     with IndexStore.open(tmp_path / "index") as store:  # no version given: anything goes
         assert store.meta.model_version == MODEL
 
@@ -150,7 +150,7 @@ def test_segments_of_another_model_version_are_refused(tmp_path):
     with IndexStore.create(tmp_path / "index", MODEL, DIM) as store:
         with pytest.raises(IndexStoreError, match="model version 'spml-v9'"):
             store.add_images([make_image("a", model="spml-v9")])
-        assert store.stats()["num_segments"] == 0 and store.verify() == []
+        assert store.stats().num_segments == 0 and store.verify() == []
 
 
 def test_create_and_open_refuse_wrong_directories(tmp_path):
@@ -192,10 +192,10 @@ def test_rebuild_vectors_rechooses_the_type_for_the_size(tmp_path, monkeypatch):
 
     with IndexStore.create(tmp_path / "index", MODEL, DIM, "auto") as store:
         fill(store, 100, 50)
-        assert store.stats()["faiss_index"] == "Flat"
+        assert store.stats().faiss_index == "Flat"
         monkeypatch.setattr(vector_index, "AUTO_EXACT_MAX", 300)
         store.rebuild_vectors()
-        assert store.stats()["faiss_index"].startswith("HNSW32,Flat")
+        assert store.stats().faiss_index.startswith("HNSW32,Flat")
         protos = np.stack([store.get_segment(i).prototype for i in (1, 99, 400)])
         assert [row[0].segment_id for row in store.search(protos, 1)] == [1, 99, 400]
         assert store.verify() == []

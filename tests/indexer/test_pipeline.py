@@ -153,7 +153,7 @@ def test_manifest_corpus_and_index_type_are_used(checkpoint, corpus, tmp_path):
     assert summary.images_indexed == 2
     with IndexStore.open(out, read_only=True) as store:
         assert store.get_image("img-1").uri == str(folder / good[1])
-        assert store.stats()["faiss_index"].startswith("HNSW")
+        assert store.stats().faiss_index.startswith("HNSW")
         assert store.verify() == []
 
 
