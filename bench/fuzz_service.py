@@ -29,35 +29,19 @@ from pathlib import Path
 
 from segsearch.testing.fuzz_strategies import FuzzClient, Target, fuzz, warm_up
 from segsearch.service.client import SegsearchClient
+from segsearch.testing import tiny_index
 from segsearch.testing.serve_process import ServeProcess
+from segsearch.testing.tiny_index import train_tiny_checkpoint, write_tiny_corpus
 
 MiB = 1 << 20
 
 
 def build_tiny_index(root: Path) -> tuple[Path, Path, Path]:
-    """(checkpoint, index_dir, query image): the tests' tiny model and index (tests/service/conftest.py)."""
-    import torch
-    from segsearch.indexer.decode import DecodeConfig
-    from segsearch.indexer.pipeline import IndexConfig, index_corpus
-    from segsearch.spml.segmenter import SegmenterConfig
-    from segsearch.trainer.config import TrainConfig
-    from segsearch.trainer.datasets import DataConfig
-    from segsearch.trainer.train import train
-    from service_helpers import PHOTO, mosaic_images, photo, png_bytes
-
-    torch.manual_seed(0)
-    result = train(TrainConfig(out_dir=str(root / "model"), backbone="small", pretrained=False, edge_source="sobel",
-                               steps=3, batch_size=4, progress=False, inference_grid=(4, 4),
-                               data=DataConfig(image_size=64, num_train=8, num_test=4)))
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for number, pixels in enumerate(mosaic_images(5, seed=1)):
-        (corpus / f"mosaic{number}.png").write_bytes(png_bytes(pixels))
-    (corpus / PHOTO).write_bytes(png_bytes(photo()))
-    config = IndexConfig(progress=False, decode_workers=1, decode=DecodeConfig(max_side=128),
-                         segmenter=SegmenterConfig(embed_size=96, grid=(4, 4)))
-    index_corpus(corpus, result.checkpoint_path, root / "index", config)
-    return Path(result.checkpoint_path), root / "index", corpus / PHOTO
+    """(checkpoint, index_dir, query image): the service tests' tiny model and index."""
+    checkpoint = train_tiny_checkpoint(root / "model")
+    corpus = write_tiny_corpus(root / "corpus")
+    tiny_index.build_tiny_index(corpus, checkpoint, root / "index")
+    return checkpoint, root / "index", corpus / tiny_index.PHOTO
 
 
 def still_serving(client: SegsearchClient, query_image: Path | None) -> bool:

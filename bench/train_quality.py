@@ -4,7 +4,7 @@ Runs on the built-in texture mosaic. Backbone features and HED contour regions o
 training images are computed once and shared by every run (they do not depend on the
 supervision), so the whole default table trains on 2 CPU cores in well under 30 minutes.
 Every row also carries the trivial baselines on the same segments (chance, colour
-histogram, untrained backbone), as DESIGN.md asks.
+histogram, untrained backbone), as docs/architecture.md asks of every quality table.
 
     python bench/train_quality.py            # default size (CPU)
     python bench/train_quality.py --large    # bigger images/steps, for a GPU

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 AUTO_EXACT_MAX = 50_000
 HNSW_FACTORY = "HNSW32,Flat"
-DEFAULT_EF_SEARCH = 192  # recall@10 >= 0.95 at 1M clustered prototypes (bench/search_speed.py)
+DEFAULT_EF_SEARCH = 192  # the recall@10 >= 0.95 setting of bench/search_speed.py (bench/RESULTS.md)
 HNSW_COMPACT_FRACTION = 0.25
 MIN_TRAIN_OTHER = 10_000
 MAGIC = b"SGSFAIS1"
@@ -312,8 +312,8 @@ def ivf_nlist_for(count: int) -> int:
 def default_nprobe(nlist: int) -> int:
     """Lists probed by default: nlist/256, at least 8 (and at most nlist).
 
-    Measured on clustered prototypes (bench/search_speed.py): nprobe 12 of 4096 lists gives
-    recall@10 0.98 at 1M, while nlist/16 (256) was no faster than exact search."""
+    Chosen from bench/search_speed.py on clustered prototypes (figures in bench/RESULTS.md):
+    a few lists reach the recall goal, while nlist/16 was no faster than exact search."""
     return int(min(nlist, max(8, nlist // 256)))
 
 

@@ -33,7 +33,7 @@ class BatchConfig:
     @classmethod
     def auto(cls, device: str) -> "BatchConfig":
         """Batch on accelerators; on CPU one image already keeps every core busy, and
-        bench/service_batching.py measured no gain there (0.8-1.1x on 2 cores), so it is off."""
+        bench/service_batching.py measured no gain there (bench/RESULTS.md), so it is off."""
         return cls(max_batch=8 if not device.startswith("cpu") else 1)
 
 

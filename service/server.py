@@ -41,8 +41,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentSearch"].full_name
 SPARE_WORKERS = 8
 # Calls that may wait for a free worker before gRPC's own limit (`maximum_concurrent_rpcs`)
 # answers RESOURCE_EXHAUSTED. That limit applies to every method, health checks included, so
-# with it at the pool size an overloaded server refused health probes (measured: 2 of 17 under
-# 16 clients with max_concurrent 2); queued rejections and probes take well under a ms of work.
+# with it at the pool size an overloaded server refused health probes (bench/RESULTS.md,
+# Reliability: load and overload); queued rejections and probes take well under a ms of work.
 QUEUED_CALLS = 64
 
 

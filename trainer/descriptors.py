@@ -1,7 +1,7 @@
 """Per-pixel descriptors whose segment means are compared by cosine k-NN.
 
 The learned embedding is one descriptor; the others are the trivial baselines a sceptical
-user tries first (DESIGN.md, "Measuring quality honestly"), evaluated on the *same* segments:
+user tries first (docs/architecture.md, "Measuring quality honestly"), evaluated on the *same* segments:
 a colour histogram, and the untrained (frozen, HED-pretrained) backbone's hypercolumn.
 All return (B, F, h, w) at the embedding resolution (stride 4).
 """

@@ -33,7 +33,7 @@ class Relation:
 
 @dataclass
 class LossConfig:
-    """Per-relation weight (lambda) and concentration (kappa); see DESIGN.md's table."""
+    """Per-relation weight (lambda) and concentration (kappa); the table in docs/method.md (SPML's released VOC configs)."""
 
     annotation: Relation = field(default_factory=lambda: Relation(1.0, 6.0))
     cooccurrence: Relation = field(default_factory=lambda: Relation(0.5, 12.0))

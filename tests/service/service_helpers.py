@@ -5,30 +5,13 @@ import shutil
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from segsearch.service.client import SegsearchClient
 from segsearch.service.pngs import encode_image_png
 from segsearch.service.server import SegsearchServer
 from segsearch.service.config import ServerConfig
-from segsearch.trainer.mosaic import MosaicConfig, TextureMosaic
-
-PHOTO = "photo.png"  # 256x192, indexed at 128x96 (max_side 128)
-
-
-def mosaic_images(count: int, seed: int) -> list[np.ndarray]:
-    mosaic = TextureMosaic(MosaicConfig(size=96, num_images=count, seed=seed, split="test"))
-    return [mosaic[i].image for i in range(count)]
-
+from segsearch.testing.tiny_index import PHOTO, mosaic_images, photo  # noqa: F401  (the tests' names)
 
 png_bytes = encode_image_png
-
-
-def photo() -> np.ndarray:
-    from skimage import data
-
-    return np.asarray(Image.fromarray(data.astronaut()).resize((256, 192), Image.Resampling.BILINEAR))
 
 
 def copy_index(template: Path, tmp_path_factory) -> Path:
