@@ -101,7 +101,7 @@ def run_demo(args) -> int:
         print(f"metrics were served at http://127.0.0.1:{server.metrics_port}/metrics")
     finally:
         server.stop(grace=1.0)
-    print(f"\nall outputs under {workdir}/:\n  {run_dir.name}/checkpoint.pt loss_curve.png metrics.jsonl "
+    print(f"\nall outputs under {workdir}/:\n  {run_dir.name}/checkpoint.pt loss_curve.png train_log.jsonl "
           "eval.json eval_overlays.png eval_confusion.png\n  index/ (LMDB + FAISS)  query_sheet.png  "
           "segment_overlay.png")
     return 0

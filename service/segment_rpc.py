@@ -40,7 +40,7 @@ class Segmentation:
     height: int
 
 
-def segment_image(analyzer: ImageAnalyzer, data: bytes, num_segments: int = 0) -> Segmentation:
+def segment_request(analyzer: ImageAnalyzer, data: bytes, num_segments: int = 0) -> Segmentation:
     image = analyzer.decode(data)
     result = analyzer.segment(image, num_segments)
     width, height = image.original_size

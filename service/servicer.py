@@ -15,7 +15,7 @@ from segsearch.service.app import ServiceApp
 from segsearch.service.errors import FailedPrecondition, InvalidArgument, Unavailable
 from segsearch.service.queries import RegionSpec, embedding_query, region_query, segment_id_query
 from segsearch.service.search import get_segment, search, validate_options
-from segsearch.service.segment_rpc import segment_image
+from segsearch.service.segment_rpc import segment_request
 from segsearch.service.updates import NewImage
 
 
@@ -52,7 +52,7 @@ class SegmentSearchServicer(pb_grpc.SegmentSearchServicer):
 
     def Segment(self, request: pb.SegmentRequest, context) -> pb.SegmentResponse:
         app = self._loaded()
-        result = segment_image(app.analyzer, request.image.data, request.num_segments)
+        result = segment_request(app.analyzer, request.image.data, request.num_segments)
         return convert.segment_response(result, app.model_version)
 
     def GetSegment(self, request: pb.GetSegmentRequest, context) -> pb.SegmentRecord:

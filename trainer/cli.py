@@ -39,7 +39,7 @@ def add_train_parser(subparsers) -> None:
     d = TrainConfig()
     p = subparsers.add_parser("train", help="train an SPML embedding (or a CE baseline)",
                               description="Train pixel embeddings with SPML under weak supervision. "
-                              "Writes OUT/checkpoint.pt, OUT/metrics.jsonl and OUT/loss_curve.png.")
+                              "Writes OUT/checkpoint.pt, OUT/train_log.jsonl and OUT/loss_curve.png.")
     p.add_argument("--out", default=d.out_dir, help="run directory (default: %(default)s)")
     p.add_argument("--method", choices=METHODS, default=d.method,
                    help="spml: SegSort+ over SPML's relations; partial_ce: cross-entropy on weakly "

@@ -1,4 +1,4 @@
-"""Loss curves: metrics.jsonl -> a PNG with one line per loss term (smoothed)."""
+"""Loss curves: train_log.jsonl -> a PNG with one line per loss term (smoothed)."""
 from __future__ import annotations
 
 import json

@@ -121,7 +121,7 @@ def _train(config: TrainConfig, prepared, class_names, world: World, device) -> 
     start_step = _maybe_resume(config, model, optimizer, bank, out_dir, device)
     loss_config = default_loss_config(config.supervision)
     loss_config.affinity.weight = config.affinity_weight
-    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path = out_dir / "train_log.jsonl"  # one JSON line per step: losses, lr, images/s
     if world.is_main:
         _truncate_metrics(metrics_path, start_step)
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,

@@ -91,7 +91,7 @@ def _weights(out_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _losses(out_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in open(out_dir / "metrics.jsonl")]
+    return [json.loads(line)["loss"] for line in open(out_dir / "train_log.jsonl")]
 
 
 def _max_difference(a: dict, b: dict) -> float:
@@ -128,7 +128,7 @@ def test_two_ranks_take_the_one_process_step_on_the_doubled_batch(first_step):
 def test_only_rank_0_writes(first_step):
     _, two, writes = first_step
     assert writes[1] == []
-    assert {"metrics.jsonl", "loss_curve.png"} <= set(writes[0])
+    assert {"train_log.jsonl", "loss_curve.png"} <= set(writes[0])
     assert any(name.startswith(".checkpoint.pt.tmp-") for name in writes[0])  # durable.atomic_write
     assert len(_losses(two)) == 1
 

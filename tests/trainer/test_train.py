@@ -29,7 +29,7 @@ def trained(tmp_path_factory):
 
 def test_loss_goes_down(trained):
     _, out_dir = trained
-    rows = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(out_dir / "train_log.jsonl")]
     losses = np.array([row["loss"] for row in rows])
     assert len(rows) == 40 and {"V", "C", "O"} <= set(rows[0])
     assert losses[-10:].mean() < 0.85 * losses[:5].mean()
