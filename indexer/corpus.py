@@ -26,9 +26,9 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from segsearch.errors import DatasetError
+from segsearch.indexer.image_ids import image_id_problem
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
-MAX_IMAGE_ID_BYTES = 500  # the LMDB key limit of the metadata store
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,7 @@ def _resolve_uri(uri: str, base: Path, where: str) -> str:
 
 
 def _check_image_id(image_id: str, where: str) -> None:
-    if len(image_id.encode("utf-8")) > MAX_IMAGE_ID_BYTES:
-        raise DatasetError(f"{where}: image_id {image_id[:60]!r}... is longer than "
-                           f"{MAX_IMAGE_ID_BYTES} bytes of UTF-8; use a shorter image_id")
+    problem = image_id_problem(image_id)
+    if problem is not None:
+        raise DatasetError(f"{where}: image_id {image_id[:60]!r} cannot be used: {problem}. Rename the "
+                           "file, or give the image an image_id in a JSONL manifest")

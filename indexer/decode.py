@@ -63,6 +63,7 @@ class SkipReason(str, enum.Enum):
     CORRUPT = "corrupt"
     TOO_MANY_PIXELS = "too_many_pixels"
     DUPLICATE = "duplicate"  # same content (sha256) as an image already indexed
+    IMAGE_ID_TAKEN = "image_id_taken"  # its image id is indexed already, with other content
 
 
 @dataclass(frozen=True)

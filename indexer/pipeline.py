@@ -21,14 +21,16 @@ thread still waited for images; the stage times are summed over threads, so they
 to more than the wall time.
 
 **Resumable, exactly once**: before work starts, corpus items whose `image_id` the index
-already holds are set aside (they are not read again; to re-index a changed file, delete
-its image first). After decoding, an image whose content (sha256) is already indexed, or
+already holds are set aside (`triage`): from the same file (uri) they are not read again (to
+re-index a changed file, delete its image first); from another file they are hashed, and
+other content under a taken id is skipped as `image_id_taken`, never dropped silently. After decoding, an image whose content (sha256) is already indexed, or
 seen earlier in this run, is skipped as a duplicate. The store commits each chunk in one
 LMDB transaction before touching FAISS and repairs FAISS from LMDB on open, so after a
 `kill -9` at any point, running the same command again indexes exactly the images that
 are missing and leaves `IndexStore.verify()` clean.
 
-**Skipped images** (unreadable, empty, not an image, corrupt, too many pixels, duplicate)
+**Skipped images** (unreadable, empty, not an image, corrupt, too many pixels, duplicate,
+image id taken)
 are logged with the reason, appended to `OUT/skipped.jsonl` as they happen, and at the
 end of a run the file is rewritten (atomically) with one line per image, without images
 that have been indexed since. The job goes on.
@@ -46,6 +48,7 @@ bounded by `max_side`), so `width / mask_shape[1]` maps a box back onto the file
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import os
@@ -140,13 +143,15 @@ def index_corpus(corpus: str | Path | Sequence[CorpusItem], checkpoint_path: str
     try:
         _remove_stale_temp_files(out)  # we hold the writer lock: nobody else is writing
         _check_settings(out, store, config)
-        todo = [item for item in items if not store.has_image(item.image_id)]
-        summary = IndexSummary(str(out), checkpoint.model_version, already_indexed=len(items) - len(todo),
-                               skipped_path=str(out / SKIPPED_FILE))
-        if summary.already_indexed:
-            log.info("%d of %d images are already in %s; indexing the other %d",
-                     summary.already_indexed, len(items), out, len(todo))
         report = SkipReport(out / SKIPPED_FILE)
+        todo, already, taken = triage(items, store)
+        summary = IndexSummary(str(out), checkpoint.model_version, already_indexed=len(already),
+                               skipped=len(taken), skipped_path=str(out / SKIPPED_FILE))
+        for item, detail in taken:
+            report.add(item, SkipReason.IMAGE_ID_TAKEN, detail)
+        if already:
+            log.info("%d of %d images are already in %s; indexing the other %d",
+                     len(already), len(items), out, len(todo) + len(taken))
         if todo:
             segmenter = Segmenter(checkpoint.build_model().to(device),
                                   checkpoint.label_bank, config.segmenter)
@@ -158,6 +163,43 @@ def index_corpus(corpus: str | Path | Sequence[CorpusItem], checkpoint_path: str
         store.close()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def triage(items: Sequence[CorpusItem], store: IndexStore):
+    """Split `items` by the identity rule: an image is its image id (the path relative to the
+    corpus root, or the manifest's image_id). -> (to index, already indexed, [(item, why)] whose
+    id is taken by other content).
+
+    An id already in the index names the same image when the stored record has the item's
+    uri (a re-run or resume: nothing is read) or, for another uri, the same content (sha256 of
+    the file). Otherwise the id is taken: the new image is refused with a reason in
+    skipped.jsonl, never dropped without a word (two camera folders both holding IMG_0001.jpg
+    must be indexed from their parent folder, or given ids in a manifest)."""
+    todo, already, taken = [], [], []
+    for item in items:
+        if not store.has_image(item.image_id):
+            todo.append(item)
+            continue
+        stored = store.get_image(item.image_id)
+        if stored.uri == item.uri or file_sha256(item.uri) == stored.sha256:
+            already.append(item)
+            continue
+        taken.append((item, f"image id {item.image_id!r} is already indexed with other content (from "
+                            f"{stored.uri}); index the folders from a common parent, give the image its own "
+                            "image_id in a manifest, or delete the old image first"))
+    return todo, already, taken
+
+
+def file_sha256(path: str) -> str | None:
+    """sha256 of a file's bytes (the store's content key), None if it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def open_or_create_index(out: Path, checkpoint: Checkpoint, config: IndexConfig) -> IndexStore:
@@ -222,12 +264,18 @@ class SkipReport:
     def compact(self, store: IndexStore) -> int:
         """Keep the latest entry per image, drop images indexed since; returns the count."""
         latest = {entry["image_id"]: entry for entry in self.entries()}
-        kept = [entry for image_id, entry in latest.items() if not store.has_image(image_id)]
+        kept = [entry for image_id, entry in latest.items()
+                if not store.has_image(image_id) or _still_taken(store, entry)]
         if not kept and not self.path.exists():
             return 0
         text = "".join(json.dumps(entry) + "\n" for entry in kept)
         atomic_write(self.path, text.encode("utf-8"))
         return len(kept)
+
+
+def _still_taken(store: IndexStore, entry: dict) -> bool:
+    """An `image_id_taken` entry stays while the id holds the other file's image."""
+    return entry.get("reason") == SkipReason.IMAGE_ID_TAKEN.value and store.get_image(entry["image_id"]).uri != entry.get("uri")
 
 
 class _Run:

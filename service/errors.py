@@ -10,12 +10,34 @@ from __future__ import annotations
 import grpc
 
 
+# The status message travels in a trailer, and gRPC refuses trailers over its metadata limit
+# (8 KiB by default): a longer message reaches the client as RESOURCE_EXHAUSTED "Stream removed"
+# instead of the real status. Client input is echoed shortened, and a whole message is capped.
+MAX_MESSAGE_CHARS = 1024
+MAX_ECHO_CHARS = 64
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text` cut to at most `limit` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    tail = f"... ({len(text) - limit} more characters)"
+    return text[: max(0, limit - len(tail))] + tail
+
+
+def echo(value) -> str:
+    """A client-sent value for a message: its repr, shortened to MAX_ECHO_CHARS."""
+    return shorten(repr(value), MAX_ECHO_CHARS)
+
+
 class ServiceError(Exception):
-    """A request that cannot be served; `code` is the gRPC status the client receives."""
+    """A request that cannot be served; `code` is the gRPC status the client receives, and the
+    message is capped at MAX_MESSAGE_CHARS (see `shorten`)."""
 
     code = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str):
+        message = shorten(message)
         super().__init__(message)
         self.message = message
 

@@ -89,9 +89,10 @@ def embedding_query(values, embedding_dim: int) -> QueryVector:
                               f"{embedding_dim} (see GetInfo)")
     if not np.all(np.isfinite(vector)):
         raise InvalidArgument("embedding has non-finite values (NaN or infinity)")
-    norm = float(np.linalg.norm(vector.astype(np.float64)))
+    wide = vector.astype(np.float64)  # float32 squares overflow above ~1e19 and vanish below ~1e-23
+    norm = float(np.linalg.norm(wide))
     if norm == 0.0:
         raise InvalidArgument("embedding is all zeros; it has no direction to search in")
     if abs(norm - 1.0) > UNIT_TOLERANCE:
-        vector = (vector / norm).astype(np.float32)
+        vector = (wide / norm).astype(np.float32)
     return QueryVector(vector)

@@ -35,6 +35,7 @@ from segsearch.service.config import MiB, RouterConfig
 from segsearch.indexer.sharded_store import merge_hits
 from segsearch.service._generated import segment_search_pb2 as pb
 from segsearch.service._generated import segment_search_pb2_grpc as pb_grpc
+from segsearch.service.errors import echo
 from segsearch.service.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -154,7 +155,7 @@ class Router:
     def search(self, request: pb.SearchRequest, timeout: float) -> pb.SearchResponse:
         """Every backend's answer to the same (region or vector) query, merged to top_k."""
         if request.model_version and request.model_version != self.model_version:
-            raise FailedPrecondition(f"the request expects model {request.model_version!r} but the "
+            raise FailedPrecondition(f"the request expects model {echo(request.model_version)} but the "
                                      f"backends run model {self.model_version!r}")
         top_k = validate_top_k(request.top_k, self.max_top_k)
         kind = request.WhichOneof("query")

@@ -12,6 +12,7 @@ from segsearch.service import convert
 from segsearch.service._generated import segment_search_pb2 as pb
 from segsearch.service._generated import segment_search_pb2_grpc as pb_grpc
 from segsearch.service.app import ServiceApp
+from segsearch.service.errors import echo
 from segsearch.service.errors import FailedPrecondition, InvalidArgument, Unavailable
 from segsearch.service.queries import RegionSpec, embedding_query, region_query, segment_id_query
 from segsearch.service.search import get_segment, search, validate_options
@@ -33,7 +34,7 @@ class SegmentSearchServicer(pb_grpc.SegmentSearchServicer):
     def SearchSimilar(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
         app = self._loaded()
         if request.model_version and request.model_version != app.model_version:
-            raise FailedPrecondition(f"the request expects model {request.model_version!r} but the server "
+            raise FailedPrecondition(f"the request expects model {echo(request.model_version)} but the server "
                                      f"runs model {app.model_version!r}")
         f = request.filter
         options = validate_options(request.top_k, app.limits.max_top_k, request.min_score, f.labels,

@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 
 from segsearch.errors import IndexStoreError, IndexFullError, StorageFailedError
 from segsearch.indexer.decode import ImageSkipped, SkipReason, decode_bytes
+from segsearch.indexer.image_ids import MAX_IMAGE_ID_BYTES, image_id_problem
 from segsearch.indexer.index_store import IndexStore
 from segsearch.indexer.pipeline import image_records
 from segsearch.service.analysis import ImageAnalyzer
-from segsearch.service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from segsearch.service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, echo
 from segsearch.service.request_scope import stage
 
 CHUNK_IMAGES = 16
-MAX_IMAGE_ID_BYTES = 500
 
 
 @dataclass
@@ -81,6 +81,9 @@ class IndexUpdater:
         return outcome
 
     def _prepare(self, image: NewImage, number: int, seen: dict[str, str], outcome: IndexOutcome):
+        problem = image.image_id and image_id_problem(image.image_id)
+        if problem:  # before any work: a bad id is the caller's mistake, not a bad image
+            raise InvalidArgument(f"image #{number}: image_id {echo(image.image_id)} cannot be used: {problem}")
         try:
             with stage("decode"):
                 decoded = decode_bytes(image.data, self.analyzer.decode_config)
@@ -89,13 +92,11 @@ class IndexUpdater:
                                     f"{skipped.skipped.detail}"))
             return None
         image_id = image.image_id or f"sha256:{decoded.sha256[:16]}"
-        if len(image_id.encode()) > MAX_IMAGE_ID_BYTES:
-            outcome.skipped.append((image_id[:60] + "...", f"image_id is longer than {MAX_IMAGE_ID_BYTES} bytes"))
-            return None
         owner = seen.get(decoded.sha256) or self.store.image_id_for_sha256(decoded.sha256)
         if owner is not None or image_id in seen.values() or self.store.has_image(image_id):
-            reason = (f"{SkipReason.DUPLICATE.value}: same content (sha256) as image {owner!r}" if owner
-                      else f"{SkipReason.DUPLICATE.value}: image id {image_id!r} is already indexed")
+            reason = (f"{SkipReason.DUPLICATE.value}: same content (sha256) as image {echo(owner)}" if owner
+                      else f"{SkipReason.IMAGE_ID_TAKEN.value}: image id {echo(image_id)} is already indexed "
+                           "with other content; send it under another image_id, or delete the old image first")
             outcome.skipped.append((image_id, reason))
             return None
         seen[decoded.sha256] = image_id

@@ -12,6 +12,7 @@ import lmdb
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from segsearch.cli import build_parser, main
 from segsearch.indexer.cli import normalize_index_argv
@@ -21,7 +22,7 @@ from segsearch.indexer.pipeline import index_corpus
 from segsearch.spml.checkpoint import load_checkpoint
 
 from indexer_helpers import small_config, write_photos
-from model_helpers import other_version_checkpoint, tiny_checkpoint
+from model_helpers import other_version_checkpoint, photo, tiny_checkpoint
 
 
 # The flags that match test_pipeline.small_config() (embed 64, grid 4x4, 5 iterations, ...).
@@ -160,6 +161,25 @@ def test_delete_then_add_back(built, corpus, checkpoint, tmp_path, capsys):
     assert code == 0 and "indexed 2 images" in out
     with IndexStore.open(index, read_only=True) as store:
         assert (store.meta.num_images, store.meta.num_segments) == (before.num_images, before.num_segments)
+
+
+def test_add_refuses_other_content_under_a_taken_image_id_with_a_reason(built, corpus, checkpoint, tmp_path,
+                                                                        capsys):
+    """Two folders both holding `chelsea.jpg`: the second is not dropped without a word."""
+    index = _copy(built, tmp_path)
+    more = tmp_path / "more"
+    more.mkdir()
+    Image.fromarray(photo("rocket")).save(more / "chelsea.jpg")  # new content under a taken id
+    shutil.copy(corpus[0] / "coffee.png", more / "coffee.png")  # same content under a taken id
+    code, out, _ = _run_cli(capsys, ["index", "add", str(index), str(more), "--model", str(checkpoint),
+                                     "--no-progress"])
+    assert code == 0 and "indexed 0 images" in out and "skipped 1" in out and "1 already indexed" in out
+    [entry] = [json.loads(line) for line in (index / "skipped.jsonl").read_text().splitlines()]
+    assert entry["image_id"] == "chelsea.jpg" and entry["reason"] == "image_id_taken"
+    assert str(more / "chelsea.jpg") in entry["uri"] and "already indexed with other content" in entry["detail"]
+    code, out, _ = _run_cli(capsys, ["index", "add", str(index), str(more), "--model", str(checkpoint),
+                                     "--no-progress"])
+    assert (index / "skipped.jsonl").read_text().count("image_id_taken") == 1  # still listed, once
 
 
 def test_other_model_version_is_refused_in_one_line(built, corpus, checkpoint, tmp_path, capsys):

@@ -82,3 +82,15 @@ def test_segment_ids(store):
         get_segment(store, 4242, VERSION)
     with pytest.raises(FailedPrecondition, match="re-index"):
         get_segment(store, 1, "another-model")
+
+
+@pytest.mark.parametrize("value", [5e37, 3e38, 1e-40, 1e-45])
+def test_extreme_embeddings_normalise_in_float64_without_overflow(value):
+    import warnings
+
+    from segsearch.service.queries import embedding_query
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow in float32 used to warn and give zeros
+        vector = embedding_query([value] * 64, 64).vector
+    assert vector.dtype == np.float32 and np.allclose(vector, 0.125)

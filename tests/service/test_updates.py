@@ -75,3 +75,36 @@ def test_read_only_server_refuses_writes(index_template, checkpoint_path, tmp_pa
         assert running.client.info().read_only and running.client.info().num_images == 6
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("image_id", ["nul\x00inside", "new\nline", "a/../b", " padded", "x" * 501])
+def test_unusable_image_ids_are_invalid_argument_and_nothing_is_written(writable, image_id):
+    running, _ = writable
+    before = running.client.info().num_images
+    with pytest.raises(grpc.RpcError) as caught:
+        running.client.index_images([(image_id, png_bytes(mosaic_images(1, seed=11)[0]))])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image #0: image_id" in caught.value.details() and "cannot be used" in caught.value.details()
+    assert running.client.info().num_images == before
+
+
+def test_other_content_under_a_taken_id_is_refused_with_its_reason(writable):
+    running, _ = writable
+    response = running.client.index_images([("mosaic0.png", png_bytes(mosaic_images(1, seed=12)[0]))])
+    assert not response.indexed
+    [skipped] = response.skipped
+    assert skipped.image_id == "mosaic0.png" and skipped.reason.startswith("image_id_taken:")
+
+
+def test_huge_client_values_come_back_shortened_with_the_real_status(writable):
+    """A 1 MiB model_version or 100k unknown ids used to overflow gRPC's metadata limit, so the
+    client saw RESOURCE_EXHAUSTED "Stream removed" instead of the real status."""
+    running, _ = writable
+    client = running.client
+    with pytest.raises(grpc.RpcError) as caught:
+        client.search_segment(1, top_k=3, model_version="v" * (1 << 20))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert len(caught.value.details()) <= 1024 and "more characters" in caught.value.details()
+    with pytest.raises(grpc.RpcError) as caught:
+        client.delete_images([f"unknown-{n:06d}" for n in range(100_000)])
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND and len(caught.value.details()) <= 1024
