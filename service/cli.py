@@ -40,6 +40,24 @@ def _point(text: str) -> tuple[int, ...]:
     return _pair(text, 2, "x,y (pixels)")
 
 
+class _RefuseInlineToken(argparse.Action):
+    """`--token VALUE` would put the secret in `ps` and shell history, and argparse would expand
+    it to `--token-file VALUE` and echo the secret in "cannot read the token file": refuse it
+    by name without repeating the value."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"never pass a token on the command line (it shows in `ps`): put it in a file and "
+                     f"give --token-file FILE, or set ${TOKEN_ENV}")
+
+
+def _add_token_flags(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--token-file", help=help_text)
+    p.add_argument("--token", action=_RefuseInlineToken)
+
+
 def _read_token(path: str | None) -> str | None:
     if path:
         try:
@@ -95,7 +113,7 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--max-top-k", type=int, default=limits.max_top_k, help="(default: %(default)s)")
     p.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels,
                    help="larger images are refused before decoding (default: %(default)s)")
-    p.add_argument("--token-file", help=f"require this bearer token (else ${TOKEN_ENV}, if set)")
+    _add_token_flags(p, f"require this bearer token (else ${TOKEN_ENV}, if set)")
     p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--read-only", action="store_true",
@@ -134,8 +152,7 @@ def add_route_parser(subparsers) -> None:
     p.add_argument("--backend", action="append", required=True, metavar="HOST:PORT",
                    help="a backend server (repeat for each)")
     _add_frontend_flags(p, d)
-    p.add_argument("--token-file", help=f"require this bearer token and send it to the backends "
-                   f"(else ${TOKEN_ENV}, if set)")
+    _add_token_flags(p, f"require this bearer token and send it to the backends (else ${TOKEN_ENV}, if set)")
     p.add_argument("--connect-timeout", type=float, default=d.connect_timeout,
                    help="seconds to wait for every backend at start (default: %(default)s)")
     p.set_defaults(handler=run_route)
@@ -153,7 +170,7 @@ def run_route(args) -> int:
 
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=DEFAULT_SERVER, help="host:port (default: %(default)s)")
-    p.add_argument("--token-file", help=f"bearer token file (else ${TOKEN_ENV}, if set)")
+    _add_token_flags(p, f"bearer token file (else ${TOKEN_ENV}, if set)")
     p.add_argument("--tls-ca", help="PEM root certificate: connect with TLS")
     p.add_argument("--timeout", type=float, default=CLIENT_TIMEOUT, help="deadline in seconds (default: %(default)s)")
 

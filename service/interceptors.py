@@ -112,18 +112,23 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Requires `authorization: Bearer <token>` metadata on every call but health checks."""
+    """Requires `authorization: Bearer <token>` metadata on every call but health checks.
+
+    The scheme is case-insensitive (RFC 7235: `bearer` and `BEARER` are the same scheme); the
+    token is compared in constant time. Failures are logged with the method and the peer, never
+    with what was sent, and the answer never echoes it either."""
 
     def __init__(self, token: str):
         if not token:
             raise ValueError("the bearer token must not be empty")
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
 
     def _authorized(self, metadata) -> bool:
         for key, value in metadata or ():
             if key == "authorization":
                 given = value.encode() if isinstance(value, str) else bytes(value)
-                return hmac.compare_digest(given, self._expected)
+                scheme, _, credentials = given.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(credentials, self._expected)
         return False
 
     def intercept_service(self, continuation, handler_call_details):
@@ -135,9 +140,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
         def wrap(_behavior: Behavior) -> Behavior:
             def reject(_request, context):
+                log.warning("authentication failed: %s from %s (missing or wrong bearer token)",
+                            method_name(handler_call_details.method), context.peer())
                 abort_with(context, Unauthenticated(
-                    "missing or invalid bearer token: send the metadata "
-                    "'authorization: Bearer <token>' (segsearch query --token)"))
+                    "missing or invalid bearer token: send the metadata 'authorization: Bearer <token>' "
+                    "(the segsearch commands read it from --token-file or $SEGSEARCH_TOKEN)"))
             return reject
 
         return _wrap_handler(handler, wrap)

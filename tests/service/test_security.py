@@ -9,6 +9,7 @@ size limit on Segment; these extend each to everything a client can send.
 from __future__ import annotations
 
 import ast
+import logging
 import inspect
 import shutil
 import subprocess
@@ -59,7 +60,7 @@ BAD_CREDENTIALS = {
     "none": (),
     "wrong": (("authorization", "Bearer not-the-token"),),
     "no-scheme": (("authorization", TOKEN),),
-    "lowercase-scheme": (("authorization", f"bearer {TOKEN}"),),
+    "other-scheme": (("authorization", f"Basic {TOKEN}"),),
     "prefix": (("authorization", f"Bearer {TOKEN[:-1]}"),),
     "suffix": (("authorization", f"Bearer {TOKEN}x"),),
     "empty": (("authorization", "Bearer "),),
@@ -90,6 +91,28 @@ def test_every_rpc_refuses_a_missing_or_wrong_token(token_server, method, creden
             assert "bearer token" in outcome.details and TOKEN not in outcome.details
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "BeArEr"])
+def test_the_bearer_scheme_is_case_insensitive(token_server, scheme):
+    client = FuzzClient(token_server.address, metadata=(("authorization", f"{scheme} {TOKEN}"),))
+    try:
+        assert client.send(_empty_call("GetInfo"), timeout=20).code == "OK"
+    finally:
+        client.close()
+
+
+def test_authentication_failures_are_logged_without_the_token(token_server, caplog):
+    sent = "a-wrong-token-that-must-not-be-logged"
+    client = FuzzClient(token_server.address, metadata=(("authorization", f"Bearer {sent}"),))
+    try:
+        with caplog.at_level(logging.WARNING, logger="segsearch.service.interceptors"):
+            assert client.send(_empty_call("GetInfo"), timeout=20).code == "UNAUTHENTICATED"
+    finally:
+        client.close()
+    failures = [r.getMessage() for r in caplog.records if "authentication failed" in r.getMessage()]
+    assert failures and "GetInfo" in failures[0]
+    assert all(sent not in text and TOKEN not in text for text in caplog.messages)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -10,6 +10,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from segsearch.cli import main
@@ -109,3 +110,13 @@ def _wait_for_address(process: subprocess.Popen) -> str:
             threading.Thread(target=process.stdout.read, daemon=True).start()  # keep the pipe drained
             return f"{match.group(1)}:{match.group(2).rstrip(',')}"
     raise AssertionError("the server did not start:\n" + "".join(lines))
+
+
+@pytest.mark.parametrize("command", [["query", "x.png", "--box", "0,0,4,4"], ["segment", "x.png"],
+                                     ["serve", "idx", "--model", "m.pt"]])
+def test_a_token_on_the_command_line_is_refused_without_echoing_it(command, capsys):
+    for form in (["--token", "SECRET-VALUE-1"], ["--token=SECRET-VALUE-1"]):
+        with pytest.raises(SystemExit) as exited:
+            main(command + form)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and "--token-file" in err and "SECRET-VALUE-1" not in err
