@@ -275,7 +275,9 @@ class SkipReport:
 
 def _still_taken(store: IndexStore, entry: dict) -> bool:
     """An `image_id_taken` entry stays while the id holds the other file's image."""
-    return entry.get("reason") == SkipReason.IMAGE_ID_TAKEN.value and store.get_image(entry["image_id"]).uri != entry.get("uri")
+    if entry.get("reason") != SkipReason.IMAGE_ID_TAKEN.value:
+        return False
+    return store.get_image(entry["image_id"]).uri != entry.get("uri")
 
 
 class _Run:

@@ -93,7 +93,7 @@ def run_demo(args) -> int:
             hits = client.search_box(query_png, box, top_k=11, exclude_image_ids=[mosaics[0].name],
                                      include_masks=True)
             print_hits(hits.hits)
-            print(f"contact sheet: {write_query_sheet(query_png, hits, workdir / 'query_sheet.png', mosaics[0].name)}")
+            print(f"contact sheet: {write_query_sheet(query_png, hits, workdir / 'query_sheet.png', mosaics[0].name, workdir / 'corpus')}")
             photo_png = (workdir / "corpus" / "photo-coffee.png").read_bytes()
             segments = client.segment(photo_png)
             print(f"{len(segments.segments)} segments of photo-coffee.png")

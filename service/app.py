@@ -36,10 +36,12 @@ class ServiceApp:
     model_version: str
     limits: ServiceLimits
     read_only: bool
+    image_uris: str = "relative"  # what clients see of image paths (service/uris.py)
 
     @classmethod
     def load(cls, index_dir: str | Path, checkpoint_path: str | Path, limits: ServiceLimits | None = None,
-             read_only: bool = False, device: str = "cpu", batching: BatchConfig | None = None) -> "ServiceApp":
+             read_only: bool = False, device: str = "cpu", batching: BatchConfig | None = None,
+             image_uris: str = "relative") -> "ServiceApp":
         limits = limits or ServiceLimits()
         checkpoint = load_checkpoint(checkpoint_path)
         version = checkpoint.model_version
@@ -57,7 +59,7 @@ class ServiceApp:
         log.info("serving %s (%d images, %d segments) with model %s", index_dir,
                  store.meta.num_images, store.meta.num_segments, version)
         updater = (_ShardedUpdater if sharded else IndexUpdater)(store, analyzer, version, read_only)
-        return cls(store, analyzer, updater, version, limits, read_only)
+        return cls(store, analyzer, updater, version, limits, read_only, image_uris)
 
     def close(self) -> None:
         self.analyzer.close()

@@ -86,6 +86,9 @@ def _add_frontend_flags(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--port", type=int, default=d.port, help="gRPC port, 0 = any free (default: %(default)s)")
     p.add_argument("--metrics-port", type=int, default=d.metrics_port,
                    help="Prometheus /metrics port, 0 = any free (default: %(default)s)")
+    p.add_argument("--metrics-host", default=d.metrics_host,
+                   help="address of the /metrics endpoint; 0.0.0.0 lets a Prometheus on another machine "
+                        "scrape it (default: %(default)s, whatever --host is)")
     p.add_argument("--max-concurrent", type=int, default=d.max_concurrent,
                    help="concurrent requests before RESOURCE_EXHAUSTED (default: %(default)s)")
     p.add_argument("--max-message-mib", type=int, default=d.max_message_bytes // MiB,
@@ -95,7 +98,7 @@ def _add_frontend_flags(p: argparse.ArgumentParser, d) -> None:
 
 
 def _frontend_options(args) -> dict:
-    return dict(host=args.host, port=args.port, max_concurrent=args.max_concurrent,
+    return dict(host=args.host, port=args.port, metrics_host=args.metrics_host, max_concurrent=args.max_concurrent,
                 max_message_bytes=args.max_message_mib * MiB, token=_read_token(args.token_file),
                 grace_seconds=args.grace)
 
@@ -119,6 +122,9 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--read-only", action="store_true",
                    help="open the index read-only (IndexImages/DeleteImages refused; follows another writer)")
     p.add_argument("--device", default=d.device, help="torch device of the model (default: %(default)s)")
+    p.add_argument("--image-uris", choices=("relative", "absolute", "none"), default=d.image_uris,
+                   help="what clients see of image paths: the path under the corpus root, the server's "
+                        "absolute path, or nothing (default: %(default)s)")
     p.add_argument("--batch-max", type=int, default=0,
                    help="batch up to this many concurrent model calls; 1 = no batching; 0 = auto: "
                         f"{batching.max_batch} on CUDA, off on CPU where it measured no gain (default: %(default)s)")
@@ -135,6 +141,7 @@ def run_serve(args) -> int:
         metrics_port=None if args.no_metrics else args.metrics_port,
         limits=ServiceLimits(max_top_k=args.max_top_k, max_image_pixels=args.max_image_pixels),
         tls_cert=args.tls_cert, tls_key=args.tls_key, read_only=args.read_only, device=args.device,
+        image_uris=args.image_uris,
         batching=BatchConfig(args.batch_max, args.batch_wait_ms) if args.batch_max else None,
     )
     return serve(config, on_ready=lambda line: print(line, flush=True))
@@ -198,6 +205,8 @@ def add_query_parser(subparsers) -> None:
     p.add_argument("--min-area", type=float, default=0.0, help="minimum area fraction of a hit")
     p.add_argument("--min-score", type=float, default=0.0, help="drop hits scoring below it")
     p.add_argument("--out", help="write a contact sheet PNG: the query, then the hits")
+    p.add_argument("--images-root", metavar="DIR",
+                   help="with --out: the corpus folder, to draw hits whose image_uri is relative to it")
     p.add_argument("--json", action="store_true", help="print hits as JSON lines")
     _add_client_flags(p)
     p.set_defaults(handler=run_query)
@@ -229,7 +238,7 @@ def run_query(args) -> int:
         from segsearch.service.sheets import write_query_sheet
 
         title = Path(args.image).name if args.image else f"segment {args.segment_id}"
-        print(f"contact sheet: {write_query_sheet(image, response, args.out, title)}")
+        print(f"contact sheet: {write_query_sheet(image, response, args.out, title, args.images_root)}")
     return 0
 
 

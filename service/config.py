@@ -44,7 +44,7 @@ class FrontendConfig:
     host: str = "127.0.0.1"  # 0.0.0.0 exposes the service to the network
     port: int = DEFAULT_PORT  # 0 = any free port
     metrics_port: int | None = None  # None = no metrics endpoint; 0 = any free port
-    metrics_host: str | None = None  # default: same as host
+    metrics_host: str = "127.0.0.1"  # /metrics stays on loopback unless asked (it names the index)
     max_message_bytes: int = 16 * MiB
     max_concurrent: int = 8  # calls in flight before RESOURCE_EXHAUSTED
     token: str | None = None  # bearer token required from clients
@@ -63,7 +63,12 @@ class ServerConfig(FrontendConfig):
     tls_key: str | None = None
     read_only: bool = False
     device: str = "cpu"
+    image_uris: str = "relative"  # relative | absolute | none: what clients see of image paths
     batching: BatchConfig | None = None  # None: auto (batch on CUDA, not on CPU); max_batch <= 1: off
+
+    def __post_init__(self) -> None:
+        if self.image_uris not in ("relative", "absolute", "none"):
+            raise ValueError(f"image_uris must be relative, absolute or none, got {self.image_uris!r}")
 
 
 @dataclass(kw_only=True)

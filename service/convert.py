@@ -9,6 +9,7 @@ from segsearch.service.pngs import encode_label_map_png, encode_mask_png, encode
 from segsearch.service.regions import Box
 from segsearch.service.search import Hit
 from segsearch.service.segment_rpc import Segmentation
+from segsearch.service.uris import shown_uri
 
 
 def box_message(box) -> pb.Box:
@@ -20,10 +21,10 @@ def box_from_message(message: pb.Box) -> Box:
     return Box(message.x0, message.y0, message.x1, message.y1)
 
 
-def hit_message(hit: Hit, include_mask: bool) -> pb.Hit:
+def hit_message(hit: Hit, include_mask: bool, image_uris: str) -> pb.Hit:
     segment, image = hit.segment, hit.image
     return pb.Hit(
-        segment_id=hit.segment_id, image_id=segment.image_id, image_uri=image.uri if image else "",
+        segment_id=hit.segment_id, image_id=segment.image_id, image_uri=shown_uri(image, image_uris),
         score=hit.score, box=box_message(segment.box), label=segment.label,
         label_score=segment.label_score, area_fraction=segment.area_fraction,
         mask_png=encode_rle_mask_png(segment.mask_rle, segment.mask_shape) if include_mask else b"",
@@ -32,16 +33,16 @@ def hit_message(hit: Hit, include_mask: bool) -> pb.Hit:
 
 
 def search_response(hits: list[Hit], include_masks: bool, query_mask: np.ndarray | None,
-                    model_version: str) -> pb.SearchResponse:
+                    model_version: str, image_uris: str) -> pb.SearchResponse:
     return pb.SearchResponse(
-        hits=[hit_message(hit, include_masks) for hit in hits], model_version=model_version,
+        hits=[hit_message(hit, include_masks, image_uris) for hit in hits], model_version=model_version,
         query_mask_png=encode_mask_png(query_mask) if include_masks and query_mask is not None else b"",
     )
 
 
-def segment_record_message(segment: SegmentRecord, image: ImageRecord | None) -> pb.SegmentRecord:
+def segment_record_message(segment: SegmentRecord, image: ImageRecord | None, image_uris: str) -> pb.SegmentRecord:
     return pb.SegmentRecord(
-        segment_id=segment.segment_id, image_id=segment.image_id, image_uri=image.uri if image else "",
+        segment_id=segment.segment_id, image_id=segment.image_id, image_uri=shown_uri(image, image_uris),
         box=box_message(segment.box), area_fraction=segment.area_fraction, label=segment.label,
         label_score=segment.label_score, mask_png=encode_rle_mask_png(segment.mask_rle, segment.mask_shape),
         model_version=segment.model_version, image_width=segment.mask_shape[1],

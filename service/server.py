@@ -105,7 +105,7 @@ class GrpcFrontend:
         server.start()
         self._server = server
         if config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(config.metrics_port, config.metrics_host or config.host)
+            self.metrics_port = self.metrics.serve_http(config.metrics_port, config.metrics_host)
         log.info("listening on %s (%s)", self.address, "TLS" if credentials else "plaintext")
         return self.port
 
@@ -191,7 +191,8 @@ class SegsearchServer(GrpcFrontend):
         config = self.config
         app = ServiceApp.load(config.index_dir, config.checkpoint, config.limits,
                               read_only=config.read_only, device=config.device,
-                              batching=config.batching or BatchConfig.auto(config.device))
+                              batching=config.batching or BatchConfig.auto(config.device),
+                              image_uris=config.image_uris)
         self.metrics.track_index(lambda: app.store.meta.num_segments, lambda: app.store.meta.num_images)
         self.servicer.app = app
 
@@ -209,7 +210,7 @@ def run_until_signalled(frontend: GrpcFrontend, describe: str, on_ready=print) -
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         frontend.start_open()
-        metrics = f", metrics at http://{config.metrics_host or config.host}:{frontend.metrics_port}/metrics" \
+        metrics = f", metrics at http://{config.metrics_host}:{frontend.metrics_port}/metrics" \
             if frontend.metrics_port else ""
         on_ready(f"{describe} on {frontend.address}{metrics}")
         stopping.wait()

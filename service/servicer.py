@@ -49,7 +49,7 @@ class SegmentSearchServicer(pb_grpc.SegmentSearchServicer):
         else:
             raise InvalidArgument("the request has no query: set region (image + region), segment_id or embedding")
         hits = search(app.store, query.vector, options)
-        return convert.search_response(hits, request.include_masks, query.mask, app.model_version)
+        return convert.search_response(hits, request.include_masks, query.mask, app.model_version, app.image_uris)
 
     def Segment(self, request: pb.SegmentRequest, context) -> pb.SegmentResponse:
         app = self._loaded()
@@ -59,7 +59,7 @@ class SegmentSearchServicer(pb_grpc.SegmentSearchServicer):
     def GetSegment(self, request: pb.GetSegmentRequest, context) -> pb.SegmentRecord:
         app = self._loaded()
         record = get_segment(app.store, request.segment_id, app.model_version)
-        message = convert.segment_record_message(record, _image_or_none(app, record.image_id))
+        message = convert.segment_record_message(record, _image_or_none(app, record.image_id), app.image_uris)
         if request.include_prototype:
             message.prototype.extend(record.prototype.tolist())
         return message

@@ -106,9 +106,13 @@ def tile_grid(tiles: list[Tile], columns: int = 6, title: str = "") -> Image.Ima
     return sheet
 
 
-def read_local_image(uri: str, size: tuple[int, int]) -> np.ndarray | None:
-    """The image at a local path / file:// uri resized to `size` (W, H), or None."""
+def read_local_image(uri: str, size: tuple[int, int], images_root: str | Path | None = None) -> np.ndarray | None:
+    """The image at a local path / file:// uri resized to `size` (W, H), or None. A relative uri
+    (what a server shows by default: the path under the corpus root) is looked up under
+    `images_root`."""
     path = uri[len("file://"):] if uri.startswith("file://") else uri
+    if path and images_root is not None and not Path(path).is_absolute():
+        path = str(Path(images_root) / path)
     if not path or not Path(path).is_file():
         return None
     try:
@@ -127,13 +131,13 @@ def decode_mask(png: bytes) -> np.ndarray | None:
 
 
 def contact_sheet(query_image: np.ndarray, query_mask: np.ndarray | None, hits, out_path: str | Path,
-                  title: str = "", columns: int = 6) -> Path:
+                  title: str = "", columns: int = 6, images_root: str | Path | None = None) -> Path:
     """Write the query tile and one tile per hit (proto `Hit`s with masks) to `out_path`."""
     tiles = [Tile(query_image, query_mask, ("query", title), QUERY_OUTLINE)]
     for rank, hit in enumerate(hits, start=1):
         size = (hit.image_width, hit.image_height)
         mask = decode_mask(hit.mask_png)
-        picture = read_local_image(hit.image_uri, size)
+        picture = read_local_image(hit.image_uri, size, images_root)
         if picture is None:
             picture = np.full((size[1], size[0], 3), 150, np.uint8)
         label = f" {hit.label} ({hit.label_score:.2f})" if hit.label else ""
@@ -198,20 +202,21 @@ def decode_image_bytes(data: bytes) -> np.ndarray:
         return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
 
 
-def write_query_sheet(image: bytes | None, response, out_path: str | Path, title: str) -> Path:
+def write_query_sheet(image: bytes | None, response, out_path: str | Path, title: str,
+                      images_root: str | Path | None = None) -> Path:
     """The contact sheet of a SearchSimilar answer. `image`: the query's encoded bytes, or None
     for a search by segment id, whose own hit (first) then stands for the query."""
     if image is not None:
         return contact_sheet(decode_image_bytes(image), decode_mask(response.query_mask_png),
-                             list(response.hits), out_path, title=title)
+                             list(response.hits), out_path, title=title, images_root=images_root)
     picture, mask = np.full((64, 64, 3), 200, np.uint8), None
     if response.hits:
         first = response.hits[0]
-        picture = read_local_image(first.image_uri, (first.image_width, first.image_height))
+        picture = read_local_image(first.image_uri, (first.image_width, first.image_height), images_root)
         if picture is None:
             picture = np.full((first.image_height, first.image_width, 3), 150, np.uint8)
         mask = decode_mask(first.mask_png)
-    return contact_sheet(picture, mask, list(response.hits), out_path, title=title)
+    return contact_sheet(picture, mask, list(response.hits), out_path, title=title, images_root=images_root)
 
 
 def write_segment_overlay(image: bytes, response, out_path: str | Path) -> Path:

@@ -163,3 +163,19 @@ def test_messages_over_the_size_limit_are_refused(index_template, checkpoint_pat
         assert running.client.info().num_images == 6
     finally:
         running.stop()
+
+
+def test_metrics_stay_on_loopback_whatever_host_says(index_template, checkpoint_path, tmp_path_factory):
+    """--host exposes gRPC; /metrics (it names the index and its model) follows --metrics-host,
+    127.0.0.1 by default. 127.0.0.2 stands for "another address" without leaving loopback."""
+    import urllib.error
+    import urllib.request
+
+    running = start_server(copy_index(index_template, tmp_path_factory), checkpoint_path, host="127.0.0.2")
+    try:
+        assert running.address.startswith("127.0.0.2:") and running.client.health(timeout=5) == "SERVING"
+        assert "segsearch_requests_total" in running.metrics_text()  # at 127.0.0.1
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"http://127.0.0.2:{running.server.metrics_port}/metrics", timeout=5)
+    finally:
+        running.stop()

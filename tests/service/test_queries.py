@@ -130,7 +130,7 @@ def test_get_segment_returns_the_record_with_its_mask(served, stored):
     mask = _mask_at(record.mask_png)
     assert mask.shape == (96, 128) == (record.image_height, record.image_width)
     assert mask.mean() == pytest.approx(seg.area_fraction, abs=1e-6)
-    assert record.image_uri.endswith(PHOTO)
+    assert record.image_uri == PHOTO  # the path under the corpus root, not the server's absolute path
 
 
 def test_segment_returns_16_bit_segment_map_and_labels(served, corpus_dir):

@@ -234,7 +234,7 @@ def test_paths_and_uris_from_a_client_are_never_opened(plain_server, tmp_path):
     assert [i.image_id for i in added.indexed] == ["sent"]
     assert [skipped.reason.split(":")[0] for skipped in added.skipped] == ["empty_file"] * 3
     record = client.get_segment(added.indexed[0].segment_ids[0])
-    assert record.image_uri == str(sentinel)  # stored as an opaque string
+    assert record.image_uri == sentinel.name  # an opaque string, shown relative (--image-uris relative)
     assert (record.image_width, record.image_height) == (30, 20)  # the sent image's, not the file's 50x40
     again = client.index_images([("sentinel-content", sentinel_bytes), ("sent-again", sent_bytes)])
     assert [i.image_id for i in again.indexed] == ["sentinel-content"]  # its hash was never stored
