@@ -78,3 +78,4 @@ class RouterConfig(FrontendConfig):
     backends: list[str] = field(default_factory=list)
     max_concurrent: int = 32
     connect_timeout: float = 30.0  # seconds to wait for every backend at start
+    health_interval: float = 2.0  # seconds between checks of the backends' health

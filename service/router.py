@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from segsearch.errors import SegsearchError
 from segsearch.service.config import MiB, RouterConfig
@@ -126,6 +127,20 @@ class Router:
         self.model_version = infos[0].model_version
         self.max_top_k = min(info.max_top_k for info in infos)
         log.info("routing over %d backends (model %s)", len(self.backends), self.model_version)
+
+    def unhealthy_backends(self, timeout: float) -> list[str]:
+        """Addresses of the backends whose grpc.health.v1 does not answer SERVING in `timeout`."""
+        down = []
+        for backend in self.backends:
+            try:
+                answer = health_pb2_grpc.HealthStub(backend.channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+                serving = answer.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError:
+                serving = False
+            if not serving:
+                down.append(backend.address)
+        return down
 
     def close(self) -> None:
         for backend in self.backends:

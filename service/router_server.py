@@ -8,8 +8,10 @@ FAILED_PRECONDITION. Health says SERVING once every backend answered GetInfo wit
 from __future__ import annotations
 
 import logging
+import threading
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from segsearch.service._generated import segment_search_pb2_grpc as pb_grpc
 from segsearch.service.config import RouterConfig
@@ -58,15 +60,29 @@ class RouterServicer(pb_grpc.SegmentSearchServicer):
 
 
 class RouterServer(GrpcFrontend):
-    """Bind, connect to the backends (checking they agree), report SERVING; `stop()` drains."""
+    """Bind, connect to the backends (checking they agree), report SERVING; `stop()` drains.
+
+    Health follows the backends: the router answers only with every backend's results, so it is
+    SERVING only while every backend's own health says SERVING (checked every
+    `health_interval` seconds), and NOT_SERVING, with the backends named in the log, while any
+    is down or not serving. An orchestrator then takes the router out of rotation instead of
+    sending it calls that would all fail with UNAVAILABLE."""
 
     thread_name_prefix = "route"
 
     def __init__(self, config: RouterConfig, metrics: ServiceMetrics | None = None):
         super().__init__(config, RouterServicer(), metrics)
+        self._stop_watching = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     # the word the router's callers use for GrpcFrontend's start_open
     start_connected = GrpcFrontend.start_open
+
+    def open(self) -> None:
+        super().open()
+        self._stop_watching.clear()
+        self._watcher = threading.Thread(target=self._watch_backends, name="route-health", daemon=True)
+        self._watcher.start()
 
     def _open(self) -> None:
         self.servicer.router = Router.connect(self.config.backends, self.config.connect_timeout,
@@ -74,9 +90,31 @@ class RouterServer(GrpcFrontend):
                                               max_message_bytes=self.config.max_message_bytes)
 
     def _close(self) -> None:
+        self._stop_watching.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=2 * self.config.health_interval + 5)
+            self._watcher = None
         router, self.servicer.router = self.servicer.router, None
         if router is not None:
             router.close()
+
+    def _watch_backends(self) -> None:
+        """Every `health_interval` s: SERVING iff every backend's health says SERVING."""
+        down_before: list[str] = []
+        while not self._stop_watching.wait(self.config.health_interval):
+            router = self.servicer.router
+            if router is None:
+                return
+            down = router.unhealthy_backends(timeout=self.config.health_interval)
+            if down != down_before:
+                if down:
+                    log.warning("NOT_SERVING: backend(s) %s down or not serving", ", ".join(down))
+                else:
+                    log.info("SERVING again: every backend answers")
+                down_before = down
+            if not self._stop_watching.is_set():
+                self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING if down
+                                 else health_pb2.HealthCheckResponse.SERVING)
 
 
 def route(config: RouterConfig, on_ready=print) -> int:

@@ -23,7 +23,6 @@ from segsearch.service.router import Router, RouterError
 from segsearch.service.router_server import RouterServer
 from segsearch.service.config import RouterConfig
 from service_helpers import PHOTO, mosaic_images, png_bytes, start_server
-from test_sharded_serving import sharded_out  # noqa: F401  (the module-scoped layout fixture)
 
 pytest.importorskip("distributed")
 
@@ -35,7 +34,8 @@ def cluster(sharded_out, checkpoint_path):  # noqa: F811
     assert len(shard_dirs) == 2
     backends = [start_server(d, checkpoint_path, read_only=True, metrics_port=None) for d in shard_dirs]
     merged = start_server(sharded_out, checkpoint_path, read_only=True, metrics_port=None)
-    router = RouterServer(RouterConfig(backends=[b.address for b in backends], port=0, connect_timeout=10))
+    router = RouterServer(RouterConfig(backends=[b.address for b in backends], port=0, connect_timeout=10,
+                                       health_interval=0.2))
     router.start_connected()
     client = SegsearchClient(router.address, timeout=20)
     yield client, merged.client, backends, router
@@ -193,3 +193,7 @@ def test_a_stopped_backend_fails_calls_with_unavailable_naming_it(cluster, corpu
             call()
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert down.address in caught.value.details()
+    deadline = time.monotonic() + 10  # health follows the backends (a few 0.2 s checks)
+    while routed.health(timeout=2) != "NOT_SERVING" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert routed.health(timeout=2) == "NOT_SERVING"

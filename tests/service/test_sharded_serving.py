@@ -11,38 +11,12 @@ import shutil
 
 import grpc
 import pytest
-import torch
 
-from segsearch.indexer.decode import DecodeConfig
-from segsearch.indexer.pipeline import IndexConfig
-from segsearch.spml.segmenter import SegmenterConfig
 from segsearch.indexer.shards import ID_STRIDE, SHARDS_DIR
 from segsearch.service._generated import segment_search_pb2 as pb
 from service_helpers import PHOTO, mosaic_images, png_bytes, start_server
 
 distributed = pytest.importorskip("distributed")
-
-
-@pytest.fixture(scope="module")
-def sharded_out(tmp_path_factory, corpus_dir, checkpoint_path):
-    """OUT with OUT/shards (2 shards) and the merged index at OUT."""
-    from segsearch.indexer.dask_runner import DaskConfig, index_distributed
-
-    out = tmp_path_factory.mktemp("sharded") / "index"
-    config = IndexConfig(progress=False, decode_workers=1, decode=DecodeConfig(max_side=128), index_type="flat",
-                         segmenter=SegmenterConfig(embed_size=96, grid=(4, 4)))
-    threads = torch.get_num_threads()  # the in-process workers set torch's (process-wide) threads
-    try:
-        # in-process workers (threads, inproc:// comms; their HTTP endpoints, which would listen on
-        # all interfaces by default, on loopback); the processes variant is tests/indexer/test_dask_indexing.py
-        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                                      dashboard_address="127.0.0.1:0", worker_dashboard_address="127.0.0.1:0") \
-                as cluster, distributed.Client(cluster) as client:
-            summary = index_distributed(corpus_dir, checkpoint_path, out, config, DaskConfig(), client=client)
-    finally:
-        torch.set_num_threads(threads)
-    assert summary.num_shards == 2 and summary.images_indexed == 6
-    return out
 
 
 @pytest.fixture(scope="module")
