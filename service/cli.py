@@ -162,6 +162,9 @@ def add_route_parser(subparsers) -> None:
     _add_token_flags(p, f"require this bearer token and send it to the backends (else ${TOKEN_ENV}, if set)")
     p.add_argument("--connect-timeout", type=float, default=d.connect_timeout,
                    help="seconds to wait for every backend at start (default: %(default)s)")
+    p.add_argument("--health-interval", type=float, default=d.health_interval,
+                   help="seconds between checks of the backends' health; the router is SERVING only "
+                        "while every backend is (default: %(default)s)")
     p.set_defaults(handler=run_route)
 
 
@@ -169,7 +172,7 @@ def run_route(args) -> int:
     from segsearch.service.router_server import route
 
     config = RouterConfig(backends=list(args.backend), **_frontend_options(args), metrics_port=args.metrics_port,
-                          connect_timeout=args.connect_timeout)
+                          connect_timeout=args.connect_timeout, health_interval=args.health_interval)
     return route(config, on_ready=lambda line: print(line, flush=True))
 
 
