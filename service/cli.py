@@ -70,6 +70,24 @@ def _read_token(path: str | None) -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
+def _picture_path(path: str | None, flag: str) -> str | None:
+    """Check an output picture path before any work: a file in an existing folder, with an
+    extension Pillow can write."""
+    if path is None:
+        return None
+    from PIL import Image
+
+    target = Path(path)
+    if target.is_dir():
+        raise SegsearchError(f"{flag} {path} is a folder; give a file name such as {target / 'picture.png'}")
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    if target.suffix.lower() not in writable:
+        raise SegsearchError(f"{flag} {path}: give a picture file name ending in .png (or .jpg, .webp, ...)")
+    if not target.parent.is_dir():
+        raise SegsearchError(f"{flag} {path}: the folder {target.parent} does not exist")
+    return path
+
+
 def _read_bytes(path: str, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -220,6 +238,10 @@ def run_query(args) -> int:
 
     if args.segment_id is None and not args.image:
         raise SegsearchError("give IMAGE with --box, --point or --mask (or use --segment-id)")
+    if args.segment_id is not None and args.image:
+        raise SegsearchError(f"--segment-id searches with a stored segment; IMAGE ({args.image}) would be ignored, "
+                             "so leave it out (or search by a region of it with --box, --point or --mask)")
+    _picture_path(args.out, "--out")
     options = dict(top_k=args.top_k, labels=[v for v in args.labels.split(",") if v],
                    exclude_image_ids=args.exclude_image, min_area_fraction=args.min_area,
                    min_score=args.min_score, include_masks=bool(args.out))
@@ -274,6 +296,9 @@ def add_segment_parser(subparsers) -> None:
 def run_segment(args) -> int:
     import grpc
 
+    _picture_path(args.out, "--out")
+    if args.maps is not None:
+        _picture_path(f"{args.maps}_segments.png", "--maps")
     image = _read_bytes(args.image, "the image")
     with _client(args) as client:
         try:
@@ -364,6 +389,10 @@ def run_load_command(args) -> int:
     else:
         for key, value in summary.items():
             print(f"{key:>16}: {value}")
+    if summary["sent"] and not summary["codes"].get("OK"):
+        print(f"segsearch load: error: none of the {summary['sent']} calls succeeded ({summary['codes']}); "
+              f"is a server listening at {args.server}?", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from segsearch.errors import SegsearchError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,11 @@ class ServiceMetrics:
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Start the /metrics HTTP endpoint (port 0 = any free port); returns the port."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as error:
+            raise SegsearchError(f"cannot serve metrics on {host}:{port} ({error.strerror}); is the port in use? "
+                                 "choose another with --metrics-port (0 = any free port) or --no-metrics") from None
         self._http = (server, thread)
         bound = server.server_address[1]
         log.info("metrics at http://%s:%d/metrics", host, bound)

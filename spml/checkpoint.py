@@ -90,14 +90,20 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> str:
 def load_checkpoint(path: str | Path, expected: ModelConfig | None = None) -> Checkpoint:
     """Read a checkpoint; with `expected`, refuse one whose architecture differs."""
     path = Path(path)
+    if path.is_dir():  # a run folder (`segsearch train --out DIR`) names its checkpoint
+        if not (path / "checkpoint.pt").is_file():
+            raise CheckpointError(f"{path} is a folder with no checkpoint.pt in it; give a checkpoint file "
+                                  "or the --out folder of `segsearch train`")
+        path = path / "checkpoint.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (train one with `segsearch train`)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         config = ModelConfig.from_dict(payload["config"])
         state_dict = payload["state_dict"]
-    except Exception as error:  # torch raises many types for a bad file
-        raise CheckpointError(f"{path} is not a readable segsearch checkpoint ({error})") from None
+    except Exception as error:  # torch raises many types for a bad file; its text is not for users
+        raise CheckpointError(f"{path} is not a segsearch checkpoint (it cannot be read as one: "
+                              f"{type(error).__name__}); give a checkpoint.pt written by `segsearch train`") from None
     if payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format {payload.get('format_version')}, "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from segsearch.errors import SegsearchError
 from segsearch.trainer.config import METHODS, EvalConfig, TrainConfig
 from segsearch.trainer.datasets import DataConfig
 
@@ -112,7 +113,11 @@ def train_config(args) -> TrainConfig:
 def run_train(args) -> int:
     from segsearch.trainer.train import train
 
-    result = train(train_config(args))
+    try:
+        config = train_config(args)
+    except ValueError as exc:
+        raise SegsearchError(f"invalid setting: {exc}") from None
+    result = train(config)
     if result.rank != 0:
         return 0  # under torchrun: rank 0 reports
     print(f"checkpoint: {result.checkpoint_path}  model version: {result.model_version}  "
