@@ -6,6 +6,7 @@
     segsearch index verify INDEX_DIR [--model CKPT] [--repair]
     segsearch index stats INDEX_DIR [--json]
     segsearch index merge INDEX_DIR [--force]        (merge INDEX_DIR/shards into INDEX_DIR)
+    segsearch index images INDEX_DIR [--grep REGEX]  (list image ids)
 
 `index CORPUS --dask local:2|tcp://HOST:8786` indexes on Dask into INDEX_DIR/shards and
 merges (indexer/dask_runner.py); verify and stats accept a sharded layout too.
@@ -29,7 +30,7 @@ from segsearch.indexer.config import DEFAULT_LOCAL_WORKERS, DaskConfig, IndexCon
 from segsearch.indexer.decode import DecodeConfig
 from segsearch.spml.config import SegmenterConfig
 
-ACTIONS = ("build", "add", "delete", "verify", "stats", "merge")
+ACTIONS = ("build", "add", "delete", "verify", "stats", "merge", "images")
 
 
 def normalize_index_argv(argv: list[str]) -> list[str]:
@@ -62,7 +63,7 @@ def add_index_parser(subparsers) -> None:
                     "the segments' prototypes in FAISS and their records in LMDB. Re-running the same "
                     "command after an interruption finishes the job; see also the sub-commands.")
     actions = parser.add_subparsers(dest="index_action", required=True,
-                                    metavar="{CORPUS,add,delete,verify,stats,merge}")
+                                    metavar="{CORPUS,add,delete,verify,stats,merge,images}")
     build = actions.add_parser("build", prog="segsearch index", help="(default, the word may be left out) index CORPUS into --out",
                                description="Index CORPUS into a new index at --out, or finish the "
                                            "unfinished index there.")
@@ -107,6 +108,13 @@ def add_index_parser(subparsers) -> None:
     stats.add_argument("index_dir", help="index directory")
     stats.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     stats.set_defaults(handler=run_stats)
+
+    images = actions.add_parser("images", prog="segsearch index images", help="list the image ids in the index",
+                                description="Print the id of every indexed image, one per line (sorted), "
+                                            "optionally only those matching a regular expression.")
+    images.add_argument("index_dir", help="index directory (or a sharded layout)")
+    images.add_argument("--grep", metavar="REGEX", help="only ids in which this regular expression matches")
+    images.set_defaults(handler=run_images)
 
     merge = actions.add_parser("merge", prog="segsearch index merge", help="merge INDEX_DIR/shards into INDEX_DIR",
                                description="Merge the shards of a distributed index (INDEX_DIR/shards) into one "
@@ -269,9 +277,29 @@ def run_verify(args) -> int:
         print(f"PROBLEM: {problem}")
     if problems:
         print(f"index {args.index_dir}: {len(problems)} problem(s) found", file=sys.stderr)
+        if not args.repair:
+            print(f"if a writer of the index crashed, `segsearch index verify {args.index_dir} --repair` "
+                  "repairs FAISS from LMDB (the source of truth) and checks again", file=sys.stderr)
         return 1
     print(f"index {args.index_dir} OK: {meta.num_images} images, {meta.num_segments} segments, "
           f"FAISS and LMDB agree, model version {meta.model_version}")
+    return 0
+
+
+def run_images(args) -> int:
+    import re
+
+    from segsearch.indexer.sharded_store import open_index
+
+    try:
+        pattern = re.compile(args.grep) if args.grep else None
+    except re.error as exc:
+        raise SegsearchError(f"--grep {args.grep!r} is not a regular expression: {exc}") from None
+    with open_index(args.index_dir, read_only=True) as store:
+        ids = sorted(image.image_id for image in store.iter_images())
+    for image_id in ids:
+        if pattern is None or pattern.search(image_id):
+            print(image_id)
     return 0
 
 

@@ -33,12 +33,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tqdm import tqdm
 
 from segsearch.errors import IndexStoreError, SegsearchError
 from segsearch.indexer.config import DaskConfig, parse_cluster
@@ -272,21 +276,77 @@ def _run_shards(client, layout: ShardLayout, runs: list[list[CorpusItem]], check
                                key=f"segsearch-shard-{shard:04d}-{job}", pure=False, retries=dask.retries)
         futures[future] = shard
     results, failures = [], []
-    for future in as_completed(list(futures)):
-        shard = futures[future]
-        try:
-            worker, summary = future.result()
-        except Exception as exc:  # noqa: BLE001 - reported with the shard below
-            log.error("shard %04d failed: %s: %s", shard, type(exc).__name__, exc)
-            failures.append(f"shard {shard:04d}: {type(exc).__name__}: {exc}")
-            continue
-        log.info("shard %04d done on %s: %d images, %d segments", shard, worker, summary.images_indexed,
-                 summary.segments_indexed)
-        results.append(ShardRun(shard, worker, summary))
+    # LMDB allows one open of an environment per process: no polling reader beside in-process workers
+    in_process = os.getpid() in client.run(os.getpid).values() if config.progress else True
+    with ShardProgress(layout, sum(len(run) for run in runs), enabled=config.progress and not in_process):
+        for future in as_completed(list(futures)):
+            _collect_shard(future, futures[future], results, failures)
     if failures:
         raise IndexStoreError("distributed indexing failed (after retries) in " + "; ".join(failures)
                           + ". Committed work is kept: re-run the same command to resume every shard")
     return sorted(results, key=lambda run: run.shard)
+
+
+def _collect_shard(future, shard: int, results: list[ShardRun], failures: list[str]) -> None:
+    try:
+        worker, summary = future.result()
+    except Exception as exc:  # noqa: BLE001 - reported with the shard by the caller
+        log.error("shard %04d failed: %s: %s", shard, type(exc).__name__, exc)
+        failures.append(f"shard {shard:04d}: {type(exc).__name__}: {exc}")
+        return
+    log.info("shard %04d done on %s: %d images, %d segments", shard, worker, summary.images_indexed,
+             summary.segments_indexed)
+    results.append(ShardRun(shard, worker, summary))
+
+
+class ShardProgress:
+    """A progress bar (images/s, ETA) over all shards while their tasks run elsewhere: a thread
+    reads each shard's committed image count from its LMDB (a read-only reader, as any
+    process may open) every `every` seconds. It moves by committed chunks."""
+
+    def __init__(self, layout: ShardLayout, total: int, enabled: bool = True, every: float = 1.0):
+        self.layout, self.total, self.enabled, self.every = layout, total, enabled and total > 0, every
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_counts = self._counts() if self.enabled else 0
+        self.done = 0  # images committed by the shards since the start
+
+    def _counts(self) -> int:
+        total = 0
+        for shard_dir in self.layout.shard_dirs:
+            if not is_index_dir(shard_dir):
+                continue
+            metadata = MetadataStore.open(shard_dir / LMDB_DIR, read_only=True)
+            try:
+                total += metadata.meta().num_images
+            finally:
+                metadata.close()
+        return total
+
+    def _run(self) -> None:
+        with tqdm(total=self.total, unit="img", desc="indexing (all shards)", dynamic_ncols=True) as bar:
+            while not self._stop.wait(self.every):
+                self._update(bar)
+            self._update(bar)
+
+    def _update(self, bar) -> None:
+        try:
+            done = self._counts() - self._start_counts
+        except Exception:  # noqa: BLE001 - a shard being created; the next poll will see it
+            return
+        self.done = max(0, min(done, self.total))
+        bar.update(self.done - bar.n)
+
+    def __enter__(self) -> ShardProgress:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._run, name="shard-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
 
 def _task(items: list[CorpusItem], checkpoint_path: str, shard_dir: str, config: IndexConfig):

@@ -47,7 +47,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,6 +315,10 @@ class IndexStore:
 
     def has_image(self, image_id: str) -> bool:
         return self._metadata.get_image(image_id) is not None
+
+    def iter_images(self) -> Iterator[ImageRecord]:
+        """Every image record, in image-id order (LMDB key order)."""
+        return self._metadata.iter_images()
 
     def image_id_for_sha256(self, sha256: str) -> str | None:
         """The id under which content with this digest is indexed (lets a resumed job skip it)."""

@@ -388,18 +388,21 @@ class _Run:
             for prepared, segments in zip(batch, segmented):
                 self.pending.append(self._records(prepared, segments))
                 self.pending_items[prepared.item.image_id] = prepared.item
-        if len(self.pending) >= self.config.chunk_size:
-            self._commit()
+        while len(self.pending) >= self.config.chunk_size:  # a batch may fill several chunks
+            self._commit(self.config.chunk_size)
 
     def _records(self, prepared: _Prepared, segments: ImageSegments) -> tuple[ImageRecord, list[SegmentRecord]]:
         item = prepared.item
         return image_records(item.image_id, item.uri, prepared.result, segments, self.model_version)
 
-    def _commit(self) -> None:
-        if not self.pending:
+    def _commit(self, limit: int | None = None) -> None:
+        """Commit the first `limit` pending images (all when None) in one store transaction."""
+        size = len(self.pending) if limit is None else min(limit, len(self.pending))
+        chunk, self.pending = self.pending[:size], self.pending[size:]
+        if not chunk:
             return
         with self.times.measure("store"):
-            result = self.store.add_images(self.pending)
+            result = self.store.add_images(chunk)
         for image_id, reason in result.skipped:  # raced with another writer or a duplicate id
             self._skip(self.pending_items[image_id], SkipReason.DUPLICATE, reason)
         self.summary.images_indexed += len(result.image_ids)
@@ -408,7 +411,8 @@ class _Run:
         log.info("committed chunk %d: %d images, %d segments (this run: %d images, %d segments)",
                  self.chunks, len(result.image_ids), len(result.segment_ids),
                  self.summary.images_indexed, self.summary.segments_indexed)
-        self.pending, self.pending_items = [], {}
+        for image, _ in chunk:
+            self.pending_items.pop(image.image_id, None)
 
     def _advance(self, count: int) -> None:
         if self.bar is not None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +116,11 @@ class ShardedStore:
 
     def has_image(self, image_id: str) -> bool:
         return any(store.has_image(image_id) for store in self.shards)
+
+    def iter_images(self) -> Iterator[ImageRecord]:
+        """Every image record, shard by shard (ids are unique across shards)."""
+        for store in self.shards:
+            yield from store.iter_images()
 
     def image_id_for_sha256(self, sha256: str) -> str | None:
         for store in self.shards:

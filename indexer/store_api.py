@@ -7,7 +7,7 @@ one suite of reads against both on the same records, so the two cannot drift apa
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -81,6 +81,8 @@ class ReadableStore(Protocol):
     def get_image(self, image_id: str) -> ImageRecord: ...
 
     def has_image(self, image_id: str) -> bool: ...
+
+    def iter_images(self) -> Iterator[ImageRecord]: ...
 
     def image_id_for_sha256(self, sha256: str) -> str | None: ...
 

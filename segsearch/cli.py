@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+from segsearch import __version__
 from segsearch.errors import SegsearchError
 
 
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="segsearch", description="Segment retrieval with SPML embeddings.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"segsearch {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_train_parser(subparsers)
     add_eval_parser(subparsers)
@@ -50,6 +52,9 @@ def configure_logging(verbose: bool) -> None:
     """INFO (DEBUG with -v); under torchrun, ranks other than 0 log warnings only, so that each
     message appears once, and every line names its rank."""
     level = logging.DEBUG if verbose else logging.INFO
+    if not verbose:  # Dask's scheduler and workers narrate every step at INFO
+        for noisy in ("distributed", "dask"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     rank = os.environ.get("RANK")
     if rank is None:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -311,3 +311,32 @@ def test_local_cluster_listens_on_loopback_only():
 def _is_loopback(ip: str) -> bool:
     address = ipaddress.ip_address(ip)
     return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+def test_the_progress_bar_counts_what_the_shards_commit(tmp_path):
+    """The parent reads each shard's LMDB while a writer in another process commits."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    from segsearch.indexer.dask_runner import ShardProgress
+    from segsearch.indexer.shards import ShardLayout, first_segment_id
+    from indexer_helpers import DIM, MODEL
+
+    layout = ShardLayout.create(tmp_path / "shards", 2)
+    for shard, shard_dir in enumerate(layout.shard_dirs):
+        IndexStore.create(shard_dir, MODEL, DIM, "flat", first_segment_id=first_segment_id(shard)).close()
+    writer = textwrap.dedent(f"""
+        import sys; sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]
+        from indexer_helpers import IndexStore, make_batch
+        for number, shard_dir in enumerate({[str(d) for d in layout.shard_dirs]!r}):
+            with IndexStore.open(shard_dir) as store:
+                store.add_images(make_batch([f"s{{number}}-{{i}}" for i in range(3 + number)]))
+    """)
+    with ShardProgress(layout, total=7, every=0.05) as progress:
+        subprocess.run([sys.executable, "-c", writer], check=True, timeout=120)
+        deadline = time.monotonic() + 10
+        while progress.done < 7 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert progress.done == 7

@@ -136,6 +136,16 @@ def test_verify_passes_then_fails_on_an_lmdb_record_removed_by_hand(built, tmp_p
     code, out, err = _run_cli(capsys, ["index", "verify", str(broken)])
     assert code == 1
     assert f"segment id(s) in FAISS but not LMDB: [{victim}]" in out and "problem" in err
+    assert f"segsearch index verify {broken} --repair" in err  # what to try after a crash
+
+
+def test_images_lists_the_ids_and_filters_them(built, corpus, capsys):
+    code, out, _ = _run_cli(capsys, ["index", "images", str(built)])
+    assert code == 0 and out.splitlines() == sorted(corpus[1])
+    code, out, _ = _run_cli(capsys, ["index", "images", str(built), "--grep", "_flip\\.jpg$"])
+    assert code == 0 and out.splitlines() == sorted(i for i in corpus[1] if i.endswith("_flip.jpg"))
+    code, _, err = _run_cli(capsys, ["index", "images", str(built), "--grep", "("])
+    assert code == 2 and "not a regular expression" in err
 
 
 def test_verify_reports_a_model_mismatch(built, checkpoint, tmp_path, capsys):

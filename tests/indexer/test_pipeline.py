@@ -1,6 +1,7 @@
 """The indexing job end to end (in process): real LMDB + FAISS, a tiny checkpoint, tiny photos.
 """
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -164,3 +165,14 @@ def test_out_directory_that_is_not_an_index_is_refused(checkpoint, corpus, tmp_p
         index_corpus(corpus[0], checkpoint, tmp_path / "busy", small_config())
     with pytest.raises(IndexStoreError, match="no segsearch index"):
         index_corpus(corpus[0], checkpoint, tmp_path / "new", small_config(must_exist=True))
+
+
+def test_chunk_size_is_honoured_even_below_the_batch_size(checkpoint, tmp_path, caplog):
+    """`--chunk-size 2` with batches of 8 used to commit whole batches."""
+    folder = tmp_path / "photos"
+    write_photos(folder)  # six images
+    with caplog.at_level(logging.INFO, logger="segsearch.indexer.pipeline"):
+        summary = index_corpus(folder, checkpoint, tmp_path / "index", small_config(batch_size=8, chunk_size=2))
+    commits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("committed chunk")]
+    assert summary.images_indexed == 6 and len(commits) == 3
+    assert all(": 2 images," in message for message in commits)

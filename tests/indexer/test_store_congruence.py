@@ -94,6 +94,10 @@ def test_records_by_id(store):
     assert store.image_id_for_sha256("0" * 64) is None
 
 
+def test_every_image_is_listed_once(store):
+    assert sorted(image.image_id for image in store.iter_images()) == NAMES
+
+
 def test_unknown_ids_raise_naming_the_id(store):
     with pytest.raises(IndexStoreError, match="segment id 987654 is not in"):
         store.get_segment(987654)
