@@ -233,7 +233,7 @@ def test_help_explains_every_flag():
     parser = build_parser()
     index = next(a for a in parser._actions if a.dest == "command").choices["index"]
     actions = next(a for a in index._actions if a.dest == "index_action")
-    assert set(actions.choices) == {"build", "add", "delete", "verify", "stats", "merge"}
+    assert set(actions.choices) == {"build", "add", "delete", "verify", "stats", "merge", "images"}
     for name, sub in actions.choices.items():
         undocumented = [a.option_strings or a.dest for a in sub._actions
                         if a.dest != "help" and not (a.help and len(a.help) > 3)]
