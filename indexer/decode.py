@@ -31,12 +31,16 @@ import enum
 import hashlib
 import io
 import math
+import threading
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
+
+from segsearch.indexer.decode_budget import DecodeBudget, DecodeBudgetExhausted
 
 # The formats PIL may try, and nothing else: the corpus formats (PIL's JPEG opener also
 # returns the MPO files of many cameras). Letting PIL guess among all its plugins would, for
@@ -51,6 +55,7 @@ _TRANSPOSE = {
     6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
 }
 
+_PIL_GUARD_LOCK = threading.Lock()
 _SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*")
 
 
@@ -111,7 +116,9 @@ def install_bomb_guard() -> None:
 
     A warning would let a bomb decode; as an error it becomes a `too_many_pixels` skip. The
     filter is process-wide (Python's warnings filters are global), which is what a server
-    decoding untrusted images wants too; it only affects images above PIL's own limit.
+    decoding untrusted images wants too; it only affects images above PIL's own limit, which
+    `decode_bytes` lifts to the configured one for its own opens (`_open`), so that the limit
+    a user set is the one that applies and the one the message quotes.
     """
     for action, _, category, _, _ in warnings.filters:
         if action == "error" and category is Image.DecompressionBombWarning:
@@ -131,18 +138,21 @@ def decode_file(path: str | Path, config: DecodeConfig) -> DecodedImage | Skippe
         return exc.skipped
 
 
-def decode_bytes(data: bytes, config: DecodeConfig) -> DecodedImage:
-    """Decode file contents to a bounded RGB array; raises `ImageSkipped` on any failure."""
+def decode_bytes(data: bytes, config: DecodeConfig, budget: DecodeBudget | None = None,
+                 budget_timeout: float | None = None) -> DecodedImage:
+    """Decode file contents to a bounded RGB array; raises `ImageSkipped` on any failure, and
+    `DecodeBudgetExhausted` when `budget` has no room for it within `budget_timeout` s."""
     if not data:
         raise ImageSkipped(SkipReason.EMPTY_FILE, "the file is empty (0 bytes)")
     install_bomb_guard()
     digest = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as image:
+        with _open(data, config) as image:
             width, height = image.size
             _check_pixels(width, height, config)
-            pixels, size = _decode_opened(image, config)
-    except ImageSkipped:
+            with (budget.reserve(width * height, budget_timeout) if budget else nullcontext()):
+                pixels, size = _decode_opened(image, config)
+    except (ImageSkipped, DecodeBudgetExhausted):
         raise
     except UnidentifiedImageError:
         if _has_image_signature(data):
@@ -150,13 +160,31 @@ def decode_bytes(data: bytes, config: DecodeConfig) -> DecodedImage:
                                "image but PIL cannot parse it)") from None
         raise ImageSkipped(SkipReason.NOT_AN_IMAGE, "not an image in a format segsearch reads "
                            "(JPEG, PNG, WebP, BMP, TIFF)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageSkipped(SkipReason.TOO_MANY_PIXELS, str(exc)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageSkipped(SkipReason.TOO_MANY_PIXELS, f"the image has far more pixels than the limit of "
+                           f"{config.max_pixels} (possible decompression bomb; a larger limit is set with "
+                           "--max-pixels)") from None
     except MemoryError:
         raise ImageSkipped(SkipReason.TOO_MANY_PIXELS, "out of memory while decoding") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib/struct errors, ...
         raise ImageSkipped(SkipReason.CORRUPT, f"truncated or damaged image data ({type(exc).__name__}: {exc})") from None
     return DecodedImage(pixels, digest, size)
+
+
+def _open(data: bytes, config: DecodeConfig) -> Image.Image:
+    """`Image.open` of the corpus formats, reading the header only. PIL's own pixel guard
+    (`Image.MAX_IMAGE_PIXELS`, process-wide, ~89 MP) would fire here, before our check, with its
+    own numbers: it is raised to twice the configured limit for this open (the header is all
+    that is read; `_check_pixels` then applies the configured limit and quotes it), and it stays
+    in force beyond that, as a second line."""
+    with _PIL_GUARD_LOCK:  # the limit is a module global; opens are header reads, quick
+        saved = Image.MAX_IMAGE_PIXELS
+        if saved is not None and saved < 2 * config.max_pixels:
+            Image.MAX_IMAGE_PIXELS = 2 * config.max_pixels
+        try:
+            return Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def _has_image_signature(data: bytes) -> bool:
@@ -171,7 +199,7 @@ def _check_pixels(width: int, height: int, config: DecodeConfig) -> None:
         raise ImageSkipped(
             SkipReason.TOO_MANY_PIXELS,
             f"{width}x{height} = {width * height} pixels exceeds the limit of {config.max_pixels} "
-            "(possible decompression bomb; raise --max-pixels to accept it)",
+            "(possible decompression bomb; a larger limit is set with --max-pixels)",
         )
 
 

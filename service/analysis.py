@@ -16,26 +16,31 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+import time
 
 import numpy as np
 import torch
 
 from segsearch.indexer.decode import DecodeConfig, DecodedImage, ImageSkipped, decode_bytes
+from segsearch.indexer.decode_budget import DecodeBudget, DecodeBudgetExhausted
 from segsearch.spml.segmenter import ImageSegments, Segmenter, StageTimes, resize_for_embedding, upsample_nearest
 from segsearch.service.batcher import DynamicBatcher
 from segsearch.service.config import BatchConfig
-from segsearch.service.errors import InvalidArgument
+from segsearch.service.errors import InvalidArgument, ResourceExhausted
 from segsearch.service.request_scope import add_stage_seconds, check_deadline, current_scope, stage
 
 MAX_SEGMENTS = 1024
+BUDGET_WAIT_S = 10.0  # longest wait for room in the decode budget
 
 
 class ImageAnalyzer:
     """Decoding limits + one `Segmenter` (model, label bank, class names, config)."""
 
-    def __init__(self, segmenter: Segmenter, decode_config: DecodeConfig, batching: BatchConfig | None = None):
+    def __init__(self, segmenter: Segmenter, decode_config: DecodeConfig, batching: BatchConfig | None = None,
+                 decode_budget: DecodeBudget | None = None):
         self.segmenter = segmenter
         self.decode_config = decode_config
+        self.decode_budget = decode_budget
         self._segmenters: dict[tuple[int, int], Segmenter] = {tuple(segmenter.config.grid): segmenter}
         self._lock = threading.Lock()
         self._embed_batcher = self._segment_batcher = None
@@ -58,15 +63,26 @@ class ImageAnalyzer:
         return self.segmenter.class_names
 
     def decode(self, data: bytes, field: str = "image.data") -> DecodedImage:
-        """Client bytes -> bounded RGB image; INVALID_ARGUMENT says why it cannot be used."""
+        """Client bytes -> bounded RGB image; INVALID_ARGUMENT says why it cannot be used,
+        RESOURCE_EXHAUSTED that the decode budget stayed full until the call's deadline."""
         if not data:
             raise InvalidArgument(f"{field} is empty; send PNG, JPEG or WebP bytes")
         with stage("decode"):
             try:
-                return decode_bytes(data, self.decode_config)
+                return self.decode_bounded(data)
             except ImageSkipped as skipped:
                 raise InvalidArgument(
                     f"{field} cannot be used ({skipped.skipped.reason.value}): {skipped.skipped.detail}") from None
+
+    def decode_bounded(self, data: bytes) -> DecodedImage:
+        """`decode_bytes` within the server's decode budget (waiting up to the call's deadline,
+        at most BUDGET_WAIT_S); raises ImageSkipped as it does."""
+        deadline = _deadline()
+        wait = BUDGET_WAIT_S if deadline is None else max(0.0, min(BUDGET_WAIT_S, deadline - time.monotonic()))
+        try:
+            return decode_bytes(data, self.decode_config, self.decode_budget, wait)
+        except DecodeBudgetExhausted as busy:
+            raise ResourceExhausted(f"the server is decoding other large images ({busy}); retry shortly") from None
 
     def embed(self, image: DecodedImage) -> torch.Tensor:
         """Unit-norm embeddings (D, E/4, E/4) of the whole image, resized to E x E like the indexer."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from segsearch.indexer.store_api import ReadableStore
 from segsearch.indexer.decode import DecodeConfig
+from segsearch.indexer.decode_budget import DecodeBudget
 from segsearch.indexer.config import IndexSettings
 from segsearch.spml.segmenter import Segmenter, SegmenterConfig
 from segsearch.indexer.sharded_store import ShardedStore, open_index, read_only_message, settings_dir
@@ -52,7 +53,7 @@ class ServiceApp:
             decode_config, segmenter_config = index_settings(settings_dir(index_dir), limits)
             model = checkpoint.build_model().to(resolve_device(device))
             segmenter = Segmenter(model, checkpoint.label_bank, segmenter_config)
-            analyzer = ImageAnalyzer(segmenter, decode_config, batching)
+            analyzer = ImageAnalyzer(segmenter, decode_config, batching, DecodeBudget(limits.decode_budget_pixels))
         except BaseException:
             store.close()
             raise

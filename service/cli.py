@@ -132,8 +132,13 @@ def add_serve_parser(subparsers) -> None:
     _add_frontend_flags(p, d)
     p.add_argument("--no-metrics", action="store_true", help="no metrics endpoint")
     p.add_argument("--max-top-k", type=int, default=limits.max_top_k, help="(default: %(default)s)")
-    p.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels,
-                   help="larger images are refused before decoding (default: %(default)s)")
+    p.add_argument("--max-pixels", "--max-image-pixels", dest="max_image_pixels", type=int,
+                   default=limits.max_image_pixels,
+                   help="larger images are refused from their header, before decoding; the indexer's "
+                        "flag of the same name (default: %(default)s)")
+    p.add_argument("--decode-budget-pixels", type=int, default=limits.decode_budget_pixels,
+                   help="pixels decoded at once across requests, bounding their memory; a request "
+                        "waits for room, then gets RESOURCE_EXHAUSTED (default: %(default)s)")
     _add_token_flags(p, f"require this bearer token (else ${TOKEN_ENV}, if set)")
     p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", help="PEM private key")
@@ -157,7 +162,8 @@ def run_serve(args) -> int:
     config = ServerConfig(
         index_dir=args.index_dir, checkpoint=args.model, **_frontend_options(args),
         metrics_port=None if args.no_metrics else args.metrics_port,
-        limits=ServiceLimits(max_top_k=args.max_top_k, max_image_pixels=args.max_image_pixels),
+        limits=ServiceLimits(max_top_k=args.max_top_k, max_image_pixels=args.max_image_pixels,
+                             decode_budget_pixels=args.decode_budget_pixels),
         tls_cert=args.tls_cert, tls_key=args.tls_key, read_only=args.read_only, device=args.device,
         image_uris=args.image_uris,
         batching=BatchConfig(args.batch_max, args.batch_wait_ms) if args.batch_max else None,

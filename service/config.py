@@ -4,23 +4,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from segsearch.indexer.decode import DEFAULT_MAX_PIXELS
+
 MiB = 1 << 20
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9464
 
 
 DEFAULT_MAX_TOP_K = 100
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 
 
 @dataclass(frozen=True)
 class ServiceLimits:
+    """max_image_pixels: larger images are refused from their header, before decoding (the
+    indexer's limit, one value for both); decode_budget_pixels: pixels being decoded at once,
+    across requests (indexer/decode_budget.py: it bounds the memory of concurrent decodes)."""
+
     max_top_k: int = DEFAULT_MAX_TOP_K
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    decode_budget_pixels: int = 2 * DEFAULT_MAX_PIXELS
 
     def __post_init__(self):
-        if self.max_top_k < 1 or self.max_image_pixels < 1:
-            raise ValueError("max_top_k and max_image_pixels must be >= 1")
+        if self.max_top_k < 1 or self.max_image_pixels < 1 or self.decode_budget_pixels < 1:
+            raise ValueError("max_top_k, max_image_pixels and decode_budget_pixels must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from segsearch.errors import IndexStoreError, IndexFullError, StorageFailedError
-from segsearch.indexer.decode import ImageSkipped, SkipReason, decode_bytes
+from segsearch.indexer.decode import ImageSkipped, SkipReason
 from segsearch.indexer.image_ids import MAX_IMAGE_ID_BYTES, image_id_problem
 from segsearch.indexer.index_store import IndexStore
 from segsearch.indexer.pipeline import image_records
@@ -86,7 +86,7 @@ class IndexUpdater:
             raise InvalidArgument(f"image #{number}: image_id {echo(image.image_id)} cannot be used: {problem}")
         try:
             with stage("decode"):
-                decoded = decode_bytes(image.data, self.analyzer.decode_config)
+                decoded = self.analyzer.decode_bounded(image.data)
         except ImageSkipped as skipped:
             outcome.skipped.append((image.image_id or f"#{number}", f"{skipped.skipped.reason.value}: "
                                     f"{skipped.skipped.detail}"))

@@ -22,10 +22,8 @@ test index's own images.
 from __future__ import annotations
 
 import functools
-import io
 import itertools
 import math
-import struct
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -36,6 +34,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from segsearch.service._generated import segment_search_pb2 as pb
+from segsearch.testing.images import encode, jpeg_claiming, png_chunk, png_claiming  # noqa: F401  (its callers import them from here)
+
 
 INT32_MIN, INT32_MAX, UINT64_MAX = -(2 ** 31), 2 ** 31 - 1, 2 ** 64 - 1
 SERVICE = pb.DESCRIPTOR.services_by_name["SegmentSearch"]
@@ -65,35 +65,9 @@ class HostileImage:
     expect: str = "ok"
 
 
-def encode(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    return buffer.getvalue()
-
-
 def noise(width: int, height: int, seed: int, channels: int = 3) -> np.ndarray:
     """(H, W, C) uint8 random pixels."""
     return np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
-
-
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-
-def png_claiming(width: int, height: int, bit_depth: int = 8, colour: int = 0) -> bytes:
-    """A tiny PNG whose header claims width x height: a decompression bomb as far as the
-    header goes (its data holds only a few rows)."""
-    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header)
-            + _chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + _chunk(b"IEND", b""))
-
-
-def jpeg_claiming(width: int, height: int) -> bytes:
-    """A small JPEG with its SOF0 frame size patched to width x height (at most 65535)."""
-    data = bytearray(encode(Image.new("RGB", (16, 16), (90, 120, 30)), "JPEG"))
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5: sof + 9] = struct.pack(">HH", height, width)
-    return bytes(data)
 
 
 def exif_rotated_jpeg(pixels: np.ndarray, orientation: int = 6) -> bytes:
@@ -122,7 +96,7 @@ def _bad_crc_png() -> bytes:
 def _text_bomb_png() -> bytes:
     """An 8x8 PNG with a zTXt chunk that inflates to 20 MB (PIL caps text chunks)."""
     data = encode(Image.new("L", (8, 8), 128))
-    ztxt = _chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"\0" * 20_000_000, 9))
+    ztxt = png_chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"\0" * 20_000_000, 9))
     return data[:33] + ztxt + data[33:]
 
 

@@ -4,7 +4,6 @@ image id). Plain functions, imported by the tests (pytest puts this folder on sy
 by the child processes of the crash tests."""
 import hashlib
 import io
-import struct
 import zlib
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from segsearch.indexer.pipeline import IndexConfig
 from segsearch.indexer.records import ImageRecord, SegmentRecord
 from segsearch.indexer.rle import encode_mask, mask_box
 from model_helpers import SEGMENTER, photo
+from segsearch.testing.images import png_claiming
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins")
 
@@ -33,10 +33,7 @@ def write_photos(folder: Path, flips: bool = False) -> list[str]:
 
 
 def png_header_claiming(width: int, height: int) -> bytes:
-    def chunk(kind, payload):
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return png_claiming(width, height, colour=2)  # RGB
 
 
 def write_bad_files(folder: Path) -> dict[str, str]:

@@ -1,8 +1,6 @@
 """Decoding never raises: every bad file becomes a typed skip reason; good files come out RGB, bounded."""
 import hashlib
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -10,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from segsearch.testing.images import png_claiming
 from segsearch.indexer.decode import (
     DecodeConfig,
     DecodedImage,
@@ -28,11 +27,7 @@ def encode(array, fmt="PNG", **kwargs):
 
 
 def png_header_claiming(width, height):
-    """A PNG whose header claims width x height pixels (never decoded by a guarded reader)."""
-    def chunk(kind, payload):
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return png_claiming(width, height, colour=2)  # RGB
 
 
 def gradient(height, width):
@@ -138,15 +133,31 @@ def test_configured_pixel_limit_refuses_before_decoding():
     assert "10000 pixels exceeds the limit of 9999" in info.value.skipped.detail
 
 
-def test_real_decompression_bomb_over_pils_limit_is_an_error_not_a_warning():
-    """10000x10000 1-bit zeros: ~12 kB of PNG, 100 MP (above PIL's 89 MP warning level)."""
+def _bomb_100mp() -> bytes:
+    """10000x10000 1-bit zeros: ~12 kB of PNG, 100 MP (above PIL's own 89 MP warning level)."""
     buffer = io.BytesIO()
     Image.new("1", (10_000, 10_000)).save(buffer, "PNG")
-    data = buffer.getvalue()
-    assert len(data) < 200_000
-    with pytest.raises(ImageSkipped) as info:  # our limit set high: PIL's warning must stop it
-        decode_bytes(data, DecodeConfig(max_pixels=10**9))
+    assert len(buffer.getvalue()) < 200_000
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("limit", [50_000_000, 10_000_000])
+def test_a_real_bomb_is_refused_quoting_the_configured_limit_not_pils(limit):
+    """Above the limit our header check speaks; far above it PIL's guard (a second line,
+    raised to twice the limit for our opens) does, and its warning is an error, not a decode."""
+    with pytest.raises(ImageSkipped) as info:
+        decode_bytes(_bomb_100mp(), DecodeConfig(max_pixels=limit))
     assert info.value.skipped.reason is SkipReason.TOO_MANY_PIXELS
+    assert f"the limit of {limit}" in info.value.skipped.detail and "89478485" not in info.value.skipped.detail
+    assert Image.MAX_IMAGE_PIXELS == 89478485 or Image.MAX_IMAGE_PIXELS is None  # restored
+
+
+def test_a_limit_above_pils_own_applies():
+    """A 95 MP header under a 100 MP limit passes the pixel checks (PIL alone would refuse it at
+    89 MP); it then fails as what it is, a file with no pixel data."""
+    with pytest.raises(ImageSkipped) as info:
+        decode_bytes(png_header_claiming(10_000, 9_500), DecodeConfig(max_pixels=100_000_000))
+    assert info.value.skipped.reason is SkipReason.CORRUPT
 
 
 SIGNATURES = [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"BM", b"II*\x00", b"RIFF\x00\x00\x00\x00WEBP"]

@@ -120,3 +120,22 @@ def test_a_checkpoint_of_another_model_version_is_refused_at_start(index_templat
             server.load()
     finally:
         server.stop(grace=0)
+
+
+def test_the_configured_pixel_limit_is_the_one_quoted(index_template, checkpoint_path, tmp_path_factory):
+    """Not PIL's 89478485 / 178956970: the server's --max-pixels, whatever PIL's default."""
+    from segsearch.service.config import ServiceLimits
+    from segsearch.testing.images import png_claiming
+    from service_helpers import copy_index, start_server
+
+    running = start_server(copy_index(index_template, tmp_path_factory), checkpoint_path,
+                           limits=ServiceLimits(max_image_pixels=1_000_000))
+    try:
+        for width, height in ((1500, 1000), (20_000, 10_000)):  # over our limit; far over PIL's too
+            with pytest.raises(grpc.RpcError) as caught:
+                running.client.segment(png_claiming(width, height, colour=2))
+            details = caught.value.details()
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "the limit of 1000000" in details and "89478485" not in details and "--max-pixels" in details
+    finally:
+        running.stop()
