@@ -109,6 +109,9 @@ def _add_frontend_flags(p: argparse.ArgumentParser, d) -> None:
                         "scrape it (default: %(default)s, whatever --host is)")
     p.add_argument("--max-concurrent", type=int, default=d.max_concurrent,
                    help="concurrent requests before RESOURCE_EXHAUSTED (default: %(default)s)")
+    p.add_argument("--max-concurrent-writes", type=int, default=d.max_concurrent_writes,
+                   help="concurrent IndexImages/DeleteImages calls, on slots apart from the searches' "
+                        "(default: %(default)s)")
     p.add_argument("--max-message-mib", type=int, default=d.max_message_bytes // MiB,
                    help="gRPC message limit (default: %(default)s)")
     p.add_argument("--grace", type=float, default=d.grace_seconds,
@@ -117,6 +120,7 @@ def _add_frontend_flags(p: argparse.ArgumentParser, d) -> None:
 
 def _frontend_options(args) -> dict:
     return dict(host=args.host, port=args.port, metrics_host=args.metrics_host, max_concurrent=args.max_concurrent,
+                max_concurrent_writes=args.max_concurrent_writes,
                 max_message_bytes=args.max_message_mib * MiB, token=_read_token(args.token_file),
                 grace_seconds=args.grace)
 
@@ -136,6 +140,9 @@ def add_serve_parser(subparsers) -> None:
                    default=limits.max_image_pixels,
                    help="larger images are refused from their header, before decoding; the indexer's "
                         "flag of the same name (default: %(default)s)")
+    p.add_argument("--stream-idle-seconds", type=float, default=limits.stream_idle_seconds,
+                   help="an IndexImages stream whose next message takes longer is closed with "
+                        "DEADLINE_EXCEEDED (default: %(default)s)")
     p.add_argument("--decode-budget-pixels", type=int, default=limits.decode_budget_pixels,
                    help="pixels decoded at once across requests, bounding their memory; a request "
                         "waits for room, then gets RESOURCE_EXHAUSTED (default: %(default)s)")
@@ -163,7 +170,8 @@ def run_serve(args) -> int:
         index_dir=args.index_dir, checkpoint=args.model, **_frontend_options(args),
         metrics_port=None if args.no_metrics else args.metrics_port,
         limits=ServiceLimits(max_top_k=args.max_top_k, max_image_pixels=args.max_image_pixels,
-                             decode_budget_pixels=args.decode_budget_pixels),
+                             decode_budget_pixels=args.decode_budget_pixels,
+                             stream_idle_seconds=args.stream_idle_seconds),
         tls_cert=args.tls_cert, tls_key=args.tls_key, read_only=args.read_only, device=args.device,
         image_uris=args.image_uris,
         batching=BatchConfig(args.batch_max, args.batch_wait_ms) if args.batch_max else None,

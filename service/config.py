@@ -18,15 +18,20 @@ DEFAULT_MAX_TOP_K = 100
 class ServiceLimits:
     """max_image_pixels: larger images are refused from their header, before decoding (the
     indexer's limit, one value for both); decode_budget_pixels: pixels being decoded at once,
-    across requests (indexer/decode_budget.py: it bounds the memory of concurrent decodes)."""
+    across requests (indexer/decode_budget.py: it bounds the memory of concurrent decodes);
+    stream_idle_seconds: the longest wait for the next message of a write stream
+    (service/streams.py)."""
 
     max_top_k: int = DEFAULT_MAX_TOP_K
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     decode_budget_pixels: int = 2 * DEFAULT_MAX_PIXELS
+    stream_idle_seconds: float = 10.0  # an IndexImages stream silent this long is closed
 
     def __post_init__(self):
         if self.max_top_k < 1 or self.max_image_pixels < 1 or self.decode_budget_pixels < 1:
             raise ValueError("max_top_k, max_image_pixels and decode_budget_pixels must be >= 1")
+        if self.stream_idle_seconds <= 0:
+            raise ValueError("stream_idle_seconds must be > 0")
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,8 @@ class FrontendConfig:
     metrics_port: int | None = None  # None = no metrics endpoint; 0 = any free port
     metrics_host: str = "127.0.0.1"  # /metrics stays on loopback unless asked (it names the index)
     max_message_bytes: int = 16 * MiB
-    max_concurrent: int = 8  # calls in flight before RESOURCE_EXHAUSTED
+    max_concurrent: int = 8  # read calls in flight before RESOURCE_EXHAUSTED
+    max_concurrent_writes: int = 2  # write calls (IndexImages, DeleteImages), on slots of their own
     token: str | None = None  # bearer token required from clients
     grace_seconds: float = 10.0  # in-flight calls get this long on SIGTERM
 

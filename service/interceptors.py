@@ -150,42 +150,54 @@ class AuthInterceptor(grpc.ServerInterceptor):
         return _wrap_handler(handler, wrap)
 
 
-class ConcurrencyLimitInterceptor(grpc.ServerInterceptor):
-    """At most `limit` SegmentSearch calls run at once; the next one fails at once."""
+WRITE_METHODS = frozenset({"IndexImages", "DeleteImages"})
 
-    def __init__(self, limit: int):
-        if limit < 1:
-            raise ValueError(f"the concurrency limit must be >= 1, got {limit}")
-        self.limit = limit
-        self._running = 0
+
+class ConcurrencyLimitInterceptor(grpc.ServerInterceptor):
+    """At most `limit` SegmentSearch reads and, apart, `write_limit` writes (IndexImages,
+    DeleteImages) run at once; the next one fails at once with RESOURCE_EXHAUSTED. Separate
+    slots, so that writers (streams that may stall until their idle timeout) never take the
+    slots of searches."""
+
+    def __init__(self, limit: int, write_limit: int | None = None):
+        write_limit = limit if write_limit is None else write_limit
+        if limit < 1 or write_limit < 1:
+            raise ValueError(f"the concurrency limits must be >= 1, got {limit} and {write_limit}")
+        self.limits = {"read": limit, "write": write_limit}
+        self._running = {"read": 0, "write": 0}
         self._lock = threading.Lock()
 
-    def _try_enter(self) -> bool:
+    @property
+    def limit(self) -> int:
+        return self.limits["read"]
+
+    def _try_enter(self, kind: str) -> bool:
         with self._lock:
-            if self._running >= self.limit:
+            if self._running[kind] >= self.limits[kind]:
                 return False
-            self._running += 1
+            self._running[kind] += 1
             return True
 
-    def _leave(self) -> None:
+    def _leave(self, kind: str) -> None:
         with self._lock:
-            self._running -= 1
+            self._running[kind] -= 1
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
             return handler
+        kind = "write" if method_name(handler_call_details.method) in WRITE_METHODS else "read"
 
         def wrap(behavior: Behavior) -> Behavior:
             def limited(request, context):
-                if not self._try_enter():
+                if not self._try_enter(kind):
                     abort_with(context, ResourceExhausted(
-                        f"the server is at its limit of {self.limit} concurrent requests; "
+                        f"the server is at its limit of {self.limits[kind]} concurrent {kind} requests; "
                         "retry with backoff"))
                 try:
                     return behavior(request, context)
                 finally:
-                    self._leave()
+                    self._leave(kind)
             return limited
 
         return _wrap_handler(handler, wrap)
@@ -271,11 +283,11 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return _wrap_handler(handler, wrap, tolerant_deserializer(handler.request_deserializer, method_name(full)))
 
 
-def build_interceptors(metrics: ServiceMetrics, max_concurrent: int,
-                       token: str | None = None) -> list[grpc.ServerInterceptor]:
-    """Outermost first: metrics, auth (when a token is set), limit, error mapping."""
+def build_interceptors(metrics: ServiceMetrics, max_concurrent: int, token: str | None = None,
+                       max_concurrent_writes: int | None = None) -> list[grpc.ServerInterceptor]:
+    """Outermost first: metrics, auth (when a token is set), limits, error mapping."""
     chain: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
     if token:
         chain.append(AuthInterceptor(token))
-    chain += [ConcurrencyLimitInterceptor(max_concurrent), ErrorInterceptor()]
+    chain += [ConcurrencyLimitInterceptor(max_concurrent, max_concurrent_writes), ErrorInterceptor()]
     return chain

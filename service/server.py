@@ -52,16 +52,16 @@ class ServerError(SegsearchError):
 
 def build_grpc_server(servicer, health_servicer: health.HealthServicer, metrics: ServiceMetrics,
                       max_concurrent: int, max_message_bytes: int, token: str | None,
-                      thread_name_prefix: str) -> grpc.Server:
+                      thread_name_prefix: str, max_concurrent_writes: int = 1) -> grpc.Server:
     """A gRPC server with SegmentSearch (`servicer`), health and reflection behind our
     interceptors, sized as the module docstring explains; not yet bound or started. Shared
     by `segsearch serve` and `segsearch route`, so both shed load and guard auth alike."""
-    workers = max_concurrent + SPARE_WORKERS
+    workers = max_concurrent + max_concurrent_writes + SPARE_WORKERS
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes),
                ("grpc.so_reuseport", 0)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=thread_name_prefix),
-                         interceptors=build_interceptors(metrics, max_concurrent, token),
+                         interceptors=build_interceptors(metrics, max_concurrent, token, max_concurrent_writes),
                          options=options, maximum_concurrent_rpcs=workers + QUEUED_CALLS)
     pb_grpc.add_SegmentSearchServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -98,7 +98,8 @@ class GrpcFrontend:
         """Bind and start answering (health NOT_SERVING, calls UNAVAILABLE); returns the port."""
         config = self.config
         server = build_grpc_server(self.servicer, self.health, self.metrics, config.max_concurrent,
-                                   config.max_message_bytes, config.token, self.thread_name_prefix)
+                                   config.max_message_bytes, config.token, self.thread_name_prefix,
+                                   config.max_concurrent_writes)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         credentials = self._credentials()
         self.port = _bind(server, f"{config.host}:{config.port}", credentials)

@@ -16,6 +16,7 @@ from segsearch.service.errors import echo
 from segsearch.service.errors import FailedPrecondition, InvalidArgument, Unavailable
 from segsearch.service.queries import RegionSpec, embedding_query, region_query, segment_id_query
 from segsearch.service.search import get_segment, search, validate_options
+from segsearch.service.streams import idle_limited
 from segsearch.service.segment_rpc import segment_request
 from segsearch.service.updates import NewImage
 
@@ -66,7 +67,8 @@ class SegmentSearchServicer(pb_grpc.SegmentSearchServicer):
 
     def IndexImages(self, request_iterator, context) -> pb.IndexImagesResponse:
         app = self._loaded()
-        images = (NewImage(r.image.data, r.image.image_id, r.uri) for r in request_iterator)
+        messages = idle_limited(request_iterator, app.limits.stream_idle_seconds, "IndexImages")
+        images = (NewImage(r.image.data, r.image.image_id, r.uri) for r in messages)
         outcome = app.updater.add(images)
         return pb.IndexImagesResponse(
             indexed=[pb.IndexedImage(image_id=i, segment_ids=ids) for i, ids in outcome.indexed],

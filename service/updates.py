@@ -51,13 +51,36 @@ class IndexOutcome:
         return sum(len(ids) for _, ids in self.indexed)
 
 
+class FairLock:
+    """A mutex granted in arrival order (a ticket lock): a writer that keeps coming back never
+    starves one that waits. `threading.Lock` promises no order."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._next_ticket = self._serving = 0
+
+    def __enter__(self) -> FairLock:
+        with self._changed:
+            ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
+            self._changed.wait_for(lambda: self._serving == ticket)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._changed:
+            self._serving += 1
+            self._changed.notify_all()
+
+
 class IndexUpdater:
-    """Serialises writers; one per served index."""
+    """Serialises the writes of one served index: commits and deletes take turns in arrival
+    order (`FairLock`), while reading, decoding and segmenting a stream's images happens
+    outside any lock, so a stalled or slow stream delays no other writer. (A duplicate that
+    two streams add at once is caught by the store's own check inside its commit.)"""
 
     def __init__(self, store: IndexStore, analyzer: ImageAnalyzer, model_version: str, read_only: bool):
         self.store, self.analyzer = store, analyzer
         self.model_version, self.read_only = model_version, read_only
-        self._write_lock = threading.Lock()
+        self._write_lock = FairLock()
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -69,15 +92,14 @@ class IndexUpdater:
         self._check_writable()
         outcome, pending = IndexOutcome(), []
         seen: dict[str, str] = {}
-        with self._write_lock:
-            for number, image in enumerate(images):
-                prepared = self._prepare(image, number, seen, outcome)
-                if prepared is not None:
-                    pending.append(prepared)
-                if len(pending) >= CHUNK_IMAGES:
-                    self._commit(pending, outcome)
-                    pending = []
-            self._commit(pending, outcome)
+        for number, image in enumerate(images):  # the stream is read without holding the lock
+            prepared = self._prepare(image, number, seen, outcome)
+            if prepared is not None:
+                pending.append(prepared)
+            if len(pending) >= CHUNK_IMAGES:
+                self._commit(pending, outcome)
+                pending = []
+        self._commit(pending, outcome)
         return outcome
 
     def _prepare(self, image: NewImage, number: int, seen: dict[str, str], outcome: IndexOutcome):
@@ -106,7 +128,7 @@ class IndexUpdater:
     def _commit(self, pending: list, outcome: IndexOutcome) -> None:
         if not pending:
             return
-        with stage("store"), storage_errors():
+        with self._write_lock, stage("store"), storage_errors():
             result = self.store.add_images(pending)  # returns after the durable LMDB commit
         added = set(result.image_ids)
         for image, records in pending:

@@ -104,7 +104,8 @@ class ServerProcess:
 
     def __init__(self, index_dir: Path, checkpoint: Path, mode: str = "none", at: int = 0):
         argv = [sys.executable, "-c", SERVER_CHILD, mode, str(at), "serve", str(index_dir),
-                "--model", str(checkpoint), "--port", "0", "--no-metrics", "--grace", "5"]
+                "--model", str(checkpoint), "--port", "0", "--no-metrics", "--grace", "5",
+                "--max-concurrent-writes", "8"]  # above the rounds' concurrent writers: a refusal is a finding
         self.mode = mode
         self.lines: list[str] = []
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -121,7 +121,7 @@ def hostile_images() -> tuple[HostileImage, ...]:
         HostileImage("jpeg_truncated", jpeg[: len(jpeg) // 2], None, "corrupt"),
         HostileImage("png_bomb_100000x100000", png_claiming(100_000, 100_000), None, "too_many_pixels"),
         HostileImage("png_bomb_2^31x2^31", png_claiming(2 ** 31 - 1, 2 ** 31 - 1), None, "too_many_pixels"),
-        HostileImage("png_bomb_7000x7000", png_claiming(7000, 7000), None, "too_many_pixels"),
+        HostileImage("png_bomb_8000x8000", png_claiming(8000, 8000), None, "too_many_pixels"),  # over 50 MP
         HostileImage("png_bomb_16bit_rgba", png_claiming(30_000, 30_000, 16, 6), None, "too_many_pixels"),
         HostileImage("jpeg_bomb_65000x65000", jpeg_claiming(65_000, 65_000), None, "too_many_pixels"),
         HostileImage("png_1x1", encode(Image.new("RGB", (1, 1), (200, 10, 10))), (1, 1)),

@@ -67,23 +67,26 @@ def _held_stream(release: threading.Event, started: threading.Event):
 
 
 def test_concurrency_limit_answers_resource_exhausted_at_once(index_template, checkpoint_path, tmp_path_factory):
-    running = start_server(copy_index(index_template, tmp_path_factory), checkpoint_path, max_concurrent=1)
+    """One write slot held by a stream: the next write is refused at once, reads go on."""
+    running = start_server(copy_index(index_template, tmp_path_factory), checkpoint_path, max_concurrent=1,
+                           max_concurrent_writes=1)
     release, started = threading.Event(), threading.Event()
     future = running.client.stub.IndexImages.future(_held_stream(release, started), timeout=30)
     try:
         started.wait(10)
         _wait_for(lambda: metric_value(running.metrics_text(), "segsearch_inflight_requests") == 1)
         with pytest.raises(grpc.RpcError) as caught:
-            running.client.info(timeout=5)
+            running.client.delete_images(["mosaic0.png"], timeout=5)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "limit of 1 concurrent requests" in caught.value.details()
+        assert "limit of 1 concurrent write requests" in caught.value.details()
+        assert running.client.info(timeout=5).num_images == 6  # reads have their own slot
         assert running.client.health() == "SERVING"  # probes are not limited
     finally:
         release.set()
     assert future.result(timeout=30).num_segments == 0
-    assert running.client.info().num_images == 6  # the slot is free again
+    assert running.client.delete_images(["mosaic0.png"]).num_images == 1  # the slot is free again
     text = running.metrics_text()
-    assert metric_value(text, "segsearch_requests_total", method="GetInfo", code="RESOURCE_EXHAUSTED") == 1
+    assert metric_value(text, "segsearch_requests_total", method="DeleteImages", code="RESOURCE_EXHAUSTED") == 1
     running.stop()
 
 

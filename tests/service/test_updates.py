@@ -108,3 +108,62 @@ def test_huge_client_values_come_back_shortened_with_the_real_status(writable):
     with pytest.raises(grpc.RpcError) as caught:
         client.delete_images([f"unknown-{n:06d}" for n in range(100_000)])
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND and len(caught.value.details()) <= 1024
+
+
+# ---- write streams that stall ----------------------------------------------------------------
+
+@pytest.fixture
+def impatient(index_template, checkpoint_path, tmp_path_factory):
+    """A writable server that closes a write stream after 1 s without a message."""
+    from segsearch.service.config import ServiceLimits
+
+    running = start_server(copy_index(index_template, tmp_path_factory), checkpoint_path,
+                           limits=ServiceLimits(stream_idle_seconds=1.0))
+    yield running
+    running.stop()
+
+
+def _stalling_requests(release, first: bytes | None = None):
+    """An IndexImages request stream that sends `first` (if any), then nothing until `release`."""
+    if first is not None:
+        yield pb.IndexImageRequest(image=pb.Image(data=first, image_id="stall-first"))
+    release.wait(30)
+
+
+def test_idle_write_streams_starve_no_read_and_are_closed(impatient):
+    import threading
+    import time
+
+    release = threading.Event()
+    calls = [impatient.client.stub.IndexImages.future(_stalling_requests(release), timeout=30) for _ in range(8)]
+    try:
+        time.sleep(0.3)
+        refused = [c for c in calls if c.done() and c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert len(refused) == 6 and "concurrent write requests" in refused[0].details()  # 2 write slots
+        for _ in range(10):  # reads have slots of their own
+            assert impatient.client.info(timeout=5).num_images == 6
+            assert impatient.client.search_segment(1, top_k=3, timeout=5).hits
+        assert impatient.client.health(timeout=5) == "SERVING"
+        held = [c for c in calls if c not in refused]
+        for call in held:  # closed by the server after 1 s of silence
+            assert call.exception(timeout=10).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "no IndexImages message for 1 s" in call.details()
+    finally:
+        release.set()
+
+
+def test_a_stalled_stream_does_not_hold_up_another_writer(impatient):
+    import threading
+    import time
+
+    release = threading.Event()
+    stalled = impatient.client.stub.IndexImages.future(
+        _stalling_requests(release, png_bytes(mosaic_images(1, seed=13)[0])), timeout=30)
+    try:
+        time.sleep(0.3)  # the stalled stream has sent its first image and waits
+        started = time.perf_counter()
+        deleted = impatient.client.delete_images(["mosaic1.png"], timeout=5)
+        assert deleted.num_images == 1 and time.perf_counter() - started < 2.0
+        assert stalled.exception(timeout=10).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        release.set()
