@@ -44,7 +44,7 @@ def test_missing_and_corrupt_files_give_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable"):
+    with pytest.raises(CheckpointError, match="is not a segsearch checkpoint"):
         load_checkpoint(tmp_path / "bad.pt")
 
 
