@@ -27,7 +27,8 @@ class DecodeBudgetExhausted(Exception):
 
 
 class DecodeBudget:
-    """At most `max_pixels` pixels in decoding at once, across threads."""
+    """At most `max_pixels` pixels in decoding (or, for a server's queries, in use by requests)
+    at once, across threads."""
 
     def __init__(self, max_pixels: int):
         if max_pixels < 1:
@@ -36,9 +37,8 @@ class DecodeBudget:
         self.in_use = 0
         self._changed = threading.Condition()
 
-    @contextmanager
-    def reserve(self, pixels: int, timeout: float | None = None) -> Iterator[None]:
-        """Hold `pixels` of the budget for the block; wait up to `timeout` s for room."""
+    def acquire(self, pixels: int, timeout: float | None = None) -> None:
+        """Take `pixels` of the budget, waiting up to `timeout` s for room; `release` gives them back."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
             while self.in_use and self.in_use + pixels > self.max_pixels:
@@ -48,14 +48,22 @@ class DecodeBudget:
                         f"{self.in_use} of {self.max_pixels} pixels are being decoded; this image needs {pixels}")
                 self._changed.wait(left)
             self.in_use += pixels
+
+    def release(self, pixels: int) -> None:
+        with self._changed:
+            self.in_use -= pixels
+            self._changed.notify_all()
+        if pixels >= TRIM_ABOVE_PIXELS:
+            release_free_memory()
+
+    @contextmanager
+    def reserve(self, pixels: int, timeout: float | None = None) -> Iterator[None]:
+        """Hold `pixels` of the budget for the block; wait up to `timeout` s for room."""
+        self.acquire(pixels, timeout)
         try:
             yield
         finally:
-            with self._changed:
-                self.in_use -= pixels
-                self._changed.notify_all()
-            if pixels >= TRIM_ABOVE_PIXELS:
-                release_free_memory()
+            self.release(pixels)
 
 
 def release_free_memory() -> None:

@@ -30,7 +30,7 @@ from segsearch.service.errors import InvalidArgument, ResourceExhausted
 from segsearch.service.request_scope import add_stage_seconds, check_deadline, current_scope, stage
 
 MAX_SEGMENTS = 1024
-BUDGET_WAIT_S = 10.0  # longest wait for room in the decode budget
+BUDGET_WAIT_S = 30.0  # longest wait for room in the decode budget (within the call's deadline)
 
 
 class ImageAnalyzer:
@@ -69,18 +69,35 @@ class ImageAnalyzer:
             raise InvalidArgument(f"{field} is empty; send PNG, JPEG or WebP bytes")
         with stage("decode"):
             try:
-                return self.decode_bounded(data)
+                decoded = self.decode_bounded(data)
             except ImageSkipped as skipped:
                 raise InvalidArgument(
                     f"{field} cannot be used ({skipped.skipped.reason.value}): {skipped.skipped.detail}") from None
+            self._hold_until_the_request_ends(decoded.original_size[0] * decoded.original_size[1])
+        return decoded
+
+    def _hold_until_the_request_ends(self, pixels: int) -> None:
+        """A query keeps full-size arrays of its image after decoding (the region mask, the
+        Segment maps at the size sent): its pixels stay counted in the budget until it ends."""
+        scope = current_scope()
+        if self.decode_budget is None or scope is None:
+            return
+        try:
+            self.decode_budget.acquire(pixels, self._budget_wait())
+        except DecodeBudgetExhausted as busy:
+            raise ResourceExhausted(f"the server is working on other large images ({busy}); retry shortly") from None
+        scope.on_exit.append(lambda: self.decode_budget.release(pixels))
+
+    @staticmethod
+    def _budget_wait() -> float:
+        deadline = _deadline()
+        return BUDGET_WAIT_S if deadline is None else max(0.0, min(BUDGET_WAIT_S, deadline - time.monotonic()))
 
     def decode_bounded(self, data: bytes) -> DecodedImage:
         """`decode_bytes` within the server's decode budget (waiting up to the call's deadline,
         at most BUDGET_WAIT_S); raises ImageSkipped as it does."""
-        deadline = _deadline()
-        wait = BUDGET_WAIT_S if deadline is None else max(0.0, min(BUDGET_WAIT_S, deadline - time.monotonic()))
         try:
-            return decode_bytes(data, self.decode_config, self.decode_budget, wait)
+            return decode_bytes(data, self.decode_config, self.decode_budget, self._budget_wait())
         except DecodeBudgetExhausted as busy:
             raise ResourceExhausted(f"the server is decoding other large images ({busy}); retry shortly") from None
 

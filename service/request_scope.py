@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -34,6 +34,7 @@ class RequestScope:
     method: str
     deadline: float | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    on_exit: list[Callable[[], None]] = field(default_factory=list)  # run when the request ends
 
     def check_deadline(self, before: str) -> None:
         if self.deadline is not None and time.monotonic() >= self.deadline:
@@ -58,6 +59,8 @@ def request_scope(scope: RequestScope) -> Iterator[RequestScope]:
         yield scope
     finally:
         _current.reset(token)
+        for release in reversed(scope.on_exit):
+            release()
 
 
 def current_scope() -> RequestScope | None:

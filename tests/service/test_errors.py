@@ -139,3 +139,18 @@ def test_the_configured_pixel_limit_is_the_one_quoted(index_template, checkpoint
             assert "the limit of 1000000" in details and "89478485" not in details and "--max-pixels" in details
     finally:
         running.stop()
+
+
+def test_a_query_image_counts_in_the_budget_until_its_request_ends(served):
+    """Decoding reserves its pixels; a query then keeps them reserved while it works on
+    full-size arrays, and gives them back when the request ends (request_scope's on_exit)."""
+    from segsearch.service.request_scope import RequestScope, request_scope
+    from service_helpers import png_bytes, mosaic_images
+
+    analyzer = served.server.servicer.app.analyzer
+    budget = analyzer.decode_budget
+    assert budget is not None and budget.in_use == 0
+    with request_scope(RequestScope("SearchSimilar")):
+        decoded = analyzer.decode(png_bytes(mosaic_images(1, seed=3)[0]))
+        assert budget.in_use == decoded.original_size[0] * decoded.original_size[1] == 96 * 96
+    assert budget.in_use == 0
