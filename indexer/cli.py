@@ -151,7 +151,8 @@ def _add_job_flags(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--chunk-size", type=int, default=run.chunk_size,
                      help="images per store commit; a crash redoes at most one chunk (default: %(default)s)")
     job.add_argument("--save-every", type=int, default=run.save_every,
-                     help="chunks between FAISS file writes (default: %(default)s)")
+                     help="chunks between FAISS file writes (default: when 5%% of the index or 50k vectors "
+                          "changed, or after 5 min; LMDB commits every chunk regardless)")
     job.add_argument("--workers", type=int, default=run.decode_workers,
                      help="decoding threads, 0 = min(4, CPUs) (default: %(default)s)")
     job.add_argument("--device", default=run.device, help="auto, cpu or cuda (default: %(default)s)")

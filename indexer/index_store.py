@@ -11,8 +11,9 @@ Crash safety. LMDB is the write-ahead log. Every chunk is committed in this orde
 1. ONE LMDB write transaction stores the chunk's records (prototypes included), allocates
    their segment ids and bumps `IndexMeta.generation`;
 2. then the in-memory FAISS index is updated and its `generation` set to LMDB's;
-3. then (every `save_every` chunks) the FAISS file is written atomically (temp + fsync +
-   rename + directory fsync) *with that generation inside it*.
+3. then, when the snapshot policy says so (`SnapshotPolicy`: enough vectors changed, or
+   enough time passed, or every `save_every` chunks when asked), the FAISS file is written
+   atomically (temp + fsync + rename + directory fsync) *with that generation inside it*.
 
 A crash before (1) commits leaves nothing; a crash after (1) leaves a FAISS file whose
 generation is older than LMDB's (or a missing/corrupt file, which is also possible through
@@ -20,10 +21,10 @@ disk damage). `open` detects both and repairs: it adds the LMDB segments FAISS l
 the stored prototypes), removes the ids FAISS holds that LMDB lacks (deleted images), records
 LMDB's generation and saves. So after any crash the two agree after the next open.
 
-`save_every > 1` trades repair work for speed: on big indexes writing the FAISS file after
-every chunk costs more than the chunk; with `save_every=N` a crash costs re-adding at most
-N chunks' vectors from LMDB on the next open (no model work is redone). `close` and `flush`
-always save.
+Saving the FAISS file rarely trades repair work for speed: writing the whole index after
+every chunk made each commit cost a full-index write; with the policy a crash costs re-adding at
+most the unsaved vectors from LMDB on the next open (no model work is redone; `last_replay`
+reports it). `close` and `flush` always save.
 
 Searches only return segments that LMDB holds too, so a segment exists for search only when
 both stores hold it, even in the instant between steps (1) and (2) of a delete.
@@ -47,6 +48,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,6 +60,7 @@ from segsearch.errors import IndexStoreError, IndexFullError, StorageFailedError
 from segsearch.indexer.metadata_store import DEFAULT_MAP_SIZE, MetadataStore
 from segsearch.indexer.records import ImageRecord, IndexMeta, SegmentRecord
 from segsearch.durable import fsync_dir, remove_stale_temp_files, space_report
+from segsearch.indexer.config import SnapshotPolicy
 from segsearch.indexer.store_api import StoreStats
 from segsearch.indexer.vector_index import DEFAULT_EF_SEARCH, VectorIndex
 
@@ -92,13 +95,16 @@ class IndexStore:
     """Read/write access to one index directory (see the module docstring)."""
 
     def __init__(self, root: Path, metadata: MetadataStore, vectors: VectorIndex,
-                 lock_fd: int | None, save_every: int) -> None:
+                 lock_fd: int | None, snapshot: SnapshotPolicy) -> None:
         self.root = root
         self._metadata = metadata
         self._vectors = vectors
         self._lock_fd = lock_fd
-        self._save_every = max(1, int(save_every))
+        self._snapshot = snapshot
         self._unsaved_chunks = 0
+        self._unsaved_vectors = 0
+        self._saved_at = time.monotonic()
+        self.last_replay = Replay()  # what the open re-added from LMDB
         self._stale = False  # the in-memory FAISS index may disagree with LMDB
         self._mutex = threading.RLock()
         self._closed = False
@@ -113,7 +119,7 @@ class IndexStore:
 
     @classmethod
     def create(cls, root: str | Path, model_version: str, embedding_dim: int, index_spec: str = "auto",
-               map_size: int = DEFAULT_MAP_SIZE, *, save_every: int = 1,
+               map_size: int = DEFAULT_MAP_SIZE, *, save_every: int | None = None,
                ef_search: int = DEFAULT_EF_SEARCH, nprobe: int | None = None,
                first_segment_id: int = 1) -> IndexStore:
         """Create an empty index in `root` (which must not exist or be empty).
@@ -156,11 +162,11 @@ class IndexStore:
             raise
         metadata.path = root / LMDB_DIR
         log.info("created index %s (model %s, %d-d, %s)", root, model_version, embedding_dim, index_spec)
-        return cls(root, metadata, vectors, lock_fd, save_every)
+        return cls(root, metadata, vectors, lock_fd, _policy(save_every))
 
     @classmethod
     def open(cls, root: str | Path, model_version: str | None = None, *, map_size: int | None = None,
-             read_only: bool = False, repair: bool = True, save_every: int = 1,
+             read_only: bool = False, repair: bool = True, save_every: int | None = None,
              ef_search: int | None = None, nprobe: int | None = None) -> IndexStore:
         """Open an existing index, refusing another model version, repairing FAISS if needed.
 
@@ -187,12 +193,16 @@ class IndexStore:
             if lock_fd is not None:
                 os.close(lock_fd)
             raise
-        store = cls(root, metadata, vectors, lock_fd, save_every)
+        store = cls(root, metadata, vectors, lock_fd, _policy(save_every))
         try:
             if ef_search is not None or nprobe is not None:
                 vectors.set_search_params(ef_search=ef_search, nprobe=nprobe)
             if repair and vectors.generation != metadata.meta().generation:
-                store._repair(logging.WARNING)
+                started = time.perf_counter()
+                added, removed = store._repair(logging.WARNING)
+                store.last_replay = Replay(added, removed, time.perf_counter() - started)
+                log.info("replayed %d additions and %d removals from LMDB in %.2f s", added, removed,
+                         store.last_replay.seconds)
             if not read_only and store._unsaved_chunks:
                 store.flush()
         except BaseException:
@@ -237,7 +247,7 @@ class IndexStore:
             if not put.added:
                 return result
             segments = [seg for _, segs in put.added for seg in segs]
-            self._apply(put.generation, lambda: self._add_vectors(segments))
+            self._apply(put.generation, lambda: self._add_vectors(segments), len(segments))
             return result
 
     def delete_images(self, image_ids: Sequence[str]) -> list[int]:
@@ -251,7 +261,7 @@ class IndexStore:
             self._ensure_consistent()
             self._check_room([])
             removed, generation = self._metadata.delete_images(image_ids)  # (1) LMDB commit
-            self._apply(generation, lambda: self._vectors.remove(np.asarray(removed, dtype=np.int64)))
+            self._apply(generation, lambda: self._vectors.remove(np.asarray(removed, dtype=np.int64)), len(removed))
             return removed
 
     def flush(self) -> None:
@@ -259,7 +269,8 @@ class IndexStore:
         with self._writing():
             self._ensure_consistent()
             self._vectors.save(self.root / VECTORS_FILE)
-            self._unsaved_chunks = 0
+            self._unsaved_chunks = self._unsaved_vectors = 0
+            self._saved_at = time.monotonic()
 
     def rebuild_vectors(self) -> None:
         """Rebuild the FAISS index from LMDB, choosing its type for the current size, and save."""
@@ -362,8 +373,9 @@ class IndexStore:
 
     # ---- internals -------------------------------------------------------------------
 
-    def _apply(self, generation: int, update) -> None:
-        """Steps (2) and (3) of a chunk: update FAISS in memory, then save per `save_every`."""
+    def _apply(self, generation: int, update, changed: int) -> None:
+        """Steps (2) and (3) of a chunk: update FAISS in memory (`changed` vectors added or
+        removed), then save when the snapshot policy says so."""
         try:
             update()
         except BaseException:
@@ -371,7 +383,9 @@ class IndexStore:
             raise
         self._vectors.generation = generation
         self._unsaved_chunks += 1
-        if self._unsaved_chunks >= self._save_every:
+        self._unsaved_vectors += changed
+        if self._snapshot.due(self._unsaved_vectors, self._unsaved_chunks, len(self._vectors),
+                              time.monotonic() - self._saved_at):
             try:
                 self.flush()
             except IndexFullError as exc:  # after the LMDB commit: say that the write did happen
@@ -388,7 +402,7 @@ class IndexStore:
         if self._stale:
             self._repair(logging.WARNING)
 
-    def _repair(self, level: int) -> None:
+    def _repair(self, level: int) -> tuple[int, int]:
         """Make the in-memory FAISS index hold exactly LMDB's ids (from stored prototypes)."""
         generation, lmdb_ids = self._metadata.segment_ids_with_generation()
         faiss_ids = self._vectors.ids()
@@ -404,6 +418,8 @@ class IndexStore:
         self._vectors.generation = generation
         self._stale = False
         self._unsaved_chunks += 1
+        self._unsaved_vectors += int(extra.size + missing.size)
+        return int(missing.size), int(extra.size)
 
     @contextmanager
     def _writing(self):
@@ -453,6 +469,20 @@ class IndexStore:
             raise IndexStoreError(f"index at {self.root} is closed")
         if self._lock_fd is None:
             raise IndexStoreError(f"index at {self.root} was opened read-only")
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What an open re-added (and removed) from LMDB because the FAISS snapshot lagged."""
+
+    added: int = 0
+    removed: int = 0
+    seconds: float = 0.0
+
+
+def _policy(save_every: int | None) -> SnapshotPolicy:
+    """`save_every` chunks when given (the indexer's --save-every, tests), else by size and time."""
+    return SnapshotPolicy() if save_every is None else SnapshotPolicy.every(save_every)
 
 
 def _load_vectors(root: Path, metadata: MetadataStore, repair: bool) -> VectorIndex:

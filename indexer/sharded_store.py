@@ -181,6 +181,7 @@ def open_index(path: str | Path, model_version: str | None = None, *, read_only:
     `shards.find_layout`; always read-only), else the `IndexStore` there."""
     layout = find_layout(path)
     if layout is not None:
+        options.pop("save_every", None)  # a sharded layout is served read-only: nothing to save
         return ShardedStore.open(layout, model_version, **options)
     return IndexStore.open(path, model_version, read_only=read_only, **options)
 

@@ -42,11 +42,11 @@ class ServiceApp:
     @classmethod
     def load(cls, index_dir: str | Path, checkpoint_path: str | Path, limits: ServiceLimits | None = None,
              read_only: bool = False, device: str = "cpu", batching: BatchConfig | None = None,
-             image_uris: str = "relative") -> "ServiceApp":
+             image_uris: str = "relative", save_every: int | None = None) -> "ServiceApp":
         limits = limits or ServiceLimits()
         checkpoint = load_checkpoint(checkpoint_path)
         version = checkpoint.model_version
-        store = open_index(index_dir, version, read_only=read_only)
+        store = open_index(index_dir, version, read_only=read_only, save_every=save_every)
         sharded = isinstance(store, ShardedStore)
         read_only = read_only or sharded
         try:

@@ -76,6 +76,7 @@ class ServerConfig(FrontendConfig):
     read_only: bool = False
     device: str = "cpu"
     image_uris: str = "relative"  # relative | absolute | none: what clients see of image paths
+    save_every: int | None = None  # FAISS snapshot every N write commits; None: by size and time
     batching: BatchConfig | None = None  # None: auto (batch on CUDA, not on CPU); max_batch <= 1: off
 
     def __post_init__(self) -> None:

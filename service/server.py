@@ -193,7 +193,7 @@ class SegsearchServer(GrpcFrontend):
         app = ServiceApp.load(config.index_dir, config.checkpoint, config.limits,
                               read_only=config.read_only, device=config.device,
                               batching=config.batching or BatchConfig.auto(config.device),
-                              image_uris=config.image_uris)
+                              image_uris=config.image_uris, save_every=config.save_every)
         self.metrics.track_index(lambda: app.store.meta.num_segments, lambda: app.store.meta.num_images)
         self.servicer.app = app
 

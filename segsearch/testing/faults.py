@@ -106,6 +106,8 @@ class ServerProcess:
         argv = [sys.executable, "-c", SERVER_CHILD, mode, str(at), "serve", str(index_dir),
                 "--model", str(checkpoint), "--port", "0", "--no-metrics", "--grace", "5",
                 "--max-concurrent-writes", "8"]  # above the rounds' concurrent writers: a refusal is a finding
+        if mode == "mid_faiss_save":  # FAISS snapshots after every commit, so that the kill point comes
+            argv += ["--save-every", "1"]
         self.mode = mode
         self.lines: list[str] = []
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -33,7 +33,8 @@ CHILD = textwrap.dedent(f"""
     from pathlib import Path
     sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]  # the helpers
     from indexer_helpers import DIM, MODEL, IndexStore, make_batch
-    root, spec, save_every = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    root, spec = Path(sys.argv[1]), sys.argv[2]
+    save_every = None if sys.argv[3] == "policy" else int(sys.argv[3])  # policy: the default snapshot rule
     if len(sys.argv) > 4:  # die by SIGKILL at the N-th pass through a chosen point
         import os, signal
         from segsearch.indexer.metadata_store import MetadataStore
@@ -68,7 +69,7 @@ CHILD = textwrap.dedent(f"""
 """)
 
 
-def _run_child(root: Path, spec: str, save_every: int, kill_after_lines: int | None, pause: float,
+def _run_child(root: Path, spec: str, save_every: int | str, kill_after_lines: int | None, pause: float,
                *suicide: str) -> bool:
     """Run the indexing child; SIGKILL it after it printed `kill_after_lines` lines. True if done."""
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(root), spec, str(save_every), *suicide],
@@ -135,8 +136,11 @@ def test_kill_9_inside_the_commit_window(tmp_path, point, at, spec):
     _assert_final_state(root)
 
 
-def test_kill_9_at_random_points_then_resume(tmp_path):
-    spec, save_every = "hnsw", 2
+@pytest.mark.parametrize("save_every", [2, "policy"])
+def test_kill_9_at_random_points_then_resume(tmp_path, save_every):
+    """With a snapshot every 2 chunks, and with the default policy (which here, on a small
+    index, writes the FAISS file only at close: every kill leaves it behind LMDB)."""
+    spec = "hnsw"
     root = tmp_path / "index"
     rng = random.Random(1234)
     kills = 0
@@ -158,7 +162,7 @@ def _fail(*args, **kwargs):
 @pytest.mark.parametrize("spec", ["flat", "hnsw", "IVF8,Flat"])
 def test_lmdb_committed_but_faiss_not_saved_is_repaired_on_open(tmp_path, monkeypatch, caplog, spec):
     root = tmp_path / "index"
-    store = IndexStore.create(root, MODEL, DIM, spec)
+    store = IndexStore.create(root, MODEL, DIM, spec, save_every=1)  # a FAISS save after every commit
     fill(store, 100, 50)
     monkeypatch.setattr(VectorIndex, "save", _fail)
     with pytest.raises(OSError):
@@ -238,7 +242,7 @@ def test_faiss_file_of_another_index_is_not_trusted(tmp_path, caplog):
 
 def test_verify_without_repair_reports_the_disagreement(tmp_path, monkeypatch):
     root = tmp_path / "index"
-    store = IndexStore.create(root, MODEL, DIM)
+    store = IndexStore.create(root, MODEL, DIM, save_every=1)
     fill(store, 20, 20)
     monkeypatch.setattr(VectorIndex, "save", _fail)
     with pytest.raises(OSError):

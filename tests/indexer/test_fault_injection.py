@@ -90,7 +90,7 @@ def test_atomic_saves_fsync_the_file_then_rename_then_fsync_the_directory(tmp_pa
 @pytest.mark.parametrize("failing", ["file", "dir"])
 def test_failed_fsync_of_the_faiss_save_stops_writes_and_loses_nothing(tmp_path, monkeypatch, failing):
     root = tmp_path / "index"
-    store = IndexStore.create(root, MODEL, DIM)
+    store = IndexStore.create(root, MODEL, DIM, save_every=1)  # the commit below saves FAISS
     fill(store, 20, 10)
     real_fsync = os.fsync
 

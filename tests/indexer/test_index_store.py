@@ -1,5 +1,6 @@
 """IndexStore: LMDB + FAISS together, with real LMDB and FAISS in temporary directories."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -242,3 +243,37 @@ def test_reader_refresh_sees_a_writer_process(tmp_path):
         assert reader.refresh() is False
     finally:
         reader.close()
+
+
+# ---- the FAISS snapshot policy ----------------------------------------------------------------
+
+def test_snapshot_policy_saves_by_size_time_or_chunks():
+    from segsearch.indexer.config import SnapshotPolicy
+
+    policy = SnapshotPolicy(min_vectors=100, fraction=0.05, max_seconds=60)
+    assert not policy.due(0, 0, 10_000, 999)  # nothing unsaved
+    assert not policy.due(99, 3, 1_000, 1)  # under both the floor and 5%
+    assert not policy.due(400, 3, 10_000, 1)  # over the floor, under 5% of 10k
+    assert policy.due(500, 3, 10_000, 1) and policy.due(100, 1, 1_000, 1)
+    assert policy.due(1, 1, 10_000, 60)  # too long since the last save
+    assert SnapshotPolicy.every(2).due(1, 2, 10_000, 0) and not SnapshotPolicy.every(2).due(1, 1, 10_000, 0)
+
+
+def test_default_policy_defers_the_faiss_write_and_the_open_replays_from_lmdb(tmp_path):
+    """Commits stay durable (LMDB) without rewriting FAISS; a writer killed before its close
+    (simulated: the file is left as it was) loses nothing, and the open says what it replayed."""
+    root = tmp_path / "index"
+    store = IndexStore.create(root, MODEL, DIM)
+    fill(store, 40, 10)
+    store.flush()
+    saved = (root / VECTORS_FILE).read_bytes()
+    store.add_images(make_batch(["after1", "after2"]))  # 8 vectors: far under the policy's bound
+    assert (root / VECTORS_FILE).read_bytes() == saved  # not rewritten by the commit
+    store.delete_images(["img0003"])
+    store._closed = True  # "kill -9": no close, no flush (LMDB and the lock go with the process)
+    store._metadata.close()
+    os.close(store._lock_fd)
+    with IndexStore.open(root, MODEL) as reopened:
+        assert reopened.last_replay.added == 8 and reopened.last_replay.removed == 4
+        assert reopened.last_replay.seconds < 5
+        assert reopened.verify() == [] and reopened.has_image("after2") and not reopened.has_image("img0003")

@@ -208,7 +208,7 @@ def test_a_full_disk_is_resource_exhausted_and_writes_resume_after_freeing_space
 def test_a_failed_fsync_refuses_writes_until_restart_and_loses_nothing(index_template, checkpoint_path,
                                                                       tmp_path_factory, monkeypatch):
     index_dir = copy_index(index_template, tmp_path_factory)
-    running = start_server(index_dir, checkpoint_path)
+    running = start_server(index_dir, checkpoint_path, save_every=1)  # every write saves FAISS
     pngs = [png_bytes(pixels) for pixels in mosaic_images(3, seed=77)]
     try:
         client = running.client
