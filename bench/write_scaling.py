@@ -1,0 +1,150 @@
+"""Writes that do not grow with the index: live commit latency and bulk insert/delete throughput
+of `IndexStore` at a small and a large index, with the FAISS snapshot policy (today) beside a
+FAISS save after every commit (before), and the time to reopen after a kill -9 (the replay).
+
+    python bench/write_scaling.py [--sizes 10000,200000] [--spec auto]
+
+Each size gets a fresh index of synthetic segments (clustered 64-d prototypes, 16 segments per
+image, built with one FAISS save at the end). Then, per policy, on a copy of it:
+- live: 40 commits of one IndexImages-sized chunk (4 images, 64 segments), latency p50/p99;
+- bulk: 10k segments added in chunks of 64 images, then 1k segments deleted, as throughput;
+- reopen: a writer "killed" after those writes (no close), then `IndexStore.open` timed,
+  with what it replayed from LMDB.
+Prints one table; the large/small ratio of live p50 is the number the issue asks about.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from segsearch.indexer.index_store import IndexStore
+from search_speed import SearchBenchConfig, make_mixture, sample  # bench/ is the script directory
+from service_latency import image_chunk, segment_templates  # bench/ is the script directory
+
+VERSION = "write-scaling"
+DIM = 64
+LIVE_COMMITS = 40
+LIVE_IMAGES = 4
+BULK_SEGMENTS = 10_000
+BULK_IMAGES_PER_CHUNK = 64
+DELETE_SEGMENTS = 1_000
+POLICIES = {"snapshot policy (now)": None, "save every commit (before)": 1}
+
+
+@dataclass
+class Row:
+    size: int
+    policy: str
+    live_p50_ms: float
+    live_p99_ms: float
+    bulk_segments_per_s: float
+    delete_segments_per_s: float
+    reopen_s: float
+    replayed: int
+
+    def line(self, small: "Row | None") -> str:
+        ratio = f"{small.live_p50_ms / self.live_p50_ms:.2f}" if small else "—"
+        return (f"| {self.size:,} | {self.policy} | {self.live_p50_ms:.1f} | {self.live_p99_ms:.1f} | {ratio} | "
+                f"{self.bulk_segments_per_s:,.0f} | {self.delete_segments_per_s:,.0f} | {self.reopen_s:.2f} | "
+                f"{self.replayed:,} |")
+
+
+class Records:
+    """Synthetic images in order: `take(n_images)` -> records for the next n images."""
+
+    def __init__(self, seed: int):
+        self.templates = segment_templates()
+        self.mixture = make_mixture(SearchBenchConfig(dim=DIM, seed=seed))
+        self.next_image, self.seed = 0, seed
+
+    def take(self, images: int):
+        prototypes = sample(self.mixture, images * len(self.templates), seed=self.seed + self.next_image)
+        chunk = image_chunk(self.next_image, prototypes, VERSION, ["segment"], self.templates)
+        self.next_image += images
+        return chunk
+
+
+def build(path: Path, size: int, spec: str, records: Records) -> None:
+    per_image = len(records.templates)
+    with IndexStore.create(path, VERSION, DIM, index_spec=spec, save_every=1 << 30) as store:
+        for _ in range(0, max(1, size // per_image), 256):
+            store.add_images(records.take(256))
+
+
+def measure(base: Path, work: Path, size: int, policy: str, save_every: int | None, records: Records) -> Row:
+    shutil.copytree(base, work)
+    store = IndexStore.open(work, VERSION, save_every=save_every)
+    latencies = []
+    for _ in range(LIVE_COMMITS):
+        chunk = records.take(LIVE_IMAGES)
+        started = time.perf_counter()
+        store.add_images(chunk)
+        latencies.append((time.perf_counter() - started) * 1000)
+    per_image = len(records.templates)
+    started = time.perf_counter()
+    added_ids: list[str] = []
+    for _ in range(BULK_SEGMENTS // (BULK_IMAGES_PER_CHUNK * per_image)):
+        chunk = records.take(BULK_IMAGES_PER_CHUNK)
+        store.add_images(chunk)
+        added_ids += [image.image_id for image, _ in chunk]
+    bulk = BULK_SEGMENTS / (time.perf_counter() - started)
+    doomed = added_ids[: DELETE_SEGMENTS // per_image]
+    started = time.perf_counter()
+    for start in range(0, len(doomed), 4):
+        store.delete_images(doomed[start:start + 4])
+    deletes = len(doomed) * per_image / (time.perf_counter() - started)
+    _kill(store)
+    started = time.perf_counter()
+    with IndexStore.open(work, VERSION) as reopened:
+        reopen = time.perf_counter() - started
+        replayed = reopened.last_replay.added + reopened.last_replay.removed
+    shutil.rmtree(work)
+    return Row(size, policy, float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)),
+               bulk, deletes, reopen, replayed)
+
+
+def _kill(store: IndexStore) -> None:
+    """What kill -9 leaves: LMDB committed, no close, no last FAISS save."""
+    store._closed = True
+    store._metadata.close()
+    os.close(store._lock_fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10000,200000", help="index sizes in segments (default: %(default)s)")
+    parser.add_argument("--spec", default="auto", help="FAISS index type (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    sizes = [int(v) for v in args.sizes.split(",")]
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="write-scaling-") as folder:
+        for size in sizes:
+            records = Records(args.seed)
+            base = Path(folder) / f"base-{size}"
+            started = time.perf_counter()
+            build(base, size, args.spec, records)
+            print(f"built {size:,} segments in {time.perf_counter() - started:.0f} s", flush=True)
+            for policy, save_every in POLICIES.items():
+                rows.append(measure(base, Path(folder) / "work", size, policy, save_every, records))
+                print(rows[-1].line(None), flush=True)
+            shutil.rmtree(base)
+    print("\n| segments | FAISS saves | live commit p50 ms | p99 ms | small/large p50 | bulk add seg/s | "
+          "delete seg/s | reopen after kill s | replayed |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        small = next((r for r in rows if r.policy == row.policy and r.size == sizes[0]), None)
+        print(row.line(small if row.size != sizes[0] else None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
