@@ -156,6 +156,9 @@ def add_serve_parser(subparsers) -> None:
                    help="write the FAISS snapshot after every N write commits (default: when 5%% of the "
                         "index or 50k vectors changed, or after 5 min, and at shutdown; LMDB is always "
                         "committed before a write is acknowledged)")
+    p.add_argument("--faiss-threads", type=int, default=d.faiss_threads,
+                   help="OpenMP threads of one FAISS search; concurrent requests already use the cores "
+                        "(default: %(default)s)")
     p.add_argument("--image-uris", choices=("relative", "absolute", "none"), default=d.image_uris,
                    help="what clients see of image paths: the path under the corpus root, the server's "
                         "absolute path, or nothing (default: %(default)s)")
@@ -177,7 +180,7 @@ def run_serve(args) -> int:
                              decode_budget_pixels=args.decode_budget_pixels,
                              stream_idle_seconds=args.stream_idle_seconds),
         tls_cert=args.tls_cert, tls_key=args.tls_key, read_only=args.read_only, device=args.device,
-        image_uris=args.image_uris, save_every=args.save_every,
+        image_uris=args.image_uris, save_every=args.save_every, faiss_threads=args.faiss_threads,
         batching=BatchConfig(args.batch_max, args.batch_wait_ms) if args.batch_max else None,
     )
     return serve(config, on_ready=lambda line: print(line, flush=True))

@@ -77,9 +77,12 @@ class ServerConfig(FrontendConfig):
     device: str = "cpu"
     image_uris: str = "relative"  # relative | absolute | none: what clients see of image paths
     save_every: int | None = None  # FAISS snapshot every N write commits; None: by size and time
+    faiss_threads: int = 1  # OpenMP threads per FAISS search; requests already run in parallel
     batching: BatchConfig | None = None  # None: auto (batch on CUDA, not on CPU); max_batch <= 1: off
 
     def __post_init__(self) -> None:
+        if self.faiss_threads < 1:
+            raise ValueError(f"faiss_threads must be >= 1, got {self.faiss_threads}")
         if self.image_uris not in ("relative", "absolute", "none"):
             raise ValueError(f"image_uris must be relative, absolute or none, got {self.image_uris!r}")
 

@@ -22,6 +22,7 @@ import threading
 from concurrent import futures
 from pathlib import Path
 
+import faiss
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -188,8 +189,11 @@ class SegsearchServer(GrpcFrontend):
         return grpc.ssl_server_credentials([(key, cert)])
 
     def _open(self) -> None:
-        """Load the model and index."""
+        """Load the model and index. FAISS's OpenMP threads are pinned first: every gRPC worker
+        thread may search at once, and each search fanning out over all cores as well would
+        oversubscribe them (more threads than cores, each waiting for the others)."""
         config = self.config
+        faiss.omp_set_num_threads(config.faiss_threads)
         app = ServiceApp.load(config.index_dir, config.checkpoint, config.limits,
                               read_only=config.read_only, device=config.device,
                               batching=config.batching or BatchConfig.auto(config.device),

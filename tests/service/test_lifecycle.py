@@ -182,3 +182,15 @@ def test_metrics_stay_on_loopback_whatever_host_says(index_template, checkpoint_
             urllib.request.urlopen(f"http://127.0.0.2:{running.server.metrics_port}/metrics", timeout=5)
     finally:
         running.stop()
+
+
+def test_the_server_pins_faiss_threads(index_template, checkpoint_path, tmp_path_factory):
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    running = start_server(copy_index(index_template, tmp_path_factory), checkpoint_path, faiss_threads=1)
+    try:
+        assert faiss.omp_get_max_threads() == 1 and running.client.search_segment(1, top_k=3).hits
+    finally:
+        running.stop()
+        faiss.omp_set_num_threads(before)
