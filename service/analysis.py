@@ -26,6 +26,7 @@ from segsearch.indexer.decode_budget import DecodeBudget, DecodeBudgetExhausted
 from segsearch.spml.segmenter import ImageSegments, Segmenter, StageTimes, resize_for_embedding, upsample_nearest
 from segsearch.service.batcher import DynamicBatcher
 from segsearch.service.config import BatchConfig
+from segsearch.service.embedding_cache import EmbeddingCache
 from segsearch.service.errors import InvalidArgument, ResourceExhausted
 from segsearch.service.request_scope import add_stage_seconds, check_deadline, current_scope, stage
 
@@ -37,10 +38,11 @@ class ImageAnalyzer:
     """Decoding limits + one `Segmenter` (model, label bank, class names, config)."""
 
     def __init__(self, segmenter: Segmenter, decode_config: DecodeConfig, batching: BatchConfig | None = None,
-                 decode_budget: DecodeBudget | None = None):
+                 decode_budget: DecodeBudget | None = None, embedding_cache: EmbeddingCache | None = None):
         self.segmenter = segmenter
         self.decode_config = decode_config
         self.decode_budget = decode_budget
+        self.embedding_cache = embedding_cache if embedding_cache is not None else EmbeddingCache(0)
         self._segmenters: dict[tuple[int, int], Segmenter] = {tuple(segmenter.config.grid): segmenter}
         self._lock = threading.Lock()
         self._embed_batcher = self._segment_batcher = None
@@ -102,12 +104,20 @@ class ImageAnalyzer:
             raise ResourceExhausted(f"the server is decoding other large images ({busy}); retry shortly") from None
 
     def embed(self, image: DecodedImage) -> torch.Tensor:
-        """Unit-norm embeddings (D, E/4, E/4) of the whole image, resized to E x E like the indexer."""
+        """Unit-norm embeddings (D, E/4, E/4) of the whole image, resized to E x E like the
+        indexer; from the cache when the same image (same bytes) was embedded lately."""
+        key = (image.sha256, self.embed_size)
+        cached = self.embedding_cache.get(key)
+        if cached is not None:
+            return cached
         with stage("embed"):
             resized = resize_for_embedding(image.pixels, self.embed_size)
             if self._embed_batcher is not None:
-                return self._embed_batcher.submit(resized, _deadline())
-            return self._embed_batch([resized])[0]
+                embeddings = self._embed_batcher.submit(resized, _deadline())
+            else:
+                embeddings = self._embed_batch([resized])[0]
+        self.embedding_cache.put(key, embeddings)
+        return embeddings
 
     def _embed_batch(self, resized: list[np.ndarray]) -> list[torch.Tensor]:
         return list(self.segmenter.embed(resized))

@@ -21,6 +21,7 @@ from segsearch.indexer.config import IndexSettings
 from segsearch.spml.segmenter import Segmenter, SegmenterConfig
 from segsearch.indexer.sharded_store import ShardedStore, open_index, read_only_message, settings_dir
 from segsearch.service.analysis import ImageAnalyzer
+from segsearch.service.embedding_cache import EmbeddingCache
 from segsearch.service.config import BatchConfig, ServiceLimits
 from segsearch.service.errors import FailedPrecondition
 from segsearch.service.updates import IndexUpdater
@@ -53,7 +54,8 @@ class ServiceApp:
             decode_config, segmenter_config = index_settings(settings_dir(index_dir), limits)
             model = checkpoint.build_model().to(resolve_device(device))
             segmenter = Segmenter(model, checkpoint.label_bank, segmenter_config)
-            analyzer = ImageAnalyzer(segmenter, decode_config, batching, DecodeBudget(limits.decode_budget_pixels))
+            analyzer = ImageAnalyzer(segmenter, decode_config, batching, DecodeBudget(limits.decode_budget_pixels),
+                                     EmbeddingCache(limits.embedding_cache_bytes))
         except BaseException:
             store.close()
             raise

@@ -140,6 +140,9 @@ def add_serve_parser(subparsers) -> None:
                    default=limits.max_image_pixels,
                    help="larger images are refused from their header, before decoding; the indexer's "
                         "flag of the same name (default: %(default)s)")
+    p.add_argument("--embedding-cache-mib", type=int, default=limits.embedding_cache_bytes // MiB,
+                   help="memory for the embedding maps of recent query images, so that a second region "
+                        "of the same image skips the forward pass; 0 = off (default: %(default)s)")
     p.add_argument("--stream-idle-seconds", type=float, default=limits.stream_idle_seconds,
                    help="an IndexImages stream whose next message takes longer is closed with "
                         "DEADLINE_EXCEEDED (default: %(default)s)")
@@ -178,7 +181,8 @@ def run_serve(args) -> int:
         metrics_port=None if args.no_metrics else args.metrics_port,
         limits=ServiceLimits(max_top_k=args.max_top_k, max_image_pixels=args.max_image_pixels,
                              decode_budget_pixels=args.decode_budget_pixels,
-                             stream_idle_seconds=args.stream_idle_seconds),
+                             stream_idle_seconds=args.stream_idle_seconds,
+                             embedding_cache_bytes=args.embedding_cache_mib * MiB),
         tls_cert=args.tls_cert, tls_key=args.tls_key, read_only=args.read_only, device=args.device,
         image_uris=args.image_uris, save_every=args.save_every, faiss_threads=args.faiss_threads,
         batching=BatchConfig(args.batch_max, args.batch_wait_ms) if args.batch_max else None,

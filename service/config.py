@@ -26,12 +26,15 @@ class ServiceLimits:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     decode_budget_pixels: int = 2 * DEFAULT_MAX_PIXELS
     stream_idle_seconds: float = 10.0  # an IndexImages stream silent this long is closed
+    embedding_cache_bytes: int = 64 * MiB  # query images' embedding maps kept for their next region
 
     def __post_init__(self):
         if self.max_top_k < 1 or self.max_image_pixels < 1 or self.decode_budget_pixels < 1:
             raise ValueError("max_top_k, max_image_pixels and decode_budget_pixels must be >= 1")
         if self.stream_idle_seconds <= 0:
             raise ValueError("stream_idle_seconds must be > 0")
+        if self.embedding_cache_bytes < 0:
+            raise ValueError("embedding_cache_bytes must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,24 @@ class ServiceMetrics:
         self.index_images = Gauge(
             "segsearch_index_images", "Images in the served index", registry=self.registry,
         )
+        self.cache_hits = Gauge(
+            "segsearch_embedding_cache_hits", "Region queries whose image embedding came from the cache "
+            "(since start)", registry=self.registry,
+        )
+        self.cache_misses = Gauge(
+            "segsearch_embedding_cache_misses", "Region queries that embedded their image (since start)",
+            registry=self.registry,
+        )
+        self.cache_bytes = Gauge(
+            "segsearch_embedding_cache_bytes", "Bytes of embedding maps held by the cache", registry=self.registry,
+        )
         self._http = None
+
+    def track_cache(self, cache) -> None:
+        """Read the embedding cache's counters at each scrape."""
+        self.cache_hits.set_function(lambda: cache.hits)
+        self.cache_misses.set_function(lambda: cache.misses)
+        self.cache_bytes.set_function(lambda: cache.bytes)
 
     def track_index(self, count_segments: Callable[[], float], count_images: Callable[[], float]) -> None:
         """Read the index sizes at each scrape from these callables."""

@@ -199,6 +199,7 @@ class SegsearchServer(GrpcFrontend):
                               batching=config.batching or BatchConfig.auto(config.device),
                               image_uris=config.image_uris, save_every=config.save_every)
         self.metrics.track_index(lambda: app.store.meta.num_segments, lambda: app.store.meta.num_images)
+        self.metrics.track_cache(app.analyzer.embedding_cache)
         self.servicer.app = app
 
     def _close(self) -> None:

@@ -1,0 +1,41 @@
+"""The embedding cache: bounded by bytes, LRU, and invisible in the answers."""
+import torch
+
+from segsearch.service.embedding_cache import EmbeddingCache
+from service_helpers import metric_value, mosaic_images, png_bytes
+
+
+def _map(fill: float) -> torch.Tensor:
+    return torch.full((4, 8, 8), fill)  # 1 KiB of float32
+
+
+def test_lru_eviction_by_bytes():
+    cache = EmbeddingCache(max_bytes=3 * 1024)
+    for key in "abc":
+        cache.put(key, _map(1.0))
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("d", _map(2.0))  # evicts b, the least recently used
+    assert cache.get("b") is None and cache.get("c") is not None and cache.get("d") is not None
+    assert len(cache) == 3 and cache.bytes == 3 * 1024
+    assert (cache.hits, cache.misses) == (3, 1)
+
+
+def test_off_and_oversized_entries_are_not_kept():
+    assert EmbeddingCache(0).get("x") is None
+    small = EmbeddingCache(512)
+    small.put("big", _map(1.0))
+    assert len(small) == 0 and small.bytes == 0
+
+
+def test_a_second_region_of_an_image_reuses_its_embedding_with_the_same_hits(served):
+    cache = served.server.servicer.app.analyzer.embedding_cache
+    image = png_bytes(mosaic_images(1, seed=21)[0])
+    hits_before, misses_before = cache.hits, cache.misses
+    first = served.client.search_box(image, (0, 0, 48, 48), top_k=5)
+    second = served.client.search_box(image, (48, 48, 96, 96), top_k=5)
+    again = served.client.search_box(image, (0, 0, 48, 48), top_k=5)
+    assert (cache.misses - misses_before, cache.hits - hits_before) == (1, 2)
+    assert [(h.segment_id, round(h.score, 5)) for h in again.hits] == \
+           [(h.segment_id, round(h.score, 5)) for h in first.hits]
+    assert second.hits
+    assert metric_value(served.metrics_text(), "segsearch_embedding_cache_hits") == cache.hits
