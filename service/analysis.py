@@ -14,6 +14,7 @@ default grid) go through dynamic batchers: one batched model call for many reque
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import threading
 import time
@@ -26,7 +27,7 @@ from segsearch.indexer.decode_budget import DecodeBudget, DecodeBudgetExhausted
 from segsearch.spml.segmenter import ImageSegments, Segmenter, StageTimes, resize_for_embedding, upsample_nearest
 from segsearch.service.batcher import DynamicBatcher
 from segsearch.service.config import BatchConfig
-from segsearch.service.embedding_cache import EmbeddingCache
+from segsearch.service.embedding_cache import CachedEmbedding, EmbeddingCache
 from segsearch.service.errors import InvalidArgument, ResourceExhausted
 from segsearch.service.request_scope import add_stage_seconds, check_deadline, current_scope, stage
 
@@ -103,20 +104,21 @@ class ImageAnalyzer:
         except DecodeBudgetExhausted as busy:
             raise ResourceExhausted(f"the server is decoding other large images ({busy}); retry shortly") from None
 
+    def cached_embedding(self, data: bytes) -> CachedEmbedding | None:
+        """The embedding map and size of these exact image bytes, if embedded lately."""
+        return self.embedding_cache.get((hashlib.sha256(data).hexdigest(), self.embed_size))
+
     def embed(self, image: DecodedImage) -> torch.Tensor:
         """Unit-norm embeddings (D, E/4, E/4) of the whole image, resized to E x E like the
-        indexer; from the cache when the same image (same bytes) was embedded lately."""
+        indexer; kept in the cache for the image's next region (`cached_embedding`)."""
         key = (image.sha256, self.embed_size)
-        cached = self.embedding_cache.get(key)
-        if cached is not None:
-            return cached
         with stage("embed"):
             resized = resize_for_embedding(image.pixels, self.embed_size)
             if self._embed_batcher is not None:
                 embeddings = self._embed_batcher.submit(resized, _deadline())
             else:
                 embeddings = self._embed_batch([resized])[0]
-        self.embedding_cache.put(key, embeddings)
+        self.embedding_cache.put(key, CachedEmbedding(embeddings, image.original_size))
         return embeddings
 
     def _embed_batch(self, resized: list[np.ndarray]) -> list[torch.Tensor]:

@@ -4,16 +4,29 @@ Why: an interactive client asks about several regions of one image (a box, then 
 then a point). Each region query embeds the whole image first (~70 CPU ms, ~1 s on a loaded
 2-core machine) and then only pools and searches (~1 ms). Keyed by the image's content hash
 (sha256 of the bytes sent) and the embedding size, the second region of an image costs the
-search, not a forward pass. Entries are the unit-norm maps `(D, E/4, E/4)` float32 on the
-model's device; they are never modified after insertion (callers only read them).
+search, not a forward pass (and not even a decode: the key is the hash of the bytes sent, and
+the entry keeps the image's size, all a box or mask query needs besides the map). Entries are
+the unit-norm maps `(D, E/4, E/4)` float32 on the model's device with the original `(W, H)`;
+they are never modified after insertion (callers only read them).
 """
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class CachedEmbedding:
+    embeddings: torch.Tensor  # (D, E/4, E/4) unit norm
+    original_size: tuple[int, int]  # (W, H) of the image as sent, after EXIF orientation
+
+    @property
+    def nbytes(self) -> int:
+        return self.embeddings.element_size() * self.embeddings.nelement()
 
 
 class EmbeddingCache:
@@ -25,10 +38,10 @@ class EmbeddingCache:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
         self.hits = self.misses = self.bytes = 0
-        self._entries: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[Hashable, CachedEmbedding] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: Hashable) -> torch.Tensor | None:
+    def get(self, key: Hashable) -> CachedEmbedding | None:
         with self._lock:
             value = self._entries.get(key)
             if value is None:
@@ -38,8 +51,8 @@ class EmbeddingCache:
             self.hits += 1
             return value
 
-    def put(self, key: Hashable, value: torch.Tensor) -> None:
-        size = value.element_size() * value.nelement()
+    def put(self, key: Hashable, value: CachedEmbedding) -> None:
+        size = value.nbytes
         if size > self.max_bytes:
             return
         with self._lock:
@@ -49,7 +62,7 @@ class EmbeddingCache:
             self.bytes += size
             while self.bytes > self.max_bytes:
                 _, evicted = self._entries.popitem(last=False)
-                self.bytes -= evicted.element_size() * evicted.nelement()
+                self.bytes -= evicted.nbytes
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -41,16 +41,22 @@ def region_query(analyzer: ImageAnalyzer, image_data: bytes, region: RegionSpec)
         raise InvalidArgument("region must set exactly one of mask_png, box or point")
     if region.box is not None:
         regions.check_box_not_empty(region.box)
-    image = analyzer.decode(image_data)
-    size = image.original_size
-    if region.point is not None:
-        return _point_query(analyzer, image, region.point)
+    cached = analyzer.cached_embedding(image_data) if region.point is None else None
+    if cached is not None:  # a further region of an image embedded lately: no decode, no forward
+        size, embeddings = cached.original_size, cached.embeddings
+    else:
+        image = analyzer.decode(image_data)
+        size = image.original_size
+        if region.point is not None:
+            return _point_query(analyzer, image, region.point)
+        embeddings = None
     if region.box is not None:
         mask = regions.box_mask(region.box, size)
     else:
         mask = decode_mask_png(region.mask_png, size)
         regions.check_mask(mask)
-    embeddings = analyzer.embed(image)
+    if embeddings is None:
+        embeddings = analyzer.embed(image)
     model_size = (analyzer.embed_size, analyzer.embed_size)
     return QueryVector(regions.region_vector(embeddings, mask, model_size), mask)
 

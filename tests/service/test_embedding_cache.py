@@ -1,12 +1,12 @@
 """The embedding cache: bounded by bytes, LRU, and invisible in the answers."""
 import torch
 
-from segsearch.service.embedding_cache import EmbeddingCache
+from segsearch.service.embedding_cache import CachedEmbedding, EmbeddingCache
 from service_helpers import metric_value, mosaic_images, png_bytes
 
 
-def _map(fill: float) -> torch.Tensor:
-    return torch.full((4, 8, 8), fill)  # 1 KiB of float32
+def _map(fill: float) -> CachedEmbedding:
+    return CachedEmbedding(torch.full((4, 8, 8), fill), (32, 32))  # 1 KiB of float32
 
 
 def test_lru_eviction_by_bytes():
