@@ -46,17 +46,20 @@ TEXTURE_CLASSES: dict[str, tuple[tuple[str, ...], ...]] = {}
 
 
 def _family(name: str, folder: str, *groups: str) -> None:
-    TEXTURE_CLASSES[name] = tuple(tuple(f"textures/{folder}/{n}" for n in group.split("|")) for group in groups)
+    TEXTURE_CLASSES[name] = tuple(tuple(f"textures/{folder}/{n}" for n in group.split("|"))
+                                  for group in groups)
 
 
 _family("lava", "liquids", "lavahell.jpg|lavavor.tga|protolava.jpg", "lavahell2.tga", "lavahell3.jpg",
         "lavahell4.tga")
 _family("green_slime", "liquids", "slime7.jpg|slime7c.jpg", "slime8.jpg", "slime9.jpg", "slime10.jpg")
-_family("water_caustics", "liquids", "pool3d_3.jpg|pool3d_3e.jpg", "pool3d_5.jpg|pool3d_5e.jpg", "pool3d_6.jpg")
-_family("brick", "oquartz", *(f"sbrick{n}.jpg" for n in ("1", "2", "2a", "2aa", "2b", "3", "3a", "4", "4aa", "4b",
-                                                        "5", "6", "7", "9")))
+_family("water_caustics", "liquids", "pool3d_3.jpg|pool3d_3e.jpg", "pool3d_5.jpg|pool3d_5e.jpg",
+        "pool3d_6.jpg")
+_family("brick", "oquartz", *(f"sbrick{n}.jpg" for n in (
+    "1", "2", "2a", "2aa", "2b", "3", "3a", "4", "4aa", "4b", "5", "6", "7", "9")))
 _family("metal_relief", "gothic_cath", *(f"graycathflesh{n}L.jpg" for n in range(1, 6)))
-_family("ceiling_light", "base_light", *(f"ceil1_{n}.tga" for n in ("22a", "30", "34", "37", "38", "39", "4")))
+_family("ceiling_light", "base_light", *(f"ceil1_{n}.tga" for n in (
+    "22a", "30", "34", "37", "38", "39", "4")))
 _family("wood_slats", "oquartz", *(f"tsl_side{n}.jpg" for n in ("", "2", "3", "4", "5", "6", "7")))
 _family("riveted_plate", "oquartz", *(f"bolt{n}.jpg" for n in range(1, 20)))
 _family("stone_blocks", "gothic_block", "block10d.jpg", "blocks10.jpg", "blocks11b.jpg", "blocks11d.jpg",
@@ -65,7 +68,8 @@ _family("stone_blocks", "gothic_block", "block10d.jpg", "blocks10.jpg", "blocks1
 _family("floor_grate", "base_floor", "clanggrate.jpg", "clanggrate2.jpg", "pjgrate1.tga", "pjgrate2.tga",
         "proto_grate.tga", "proto_grate4.tga", "proto_rustygrate.tga", "proto_rustygrate2.tga")
 _family("sky_clouds", "skies", *(f"s{n}.tga" for n in range(1, 21)))
-_family("cobblestone", "oquartz", "ulrich17.jpg", "ulrich18.jpg", "ulrich22.jpg|ulrich22b.jpg", "ulrich23.jpg")
+_family("cobblestone", "oquartz", "ulrich17.jpg", "ulrich18.jpg", "ulrich22.jpg|ulrich22b.jpg",
+        "ulrich23.jpg")
 
 SPLITS = ("index", "query")
 
@@ -184,7 +188,8 @@ class MosaicMaker:
             fill, source = self._fill(rng, cfg.classes[int(class_index)])
             image[inside] = fill[inside]
             provenance.append({"region": region, "class": cfg.classes[int(class_index)], **source})
-        return MosaicImage(f"{self.split}-{index:04d}.png", image, classes[regions].astype(np.int64), provenance)
+        truth = classes[regions].astype(np.int64)
+        return MosaicImage(f"{self.split}-{index:04d}.png", image, truth, provenance)
 
     def _layout(self, rng: np.random.Generator, make_region_map) -> np.ndarray:
         cfg = self.config
@@ -276,7 +281,8 @@ def contact_sheet(config: MosaicSetConfig, textures_root: Path, data_dir: Path, 
         draw.text((2, y + 4), f"{name}\nindex: {len(index_sources)} textures\nquery: {len(query_sources)}",
                   fill="black")
         shown_query = query_sources[:3]
-        shown = [(s, 0) for s in index_sources[: per_class - len(shown_query)]] + [(s, 12) for s in shown_query]
+        shown_index = index_sources[: per_class - len(shown_query)]
+        shown = [(s, 0) for s in shown_index] + [(s, 12) for s in shown_query]  # a gap before query
         for col, (source, gap) in enumerate(shown):
             tile = Image.fromarray(load_source(textures_root, source)).resize((thumb, thumb))
             sheet.paste(tile, (label_width + col * (thumb + 2) + gap, y))

@@ -36,7 +36,8 @@ def majority_class(class_pixels: np.ndarray) -> int:
     return int(np.argmax(class_pixels))
 
 
-def score_hits(query_class: int, query_area: float, hits_class_pixels: Sequence[np.ndarray], k: int) -> QueryScore:
+def score_hits(query_class: int, query_area: float, hits_class_pixels: Sequence[np.ndarray],
+               k: int) -> QueryScore:
     """Score the ranked hits of one query; `hits_class_pixels[i]` is hit i's per-class pixel counts.
 
     `query_area` and the hit areas (sums of their class counts) must be in the same unit

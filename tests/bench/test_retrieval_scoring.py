@@ -8,7 +8,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 from retrieval_scoring import (  # noqa: E402
-    chance_scores, colour_histogram, latency_percentiles, majority_class, rank_by_cosine, score_hits, summarise,
+    chance_scores, colour_histogram, latency_percentiles, majority_class, rank_by_cosine, score_hits,
+    summarise,
 )
 
 # Two index images of 4x4 pixels, classes 0..2.
