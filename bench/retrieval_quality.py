@@ -55,7 +55,9 @@ from retrieval_scoring import (  # noqa: E402
 log = logging.getLogger("retrieval_quality")
 BENCH_DIR = Path(__file__).resolve().parent
 KINDS = ("mask", "box", "point")
-METHODS = ("model", "colour_histogram", "backbone", "chance")
+METHODS = ("model", "model_bruteforce", "colour_histogram", "backbone", "chance")
+METHOD_NAMES = {"model": "ours (server)", "model_bruteforce": "ours, brute force",
+                "colour_histogram": "colour hist", "backbone": "backbone (untr.)", "chance": "chance"}
 QUICK = dict(num_index=16, num_query=6, train_steps=20)
 
 
@@ -79,8 +81,8 @@ class BenchConfig:
     mosaic: MosaicSetConfig = field(init=False)
 
     def __post_init__(self) -> None:
-        self.mosaic = MosaicSetConfig(size=self.image_size, num_index=self.num_index, num_query=self.num_query,
-                                      seed=self.seed)
+        self.mosaic = MosaicSetConfig(size=self.image_size, num_index=self.num_index,
+                                      num_query=self.num_query, seed=self.seed)
 
     @property
     def data_name(self) -> str:
@@ -101,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--num-query", type=int, default=defaults.num_query, help="QUERY mosaics")
     p.add_argument("--image-size", type=int, default=defaults.image_size, help="mosaic side in pixels")
     p.add_argument("--seed", type=int, default=defaults.seed, help="mosaic seed")
-    p.add_argument("--embed-threads", type=int, default=defaults.embed_threads, help="torch threads, baselines")
+    p.add_argument("--embed-threads", type=int, default=defaults.embed_threads,
+                   help="torch threads of the backbone baseline")
     p.add_argument("--server-timeout-s", type=float, default=defaults.server_timeout_s)
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK['num_index']} index / {QUICK['num_query']} query mosaics and, "
@@ -196,14 +199,25 @@ class ServedIndex:
 
         log.info("$ segsearch %s", " ".join(self.args))
         self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(segsearch_command() + self.args, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(segsearch_command() + self.args, stdout=self._log,
+                                        stderr=subprocess.STDOUT)
         self.client = SegsearchClient(self.address, timeout=120.0)
-        try:
-            self.client.wait_until_serving(timeout=self.timeout_s)
-        except TimeoutError:
+        if not self._wait_until_serving():
             self.__exit__()
-            raise SystemExit(f"the server did not come up; see {self.log_path}:\n{self.log_path.read_text()[-3000:]}")
+            tail = self.log_path.read_text()[-3000:]
+            raise SystemExit(f"the server did not come up; see {self.log_path}:\n{tail}")
         return self
+
+    def _wait_until_serving(self) -> bool:
+        """Poll health until SERVING; False when the child exits or the timeout passes."""
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                self.client.wait_until_serving(timeout=2.0)
+                return True
+            except TimeoutError:
+                continue
+        return False
 
     def __exit__(self, *exc) -> None:
         self.client.close()
@@ -225,6 +239,7 @@ class Candidate:
     image_id: str
     mask: np.ndarray  # (H, W) bool, indexed-image pixels
     class_pixels: np.ndarray  # (C,) ground-truth pixels of each class under the mask
+    prototype: np.ndarray  # (D,) the unit-norm vector the index searches
 
 
 @dataclass
@@ -261,7 +276,7 @@ def read_candidates(client, data_dir: Path, num_classes: int) -> list[Candidate]
     while len(candidates) < expected and misses < 10_000:
         segment_id += 1
         try:
-            record = client.get_segment(segment_id)
+            record = client.get_segment(segment_id, include_prototype=True)
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.NOT_FOUND:
                 raise
@@ -275,7 +290,8 @@ def read_candidates(client, data_dir: Path, num_classes: int) -> list[Candidate]
             raise SystemExit(f"segment {segment_id}: mask {mask.shape} vs ground truth {truth.shape} "
                              f"of {record.image_id}; the indexer resized the image")
         candidates.append(Candidate(segment_id, record.image_id, mask,
-                                    np.bincount(truth[mask], minlength=num_classes)))
+                                    np.bincount(truth[mask], minlength=num_classes),
+                                    np.asarray(record.prototype, dtype=np.float32)))
     log.info("read %d indexed segments of %d images", len(candidates), len(truths))
     return candidates
 
@@ -292,8 +308,8 @@ def make_queries(data_dir: Path, image_ids: list[str]) -> list[Query]:
             ys, xs = np.nonzero(region)
             inside = distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
             y, x = np.unravel_index(int(np.argmax(inside)), region.shape)
-            queries.append(Query(image_id, int(class_index), region,
-                                 (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1), (int(x), int(y))))
+            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+            queries.append(Query(image_id, int(class_index), region, box, (int(x), int(y))))
     return queries
 
 
@@ -330,7 +346,7 @@ def ask_server(client, image_png: bytes, query: Query, kind: str, top_k: int) ->
 # ---- baselines ---------------------------------------------------------------------------------
 
 class BaselineDescriptors:
-    """Colour histograms and untrained-backbone means of masks, image by image (cached)."""
+    """Colour histograms, untrained-backbone and model means of masks, image by image (cached)."""
 
     def __init__(self, checkpoint: Path, embed_size: int, threads: int):
         import torch
@@ -340,29 +356,22 @@ class BaselineDescriptors:
         torch.set_num_threads(threads)
         self.model = load_checkpoint(checkpoint).build_model()
         self.embed_size = embed_size
-        self._features: dict[str, np.ndarray] = {}
+        self._features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def colour(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return colour_histogram(image[mask])
 
     def backbone(self, key: str, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Mean of the frozen backbone hypercolumn over the mask (area-weighted at stride 4)."""
-        import torch
-        import torch.nn.functional as F
+        return mask_mean(self._maps(key, image)[0], mask)
 
-        features = self._backbone_features(key, image)  # (C, h, w)
-        weights = F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None],
-                                size=features.shape[1:], mode="area")[0, 0].numpy()
-        total = weights.sum()
-        if total <= 0:  # a sliver thinner than a feature cell: use its nearest cell
-            ys, xs = np.nonzero(mask)
-            weights = np.zeros(features.shape[1:], np.float32)
-            weights[int(ys.mean() * weights.shape[0] / mask.shape[0]), int(xs.mean() * weights.shape[1] / mask.shape[1])] = 1
-            total = 1.0
-        return np.tensordot(features, weights, axes=([1, 2], [0, 1])) / total
+    def model_embedding(self, key: str, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The trained model's re-normalised mean embedding over the mask (a check of the server)."""
+        mean = mask_mean(self._maps(key, image)[1], mask)
+        return mean / max(float(np.linalg.norm(mean)), 1e-12)
 
-    def _backbone_features(self, key: str, image: np.ndarray) -> np.ndarray:
-        """The hypercolumn of the image resized to the indexer's square embedding input."""
+    def _maps(self, key: str, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(hypercolumn (C, h, w), unit embeddings (D, h, w)) of the image resized as the indexer does."""
         import torch
 
         if key not in self._features:
@@ -371,8 +380,27 @@ class BaselineDescriptors:
                                                                Image.Resampling.BILINEAR))
             with torch.no_grad():
                 tensor = torch.from_numpy(resized.copy()).permute(2, 0, 1)[None].float()
-                self._features[key] = self.model.features(tensor)[0].numpy()
+                features = self.model.features(tensor)
+                embeddings = self.model.embed_features(features)
+            self._features[key] = (features[0].numpy(), embeddings[0].numpy())
         return self._features[key]
+
+
+def mask_mean(maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of (C, h, w) maps over a full-resolution mask, weighted by each cell's covered area."""
+    import torch
+    import torch.nn.functional as F
+
+    weights = F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None],
+                            size=maps.shape[1:], mode="area")[0, 0].numpy()
+    total = weights.sum()
+    if total <= 0:  # a sliver thinner than a feature cell: use its nearest cell
+        ys, xs = np.nonzero(mask)
+        weights = np.zeros(maps.shape[1:], np.float32)
+        row = int(ys.mean() * weights.shape[0] / mask.shape[0])
+        weights[row, int(xs.mean() * weights.shape[1] / mask.shape[1])] = 1
+        total = 1.0
+    return np.tensordot(maps, weights, axes=([1, 2], [0, 1])) / total
 
 
 def candidate_descriptors(candidates: list[Candidate], data_dir: Path, baselines: BaselineDescriptors):
@@ -421,7 +449,8 @@ def run(config: BenchConfig) -> dict:
         for kind in config.kinds:
             started = time.perf_counter()
             for query in queries:
-                served[kind].append(ask_server(server.client, images_png[query.image_id], query, kind, config.top_k))
+                image_png = images_png[query.image_id]
+                served[kind].append(ask_server(server.client, image_png, query, kind, config.top_k))
             log.info("%s queries: %d in %.0f s", kind, len(queries), time.perf_counter() - started)
 
     scores = score_everything(config, data_dir, index_dir, checkpoint, candidates, queries, served)
@@ -445,18 +474,25 @@ def score_everything(config, data_dir, index_dir, checkpoint, candidates, querie
     """Scores of the server's rankings and of the baselines' brute-force rankings."""
     by_id = {c.segment_id: c for c in candidates}
     class_pixels = np.stack([c.class_pixels for c in candidates])
+    prototypes = np.stack([c.prototype for c in candidates])
     baselines = BaselineDescriptors(checkpoint, embed_size_of(index_dir), config.embed_threads)
     started = time.perf_counter()
     colour_matrix, backbone_matrix = candidate_descriptors(candidates, data_dir, baselines)
     log.info("baseline descriptors of %d segments in %.0f s", len(candidates), time.perf_counter() - started)
 
     per_query = {kind: defaultdict(list) for kind in config.kinds}
+    overlap = {kind: [] for kind in config.kinds}  # |server top-k & brute-force top-k| / k
     for number, query in enumerate(queries):  # queries of one image are adjacent: features cached
         image = np.asarray(Image.open(data_dir / "query" / query.image_id).convert("RGB"))
         for kind in config.kinds:
             answer = served[kind][number]
+            embedding = baselines.model_embedding("query/" + query.image_id, image, answer.query_mask)
+            bruteforce = rank_by_cosine(embedding, prototypes, config.top_k)
+            bruteforce_ids = {candidates[i].segment_id for i in bruteforce}
+            overlap[kind].append(len(bruteforce_ids & set(answer.segment_ids)) / config.top_k)
             ranked = {
                 "model": [by_id[i].class_pixels for i in answer.segment_ids],
+                "model_bruteforce": class_pixels[bruteforce],
                 "colour_histogram": class_pixels[rank_by_cosine(
                     baselines.colour(image, answer.query_mask), colour_matrix, config.top_k)],
                 "backbone": class_pixels[rank_by_cosine(
@@ -472,7 +508,8 @@ def score_everything(config, data_dir, index_dir, checkpoint, candidates, querie
     latency = {kind: latency_percentiles([a.seconds for a in served[kind]]) for kind in config.kinds}
     return {"results": {kind: {method: summary_dict(per_query[kind][method]) for method in METHODS}
                         for kind in config.kinds},
-            "latency": latency}
+            "latency": latency,
+            "server_vs_bruteforce_overlap": {kind: float(np.mean(overlap[kind])) for kind in config.kinds}}
 
 
 def embed_size_of(index_dir: Path) -> int:
@@ -513,23 +550,30 @@ def format_report(results: dict, class_names: list[str]) -> str:
     lines = [f"retrieval on unseen data: {len(class_names)} classes, {data['index_images']} index mosaics "
              f"({results['index']['segments']} segments), {data['query_regions']} query regions in "
              f"{data['query_images']} query mosaics; model {results['model']['model_version']}", ""]
-    header = f"{'query':6} {'method':18} {'P@' + str(top_k):>7} {'pixel P':>8} {'area ratio':>10} {'p50 ms':>8} {'p99 ms':>8}"
+    header = (f"{'query':6} {'method':18} {'P@' + str(top_k):>7} {'pixel P':>8} {'area ratio':>10} "
+              f"{'p50 ms':>8} {'p99 ms':>8}")
     lines += [header, "-" * len(header)]
     for kind, methods in results["results"].items():
         for method in METHODS:
             row = methods[method]
-            name = "ours (server)" if method == "model" else method
+            name = METHOD_NAMES[method]
             timing = results["latency"][kind] if method == "model" else None
             lines.append(f"{kind:6} {name:18} {row['precision_at_k']:7.2f} {row['pixel_precision']:8.2f} "
                          f"{row['area_ratio_median']:10.2f} "
-                         + (f"{timing['p50_ms']:8.0f} {timing['p99_ms']:8.0f}" if timing else f"{'':8} {'':8}"))
-    lines += ["", f"per class, P@{top_k} (queries; ours by mask/box/point | colour, backbone, chance by mask):"]
+                         + (f"{timing['p50_ms']:8.0f} {timing['p99_ms']:8.0f}" if timing else ""))
     kinds = list(results["results"])
     first = kinds[0]
-    header = f"{'class':16} {'n':>3} " + " ".join(f"{k:>6}" for k in kinds) + f" | {'colour':>6} {'backb.':>6} {'chance':>6}"
+    overlap = results["server_vs_bruteforce_overlap"]
+    lines += ["", f"check: share of the server's top {top_k} also in a brute-force top {top_k} by the "
+              "model's own mean embedding of the same query mask: "
+              + ", ".join(f"{kind} {value:.2f}" for kind, value in overlap.items())]
+    lines += ["", f"per class, P@{top_k}: ours by each query kind | baselines by {kinds[0]}"]
+    header = (f"{'class':16} {'n':>3} " + " ".join(f"{k:>6}" for k in kinds)
+              + f" | {'colour':>6} {'backb.':>6} {'chance':>6}")
     lines += [header, "-" * len(header)]
     for class_index, name in enumerate(class_names):
-        key = class_index if class_index in results["results"][first]["model"]["per_class"] else str(class_index)
+        per_class = results["results"][first]["model"]["per_class"]
+        key = class_index if class_index in per_class else str(class_index)  # str once read from JSON
         rows = {kind: results["results"][kind]["model"]["per_class"].get(key) for kind in kinds}
         if rows[first] is None:
             continue
