@@ -365,6 +365,10 @@ class BaselineDescriptors:
         """Mean of the frozen backbone hypercolumn over the mask (area-weighted at stride 4)."""
         return mask_mean(self._maps(key, image)[0], mask)
 
+    def backbone_many(self, key: str, image: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """`backbone` of many masks (S, H, W) of one image at once: (S, C)."""
+        return mask_means(self._maps(key, image)[0], masks)
+
     def model_embedding(self, key: str, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The trained model's re-normalised mean embedding over the mask (a check of the server)."""
         mean = mask_mean(self._maps(key, image)[1], mask)
@@ -388,36 +392,44 @@ class BaselineDescriptors:
 
 def mask_mean(maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Mean of (C, h, w) maps over a full-resolution mask, weighted by each cell's covered area."""
+    return mask_means(maps, mask[None])[0]
+
+
+def mask_means(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """(S, C) means of (C, h, w) maps over S full-resolution masks (S, H, W), area-weighted."""
     import torch
     import torch.nn.functional as F
 
-    weights = F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None],
-                            size=maps.shape[1:], mode="area")[0, 0].numpy()
-    total = weights.sum()
-    if total <= 0:  # a sliver thinner than a feature cell: use its nearest cell
-        ys, xs = np.nonzero(mask)
-        weights = np.zeros(maps.shape[1:], np.float32)
-        row = int(ys.mean() * weights.shape[0] / mask.shape[0])
-        weights[row, int(xs.mean() * weights.shape[1] / mask.shape[1])] = 1
-        total = 1.0
-    return np.tensordot(maps, weights, axes=([1, 2], [0, 1])) / total
+    weights = F.interpolate(torch.from_numpy(masks.astype(np.float32))[:, None],
+                            size=maps.shape[1:], mode="area")[:, 0].numpy()
+    for index in np.flatnonzero(weights.sum(axis=(1, 2)) <= 0):  # thinner than a cell: nearest cell
+        ys, xs = np.nonzero(masks[index])
+        row = int(ys.mean() * maps.shape[1] / masks.shape[1])
+        weights[index, row, int(xs.mean() * maps.shape[2] / masks.shape[2])] = 1
+    flat = weights.reshape(len(masks), -1)
+    return flat @ maps.reshape(maps.shape[0], -1).T / flat.sum(axis=1, keepdims=True)
 
 
 def candidate_descriptors(candidates: list[Candidate], data_dir: Path, baselines: BaselineDescriptors):
-    """(N, 512) colour histograms and (N, C) backbone means of every candidate."""
-    colour, backbone = [], []
+    """(N, 512) colour histograms and (N, C) backbone means of every candidate, image by image."""
+    by_image: dict[str, list[int]] = defaultdict(list)
+    for number, candidate in enumerate(candidates):
+        by_image[candidate.image_id].append(number)
+    colour = np.zeros((len(candidates), 512))
+    backbone: np.ndarray | None = None
     started = time.perf_counter()
-    for number, candidate in enumerate(sorted(range(len(candidates)), key=lambda i: candidates[i].image_id)):
-        item = candidates[candidate]
-        image = np.asarray(Image.open(data_dir / "index" / item.image_id).convert("RGB"))
-        colour.append((candidate, baselines.colour(image, item.mask)))
-        backbone.append((candidate, baselines.backbone("index/" + item.image_id, image, item.mask)))
-        if number and number % 1000 == 0:
-            log.info("baseline descriptors: %d/%d segments, %.0f s", number, len(candidates),
-                     time.perf_counter() - started)
-    colour.sort(key=lambda pair: pair[0])
-    backbone.sort(key=lambda pair: pair[0])
-    return np.stack([v for _, v in colour]), np.stack([v for _, v in backbone])
+    for done, (image_id, numbers) in enumerate(sorted(by_image.items()), start=1):
+        image = np.asarray(Image.open(data_dir / "index" / image_id).convert("RGB"))
+        masks = np.stack([candidates[n].mask for n in numbers])
+        for n, mask in zip(numbers, masks, strict=True):
+            colour[n] = baselines.colour(image, mask)
+        means = baselines.backbone_many("index/" + image_id, image, masks)
+        if backbone is None:
+            backbone = np.zeros((len(candidates), means.shape[1]), dtype=np.float32)
+        backbone[numbers] = means
+        if done % 24 == 0:
+            log.info("baseline descriptors: %d/%d images, %.0f s", done, len(by_image), time.perf_counter() - started)
+    return colour, backbone
 
 
 # ---- the run -------------------------------------------------------------------------------------
