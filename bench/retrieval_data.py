@@ -36,6 +36,10 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 DEB_PACKAGE = "openarena-081-textures"
+# The .deb the published numbers were measured with (Debian 12); another version still works,
+# but `deb_provenance` makes the difference visible in the results.
+MEASURED_DEB = ("openarena-081-textures_0.8.5split-14_all.deb",
+                "72bf05abd5286a1523b56ca04e25bceb775813d747f92ecd20749d512361a81f")
 PK3_SUFFIX = "usr/share/games/openarena/baseoa/pak4-textures.pk3"
 
 # class name -> source texture groups (paths inside the pk3). A group is one texture or a few
@@ -132,6 +136,21 @@ def fetch_textures(cache_dir: Path, package: str = DEB_PACKAGE) -> Path:
         staging.rename(textures_root)
     log.info("unpacked %s into %s", deb.name, textures_root)
     return textures_root
+
+
+def deb_provenance(cache_dir: Path, package: str = DEB_PACKAGE) -> dict:
+    """File name and sha256 of the cached .deb, and whether it is the one measured in RESULTS.md."""
+    import hashlib
+
+    debs = sorted((cache_dir / "debs").glob(f"{package}_*.deb"))
+    if not debs:
+        return {"deb": None}
+    digest = hashlib.sha256(debs[-1].read_bytes()).hexdigest()
+    same = (debs[-1].name, digest) == MEASURED_DEB
+    if not same:
+        log.warning("%s (sha256 %s) is not the package RESULTS.md was measured with (%s)",
+                    debs[-1].name, digest, MEASURED_DEB[0])
+    return {"deb": debs[-1].name, "sha256": digest, "as_measured": same}
 
 
 def load_source(textures_root: Path, relative: str) -> np.ndarray:

@@ -46,7 +46,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from retrieval_data import (  # noqa: E402
-    DEB_PACKAGE, MosaicSetConfig, build_mosaic_set, contact_sheet, fetch_textures, load_ground_truth,
+    MosaicSetConfig, build_mosaic_set, contact_sheet, deb_provenance, fetch_textures, load_ground_truth,
 )
 from retrieval_scoring import (  # noqa: E402
     QueryScore, chance_scores, colour_histogram, latency_percentiles, rank_by_cosine, score_hits, summarise,
@@ -428,7 +428,8 @@ def candidate_descriptors(candidates: list[Candidate], data_dir: Path, baselines
             backbone = np.zeros((len(candidates), means.shape[1]), dtype=np.float32)
         backbone[numbers] = means
         if done % 24 == 0:
-            log.info("baseline descriptors: %d/%d images, %.0f s", done, len(by_image), time.perf_counter() - started)
+            log.info("baseline descriptors: %d/%d images, %.0f s", done, len(by_image),
+                     time.perf_counter() - started)
     return colour, backbone
 
 
@@ -470,7 +471,7 @@ def run(config: BenchConfig) -> dict:
         "command": " ".join(["python", "bench/retrieval_quality.py"] + sys.argv[1:]),
         "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "mosaic"},
         "mosaic": dataclasses.asdict(config.mosaic),
-        "data": describe_data(manifest, queries, candidates, class_names),
+        "data": {**describe_data(manifest, queries, candidates, class_names), **deb_provenance(out_dir)},
         "model": {"checkpoint": str(checkpoint), "model_version": info.model_version},
         "index": {"segments": len(candidates), "images": info.num_images, "faiss": info.faiss_index,
                   "build_seconds": round(index_seconds, 1)},
@@ -546,7 +547,6 @@ def describe_data(manifest: dict, queries: list[Query], candidates: list[Candida
     for candidate in candidates:
         majority[class_names[int(np.argmax(candidate.class_pixels))]] += 1
     return {
-        "package": DEB_PACKAGE,
         "classes": {name: {"index_textures": sources["index"][name], "query_textures": sources["query"][name],
                            "query_regions": regions[name], "index_segments_majority": majority[name]}
                     for name in class_names},
