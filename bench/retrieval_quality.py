@@ -447,7 +447,9 @@ def run(config: BenchConfig) -> dict:
     manifest = json.loads((data_dir / "dataset.json").read_text())
 
     checkpoint = Path(config.model) if config.model else demo_checkpoint(config, out_dir)
-    run_dir = out_dir / "runs" / f"{config.data_name}-{checkpoint_tag(checkpoint)}"
+    # the folder names the exact data (its manifest's hash) and checkpoint, so a cached index is never stale
+    data_tag = hashlib.sha256((data_dir / "dataset.json").read_bytes()).hexdigest()[:8]
+    run_dir = out_dir / "runs" / f"{config.data_name}-{data_tag}-{checkpoint_tag(checkpoint)}"
     run_dir.mkdir(parents=True, exist_ok=True)
     index_dir, index_seconds = build_index(data_dir, checkpoint, run_dir)
 
