@@ -21,7 +21,8 @@ What it does:
 6. scores (`retrieval_scoring.py`): precision@10 (a hit counts when its segment's majority
    ground-truth class is the query's), pixel precision, median hit/query area ratio, and the
    server's latency per query kind. Prints the table and per-class rows; writes
-   bench/out/retrieval/<run>/results.json and a contact sheet of the data.
+   bench/out/retrieval/runs/<data>-<data hash>-<checkpoint hash>/results.json, and a contact
+   sheet of the data next to the mosaics.
 """
 from __future__ import annotations
 
