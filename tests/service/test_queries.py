@@ -131,13 +131,6 @@ def test_get_segment_returns_the_record_with_its_mask(served, stored):
     assert mask.shape == (96, 128) == (record.image_height, record.image_width)
     assert mask.mean() == pytest.approx(seg.area_fraction, abs=1e-6)
     assert record.image_uri.endswith(PHOTO)
-    assert len(record.prototype) == 0  # only when asked for
-
-
-def test_get_segment_returns_the_stored_prototype_when_asked(served, stored):
-    seg = stored[1][PHOTO][3]
-    record = served.client.get_segment(seg.segment_id, include_prototype=True)
-    np.testing.assert_allclose(np.asarray(record.prototype, dtype=np.float32), seg.prototype, atol=1e-6)
 
 
 def test_segment_returns_16_bit_segment_map_and_labels(served, corpus_dir):
