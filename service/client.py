@@ -89,8 +89,11 @@ class SegsearchClient:
         return self._call(self.stub.Segment, pb.SegmentRequest(image=pb.Image(data=image), num_segments=num_segments),
                           timeout)
 
-    def get_segment(self, segment_id: int, timeout: float | None = None) -> pb.SegmentRecord:
-        return self._call(self.stub.GetSegment, pb.GetSegmentRequest(segment_id=segment_id), timeout)
+    def get_segment(self, segment_id: int, timeout: float | None = None, *,
+                    include_prototype: bool = False) -> pb.SegmentRecord:
+        """One stored segment with its mask (and its unit-norm prototype when asked)."""
+        request = pb.GetSegmentRequest(segment_id=segment_id, include_prototype=include_prototype)
+        return self._call(self.stub.GetSegment, request, timeout)
 
     def index_images(self, images: Iterable[tuple[str, bytes] | pb.IndexImageRequest],
                      timeout: float | None = None) -> pb.IndexImagesResponse:
