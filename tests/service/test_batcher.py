@@ -60,11 +60,19 @@ def test_expired_items_are_dropped_and_errors_reach_every_caller():
 
 
 def test_batched_server_answers_equal_sequential_ones(served, corpus_dir):
+    """With the embedding cache off, so that every query of the one image embeds it again."""
+    from segsearch.service.embedding_cache import EmbeddingCache
+
     data = (corpus_dir / PHOTO).read_bytes()
     boxes = [(x, y, x + 60, y + 50) for x in (0, 60, 120, 180) for y in (0, 70, 140)]
-    sequential = [served.client.search_box(data, box, top_k=3).hits for box in boxes]
-    with ThreadPoolExecutor(6) as pool:
-        concurrent = list(pool.map(lambda box: served.client.search_box(data, box, top_k=3).hits, boxes))
+    analyzer = served.server.servicer.app.analyzer
+    cache, analyzer.embedding_cache = analyzer.embedding_cache, EmbeddingCache(0)
+    try:
+        sequential = [served.client.search_box(data, box, top_k=3).hits for box in boxes]
+        with ThreadPoolExecutor(6) as pool:
+            concurrent = list(pool.map(lambda box: served.client.search_box(data, box, top_k=3).hits, boxes))
+    finally:
+        analyzer.embedding_cache = cache
     for alone, together in zip(sequential, concurrent):
         assert [h.segment_id for h in alone] == [h.segment_id for h in together]
         assert [h.score for h in alone] == pytest.approx([h.score for h in together], abs=1e-4)
