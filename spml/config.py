@@ -69,6 +69,12 @@ class SegmenterConfig:
     grid / iterations / coord_weight: the spherical k-means settings (``K = rows * cols``).
     min_area_fraction: segments smaller than this fraction of the image are merged away.
     knn_k: neighbours in the label vote.
+    refine_size: fine segments are assigned on a grid of at most this many pixels per side
+        (and at most the image's own size) instead of the E/4 embedding map; 0 = no refinement
+        (nearest-neighbour upsampling of the embedding-map segments).
+    contour_weight: weight of the mean border contour (in [0, 1]) against the prototype
+        dissimilarity (1 - cosine) in the region hierarchy's merge cost.
+    region_height: the default region level, the hierarchy cut at this merge height.
     """
 
     embed_size: int = 320
@@ -77,6 +83,9 @@ class SegmenterConfig:
     coord_weight: float = 1.0
     min_area_fraction: float = 0.005
     knn_k: int = 20
+    refine_size: int = 320
+    contour_weight: float = 1.0
+    region_height: float = 0.5
 
     def __post_init__(self) -> None:
         if self.embed_size < 16:
@@ -85,6 +94,9 @@ class SegmenterConfig:
             raise ValueError(f"min_area_fraction must be in [0, 1), got {self.min_area_fraction}")
         if self.knn_k < 1:
             raise ValueError(f"knn_k must be >= 1, got {self.knn_k}")
+        if self.refine_size < 0 or self.contour_weight < 0:
+            raise ValueError(f"refine_size and contour_weight must be >= 0, got {self.refine_size}, "
+                             f"{self.contour_weight}")
         self.kmeans()  # validates grid, iterations and coord_weight
 
     def kmeans(self) -> KMeansConfig:
