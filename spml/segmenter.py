@@ -15,22 +15,31 @@ One batch of `B` images of any sizes goes through:
    a merged segment that is still tiny is considered again. A tiny segment with no
    neighbour at all (it would have to be alone in the image, so in practice never) is
    dropped, and its pixels belong to no segment (-1 in `label_map`).
-   **prototypes**: the re-normalised mean embedding of each final segment, `(D,)`.
-4. **back to image size**: each final segment map is resized (nearest, pixel-centre
-   aligned) from `(E/4, E/4)` to the image's `(H, W)`; masks, boxes and area fractions are
-   measured there. A segment that vanishes in that resize (images smaller than the
-   embedding map) is left out.
-5. **label** every segment by k-NN vote among the checkpoint's labelled training
-   prototypes (`spml.label_vote.knn_vote`); `label_score` is the vote share in (0, 1].
+   **prototypes**: the re-normalised mean embedding of each final segment (over its
+   embedding-map pixels), `(D,)`.
+4. **borders below the stride** (`spml.refine`): the k-means centroids are re-assigned on a
+   finer grid (each side at most `refine_size` and the image's own), from bilinearly
+   upsampled embeddings in the k-means space; the tiny-segment rule's outcome is applied to
+   those ids. That grid is resized (nearest, pixel-centre aligned) to the image's `(H, W)`;
+   masks, boxes and area fractions are measured there. A segment absent from the finer grid
+   is left out. (`refine_size=0`: the embedding map itself, nearest-upsampled, as before.)
+5. **region hierarchy** (`spml.hierarchy`): the final (fine) segments are merged
+   agglomeratively by prototype dissimilarity plus the mean contour (`spml.edges`: HED side
+   outputs of the model's own backbone, or Sobel) along their shared border, on the finer
+   grid; the default cut at `region_height` is the **region level**, and
+   `Segmenter.regions_at` gives the cut at any count.
+6. **label** every fine segment and region by k-NN vote among the checkpoint's labelled
+   training prototypes (`spml.label_vote.knn_vote`); `label_score` is the vote share in (0, 1].
 
-Steps 1-2 and the k-means of step 3 run on the model's device (CUDA when the model is there;
-the same code on CPU) in `Segmenter.cluster`, which hands back only the k-means ids and the
-embedding sum of each k-means segment; the rest (`Segmenter.finish`) is bookkeeping over a
-few dozen segments per image in numpy (a merged segment's prototype is the normalised sum of
-its parts' sums, exactly the normalised mean), plus the label vote on the model's device. The
-split lets the pipeline run `finish` of batch i in a thread while batch i+1 is embedded.
-`StageTimes` accumulates the seconds spent per stage (embed, segment, label here; decode and
-store are added by the pipeline).
+Steps 1-2 (with the edge map), the k-means and the finer assignment of steps 3-4 run on the
+model's device (CUDA when the model is there; the same code on CPU) in `Segmenter.cluster`,
+which hands back only the k-means ids, the embedding sum of each k-means segment and, per
+image, the finer ids and edges; the rest (`Segmenter.finish`) is bookkeeping over a few dozen
+segments per image in numpy (a merged segment's prototype is the normalised sum of its parts'
+sums, exactly the normalised mean), plus the label vote on the model's device. The split lets
+the pipeline run `finish` of batch i in a thread while batch i+1 is embedded. `StageTimes`
+accumulates the seconds spent per stage (embed, segment, label here; decode and store are
+added by the pipeline).
 """
 
 from __future__ import annotations
