@@ -17,9 +17,9 @@ right or lower neighbour has another label; a predicted boundary pixel is matche
 ground-truth one lies within `--tolerance` px, and vice versa; precision and recall pooled
 over images). The count columns say how many regions each method really produced.
 
-The defaults (contour weight, region height) are chosen on the *train* split with `--tune`
-(a sweep over both, scored by best-match IoU at the region level, ties to boundary F), never
-on the test images. Costs: milliseconds per image for today's Segmenter (the code at
+The defaults (contour weight, size exponent, region height) are chosen on the *train* split
+with `--tune` (a sweep over the three, scored by best-match IoU at the region level, ties to
+boundary F), never on the test images. Costs: milliseconds per image for today's Segmenter (the code at
 `--before-commit`, loaded from git) and ours, on the same batches, interleaved.
 
 Usage: python bench/segment_quality.py [--checkpoint bench/out/seg-model/checkpoint.pt]
@@ -123,7 +123,7 @@ class Score:
                 f"{self.boundary.f_measure:.3f} |")
 
 
-SLIC_ASKS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
+SLIC_ASKS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)
 
 
 def slic_labels(image: np.ndarray, count: int) -> np.ndarray:
@@ -163,23 +163,30 @@ def cluster_all(segmenter: Segmenter, images: list[np.ndarray], batch: int):
     return [segmenter.cluster(chunk) for chunk in batches(images, batch)]
 
 
-def tune(segmenter: Segmenter, images, truths, batch: int, weights, heights, tolerance):
-    """Sweep contour weight x region height on the train split; returns the best (w, t)
-    and the table rows (mean best-match IoU and boundary F at the region level)."""
+def tune(segmenter: Segmenter, images, truths, batch: int, weights, exponents, heights, tolerance):
+    """Sweep contour weight x size exponent x region height on the train split; returns the
+    best (weight, exponent, height) by best-match IoU at the region level (ties: boundary F)
+    and the table rows (also the IoU of the cut at the true count, which needs no height)."""
     clustered = cluster_all(segmenter, images, batch)
     rows, best = [], None
     for weight in weights:
-        finisher = Segmenter(segmenter.model, None, dataclasses.replace(segmenter.config, contour_weight=weight))
-        results = [r for c in clustered for r in finisher.finish(c)]
-        for height in heights:
-            score = Score()
+        for exponent in exponents:
+            config = dataclasses.replace(segmenter.config, contour_weight=weight, merge_size_exponent=exponent)
+            results = [r for c in clustered for r in Segmenter(segmenter.model, None, config).finish(c)]
+            at_truth = Score()
             for result, truth in zip(results, truths):
-                score.add(truth, np.append(cut_by_height(result.tree, height), -1)[result.label_map], tolerance)
-            key = (round(float(np.mean(score.ious)), 3), score.boundary.f_measure)
-            rows.append((weight, height, np.mean(score.counts), *key))
-            if best is None or key > best[0]:
-                best = (key, weight, height)
-    return best[1], best[2], rows
+                count = int(np.unique(truth[truth != IGNORE_INDEX]).size)
+                at_truth.add(truth, np.append(cut_by_count(result.tree, count), -1)[result.label_map], tolerance)
+            for height in heights:
+                score = Score()
+                for result, truth in zip(results, truths):
+                    score.add(truth, np.append(cut_by_height(result.tree, height), -1)[result.label_map], tolerance)
+                key = (round(float(np.mean(score.ious)), 3), score.boundary.f_measure)
+                rows.append((weight, exponent, height, np.mean(score.counts), *key, np.mean(at_truth.ious),
+                             at_truth.boundary.f_measure))
+                if best is None or key > best[0]:
+                    best = (key, weight, exponent, height)
+    return best[1:], rows
 
 
 def before_segmenter_class(commit: str):
@@ -254,8 +261,9 @@ def main() -> int:
     parser.add_argument("--num-test", type=int, default=60)
     parser.add_argument("--num-tune", type=int, default=40, help="train images for --tune")
     parser.add_argument("--tune", action="store_true", help="sweep contour weight x region height on train")
-    parser.add_argument("--weights", default="0,0.25,0.5,1,2")
-    parser.add_argument("--heights", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,1.0,1.2,1.5")
+    parser.add_argument("--weights", default="0,1,2,3")
+    parser.add_argument("--exponents", default="0,0.25,0.5")
+    parser.add_argument("--heights", default="0.2,0.3,0.4,0.5,0.6,0.7,0.75,0.8,0.9,1.0,1.2,1.5")
     parser.add_argument("--tolerance", type=float, default=2.0)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
@@ -275,16 +283,17 @@ def main() -> int:
 
     if args.tune:
         train = load_split(DataConfig(num_train=args.num_tune), "train").samples[:args.num_tune]
-        weights = [float(v) for v in args.weights.split(",")]
-        heights = [float(v) for v in args.heights.split(",")]
-        weight, height, rows = tune(ours, [s.image for s in train], [s.mask for s in train], args.batch,
-                                    weights, heights, args.tolerance)
-        print(f"\nTuning on {len(train)} train images (region level):\n")
-        print("| contour weight | region height | regions | best-match IoU | boundary F |\n|---:|---:|---:|---:|---:|")
-        for w, t, count, iou, f in rows:
-            print(f"| {w} | {t} | {count:.1f} | {iou:.3f} | {f:.3f} |")
-        print(f"\nbest: contour_weight={weight} region_height={height} "
-              f"(defaults in use: {config.contour_weight}, {config.region_height})")
+        floats = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
+        (weight, exponent, height), rows = tune(ours, [s.image for s in train], [s.mask for s in train], args.batch,
+                                                floats(args.weights), floats(args.exponents), floats(args.heights),
+                                                args.tolerance)
+        print(f"\nTuning on {len(train)} train images:\n")
+        print("| contour weight | size exponent | region height | regions | best-match IoU | boundary F "
+              "| IoU at true count | F at true count |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for w, p, t, count, iou, f, iou_truth, f_truth in rows:
+            print(f"| {w} | {p} | {t} | {count:.1f} | {iou:.3f} | {f:.3f} | {iou_truth:.3f} | {f_truth:.3f} |")
+        print(f"\nbest: contour_weight={weight} merge_size_exponent={exponent} region_height={height} (defaults "
+              f"in use: {config.contour_weight}, {config.merge_size_exponent}, {config.region_height})")
 
     test = load_split(DataConfig(num_test=args.num_test), "test").samples
     images, truths = [s.image for s in test], [s.mask for s in test]
@@ -293,9 +302,16 @@ def main() -> int:
     unrefined = Segmenter(model, checkpoint.label_bank, dataclasses.replace(config, refine_size=0))
     plain, _ = segment_all(unrefined, images, args.batch)
 
+    before_class = before_segmenter_class(args.before_commit)
+    old_four = before_class(model, checkpoint.label_bank, dataclasses.replace(config, grid=(2, 2)))
+    four, _ = segment_all(old_four, images, args.batch)  # what Segment(num_segments=4) did before
+
     scores = {name: Score() for name in ("fine", "regions", "cut", "before", "slic_fine", "slic_regions",
-                                         "slic_cut", "cut_unrefined")}
-    for image, truth, result, old in zip(images, truths, results, plain):
+                                         "slic_cut", "cut_unrefined", "before_4", "cut_4", "slic_4")}
+    for image, truth, result, old, old_4 in zip(images, truths, results, plain, four):
+        scores["before_4"].add(truth, old_4.label_map, args.tolerance)
+        scores["cut_4"].add(truth, np.append(cut_by_count(result.tree, 4), -1)[result.label_map], args.tolerance)
+        scores["slic_4"].add(truth, slic_labels(image, 4), args.tolerance)
         true_count = int(np.unique(truth[truth != IGNORE_INDEX]).size)
         cut = np.append(cut_by_count(result.tree, true_count), -1)[result.label_map]
         cut_old = np.append(cut_by_count(old.tree, true_count), -1)[old.label_map]
@@ -310,7 +326,7 @@ def main() -> int:
         slic_labels(image, count)
     slic_ms = (time.perf_counter() - slic_seconds) * 1000 / len(images)
 
-    before = before_segmenter_class(args.before_commit)(model, checkpoint.label_bank, config)
+    before = before_class(model, checkpoint.label_bank, config)
     cost = costs(before, ours, images, args.batch, args.repeats)
 
     print(f"\n{len(images)} test images, {len(scores['regions'].ious)} ground-truth regions, "
@@ -323,7 +339,10 @@ def main() -> int:
                         ("slic_regions", "SLIC at the region level's count"),
                         ("cut", "ours: cut at the ground-truth count"),
                         ("cut_unrefined", "ours without refinement: cut at the ground-truth count"),
-                        ("slic_cut", "SLIC at the ground-truth count")):
+                        ("slic_cut", "SLIC at the ground-truth count"),
+                        ("before_4", "before: Segment asked for 4 (k-means 2x2 grid)"),
+                        ("cut_4", "ours: Segment asked for 4 (cut at 4)"),
+                        ("slic_4", "SLIC at 4")):
         print(scores[name].row(title))
     print(f"\nms per image (batch {args.batch}, best of {args.repeats}, 2 shared cores): "
           f"before {cost['before']:.0f}, ours {cost['ours']:.0f} "

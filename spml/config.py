@@ -74,7 +74,12 @@ class SegmenterConfig:
         (nearest-neighbour upsampling of the embedding-map segments).
     contour_weight: weight of the mean border contour (in [0, 1]) against the prototype
         dissimilarity (1 - cosine) in the region hierarchy's merge cost.
+    merge_size_exponent: power of the size factor (harmonic mean of the two areas) in the
+        merge cost; 0 = sizes play no part.
     region_height: the default region level, the hierarchy cut at this merge height.
+
+    contour_weight, merge_size_exponent and region_height were chosen on the mosaic *train*
+    split by `bench/segment_quality.py --tune` (bench/RESULTS.md, "Segments: region hierarchy").
     """
 
     embed_size: int = 320
@@ -84,8 +89,9 @@ class SegmenterConfig:
     min_area_fraction: float = 0.005
     knn_k: int = 20
     refine_size: int = 320
-    contour_weight: float = 1.0
-    region_height: float = 0.5
+    contour_weight: float = 2.0
+    merge_size_exponent: float = 0.25
+    region_height: float = 0.75
 
     def __post_init__(self) -> None:
         if self.embed_size < 16:
@@ -94,9 +100,9 @@ class SegmenterConfig:
             raise ValueError(f"min_area_fraction must be in [0, 1), got {self.min_area_fraction}")
         if self.knn_k < 1:
             raise ValueError(f"knn_k must be >= 1, got {self.knn_k}")
-        if self.refine_size < 0 or self.contour_weight < 0:
-            raise ValueError(f"refine_size and contour_weight must be >= 0, got {self.refine_size}, "
-                             f"{self.contour_weight}")
+        if min(self.refine_size, self.contour_weight, self.merge_size_exponent) < 0:
+            raise ValueError("refine_size, contour_weight and merge_size_exponent must be >= 0, got "
+                             f"{self.refine_size}, {self.contour_weight}, {self.merge_size_exponent}")
         self.kmeans()  # validates grid, iterations and coord_weight
 
     def kmeans(self) -> KMeansConfig:

@@ -5,7 +5,8 @@ an object. SPML's segments should follow both the semantics (the embedding) and 
 (contours). Here the fine segments are merged greedily, always the adjacent pair with the
 lowest merge cost
 
-    cost(a, b) = (1 - cos(p_a, p_b)) + contour_weight * contour(a, b)
+    cost(a, b) = [(1 - cos(p_a, p_b)) + contour_weight * contour(a, b)] * size(a, b) ** size_exponent
+    size(a, b) = 2 * area_a * area_b / (area_a + area_b)      (areas as fractions of the image)
 
 where `p` is a segment's prototype (the normalised sum of its pixels' embeddings; a merged
 segment's sum is the sum of its parts' sums, so its prototype is exact, not an average of
@@ -14,6 +15,12 @@ their shared border (each pair counts the stronger of its two pixels). A strong 
 between two look-alike segments keeps them apart; a faint border between unlike ones does
 not merge them either. Pairs that share no border never merge while any adjacent pair is
 left (they would only join disconnected pieces at the very top of the tree).
+
+The size factor (the harmonic mean of the two areas, as in Ward's linkage) lets small
+fragments merge into their surroundings before large regions merge with each other. Without
+it a textured region stays in pieces until late: in a brick wall the embedding tells brick
+from mortar and HED draws every brick's outline, so brick-mortar pairs look as unlike as two
+different textures (measured in bench/RESULTS.md, "Segments: region hierarchy").
 
 As in an ultrametric contour map, each merge gets a height, `max(cost, heights of its
 children)`, so heights never decrease along the merge sequence and any threshold gives a
@@ -77,8 +84,8 @@ def border_statistics(label_map: np.ndarray, edges: np.ndarray, num: int) -> tup
     return length + length.T, strength + strength.T
 
 
-def build_hierarchy(label_map: np.ndarray, sums: np.ndarray, edges: np.ndarray,
-                    contour_weight: float) -> RegionTree:
+def build_hierarchy(label_map: np.ndarray, sums: np.ndarray, edges: np.ndarray, contour_weight: float,
+                    areas: np.ndarray | None = None, size_exponent: float = 0.0) -> RegionTree:
     """Merge the fine segments of one image into a tree.
 
     label_map: `(h, w)` int, segment `0..n-1` of each pixel (-1: none).
@@ -86,6 +93,8 @@ def build_hierarchy(label_map: np.ndarray, sums: np.ndarray, edges: np.ndarray,
         directions matter, and sums add when segments merge).
     edges: `(h, w)` contour strength in [0, 1] at the label map's resolution.
     contour_weight: weight of the mean border contour against the prototype dissimilarity.
+    areas: `(n,)` each segment's share of the image (needed when `size_exponent` > 0).
+    size_exponent: power of the size factor (0: sizes play no part).
     """
     num = int(sums.shape[0])
     if num == 0:
@@ -97,15 +106,20 @@ def build_hierarchy(label_map: np.ndarray, sums: np.ndarray, edges: np.ndarray,
     node_length[:num, :num], node_strength[:num, :num] = length, strength
     node_sums = np.zeros((total, sums.shape[1]))
     node_sums[:num] = sums
+    node_areas = np.ones(total)
+    if size_exponent:
+        node_areas[:num] = areas
     live = np.zeros(total, dtype=bool)
     live[:num] = True
     parents = np.full(total, NO_PARENT, dtype=np.int64)
     heights = np.zeros(total)
     for new in range(num, total):
-        first, second, cost = _cheapest_pair(node_sums, node_length, node_strength, live, contour_weight)
+        first, second, cost = _cheapest_pair(node_sums, node_areas, node_length, node_strength, live,
+                                             contour_weight, size_exponent)
         parents[[first, second]] = new
         heights[new] = max(cost, heights[first], heights[second])
         node_sums[new] = node_sums[first] + node_sums[second]
+        node_areas[new] = node_areas[first] + node_areas[second]
         for matrix in (node_length, node_strength):
             matrix[new] = matrix[first] + matrix[second]
             matrix[:, new] = matrix[new]
@@ -115,30 +129,34 @@ def build_hierarchy(label_map: np.ndarray, sums: np.ndarray, edges: np.ndarray,
     return RegionTree(parents, heights, num)
 
 
-def merge_costs(sums: np.ndarray, length: np.ndarray, strength: np.ndarray,
-                contour_weight: float) -> np.ndarray:
+def merge_costs(sums: np.ndarray, length: np.ndarray, strength: np.ndarray, contour_weight: float,
+                areas: np.ndarray | None = None, size_exponent: float = 0.0) -> np.ndarray:
     """`(m, m)` merge cost of every pair of `m` nodes (inf where they share no border and on the
-    diagonal), from their sums `(m, D)`, border lengths and strengths `(m, m)`."""
+    diagonal), from their sums `(m, D)`, border lengths and strengths `(m, m)` and, when
+    `size_exponent` > 0, their areas `(m,)` (see the module docstring)."""
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
     directions = sums / np.maximum(norms, NORM_EPS)
     dissimilarity = 1.0 - directions @ directions.T
     adjacent = length > 0
     contour = np.where(adjacent, strength / np.where(adjacent, length, 1.0), 1.0)
     cost = dissimilarity + contour_weight * contour
+    if size_exponent:
+        harmonic = 2.0 * np.outer(areas, areas) / np.maximum(areas[:, None] + areas[None, :], NORM_EPS)
+        cost = cost * harmonic ** size_exponent
     cost[~adjacent] = np.inf
     np.fill_diagonal(cost, np.inf)
     return cost
 
 
-def _cheapest_pair(sums, length, strength, live, contour_weight) -> tuple[int, int, float]:
+def _cheapest_pair(sums, areas, length, strength, live, contour_weight, size_exponent) -> tuple[int, int, float]:
     """The live pair to merge next: lowest cost among adjacent pairs; when no live pair is
-    adjacent (disconnected pieces), the most similar pair with a full-strength contour."""
+    adjacent (disconnected pieces), the cheapest pair as if it shared a full-strength contour."""
     nodes = np.flatnonzero(live)
     sub = np.ix_(nodes, nodes)
-    cost = merge_costs(sums[nodes], length[sub], strength[sub], contour_weight)
+    cost = merge_costs(sums[nodes], length[sub], strength[sub], contour_weight, areas[nodes], size_exponent)
     if not np.isfinite(cost).any():
         apart = np.ones_like(length[sub])  # full length, full contour: every pair "adjacent"
-        cost = merge_costs(sums[nodes], apart, apart, contour_weight)
+        cost = merge_costs(sums[nodes], apart, apart, contour_weight, areas[nodes], size_exponent)
     flat = int(np.argmin(cost))  # row-major: ties go to the lowest pair of node ids
     first, second = divmod(flat, nodes.size)
     return int(nodes[first]), int(nodes[second]), float(cost[first, second])

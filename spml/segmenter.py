@@ -283,7 +283,8 @@ class Segmenter:
         fine_layout = _layout(target[finer_ids], shape)
         leaf_sums = _merged_sums(sums, target)[fine_layout.ids]
         fine = _LevelDraft(fine_layout, _normalised(leaf_sums))
-        tree = build_hierarchy(fine_layout.low_labels, leaf_sums, edges, self.config.contour_weight)
+        tree = build_hierarchy(fine_layout.low_labels, leaf_sums, edges, self.config.contour_weight,
+                               fine_layout.areas, self.config.merge_size_exponent)
         leaf_regions = cut_by_height(tree, self.config.region_height)
         regions = _region_draft(fine_layout.low_labels, leaf_regions, leaf_sums, shape)
         return _Draft(fine, regions, tree, leaf_sums, leaf_regions)

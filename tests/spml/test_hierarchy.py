@@ -119,3 +119,19 @@ def test_empty_and_single_leaf_trees():
     single = build_hierarchy(np.zeros((2, 2), np.int64), np.ones((1, 4)), np.zeros((2, 2)), 1.0)
     np.testing.assert_array_equal(single.parents, [-1])
     np.testing.assert_array_equal(cut_by_count(single, 5), [0])
+
+
+def test_the_size_factor_lets_small_fragments_merge_before_large_regions():
+    # 0 | 1 | 2 | 3 in a row: 0-1 large and close (cosine 0.8), 2-3 small and less close (0.7),
+    # 1-2 unlike (cosine 0).
+    label_map = np.array([[0, 1, 2, 3]])
+    sums = np.array([[1.0, 0, 0], [0.8, 0.6, 0], [0, 0, 1.0], [0, np.sqrt(0.51), 0.7]])
+    areas = np.array([0.4, 0.4, 0.1, 0.1])
+    edges = np.zeros(label_map.shape)
+    plain = build_hierarchy(label_map, sums, edges, 0.0)
+    assert plain.parents[0] == plain.parents[1] == 4  # 0-1 first, at 0.2
+    np.testing.assert_allclose(plain.heights[4], 0.2)
+    sized = build_hierarchy(label_map, sums, edges, 0.0, areas, size_exponent=1.0)
+    # 2-3: 0.3 x (2 * 0.1 * 0.1 / 0.2) = 0.03 beats 0-1: 0.2 x (2 * 0.4 * 0.4 / 0.8) = 0.08
+    assert sized.parents[2] == sized.parents[3] == 4 and sized.parents[0] == sized.parents[1] == 5
+    np.testing.assert_allclose(sized.heights[4:6], [0.03, 0.08])
