@@ -91,7 +91,7 @@ class SegmenterConfig:
     refine_size: int = 320
     contour_weight: float = 2.0
     merge_size_exponent: float = 0.25
-    region_height: float = 0.75
+    region_height: float = 0.8
 
     def __post_init__(self) -> None:
         if self.embed_size < 16:
