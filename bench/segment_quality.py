@@ -47,7 +47,7 @@ from segsearch.spml.checkpoint import load_checkpoint
 from segsearch.spml.config import SegmenterConfig
 from segsearch.spml.hierarchy import cut_by_count, cut_by_height
 from segsearch.spml.palette import IGNORE_INDEX
-from segsearch.spml.segmenter import Segmenter
+from segsearch.spml.segmenter import Segmenter, resize_for_embedding
 from segsearch.trainer.datasets import DataConfig, load_split
 
 log = logging.getLogger("bench.segment_quality")
@@ -207,15 +207,20 @@ def costs(before: Segmenter, ours: Segmenter, images, batch: int, repeats: int) 
     """ms per image, best of `repeats`, before and ours interleaved on the same batches; plus
     the parts of ours: the forward pass with and without the edge map."""
     chunk = images[:batch]
-    timings = {"before": [], "ours": [], "embed": [], "embed+edges": []}
-    from segsearch.spml.segmenter import resize_for_embedding
-
+    timings = {"before": [], "ours": [], "embed": [], "edges": []}
     resized = [resize_for_embedding(im, ours.config.embed_size) for im in chunk]
+    pixels = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float()
+    with torch.inference_mode():
+        blocks = ours.model.backbone(pixels)
     before(chunk), ours(chunk)  # warm-up
+
+    def edges_only():
+        with torch.inference_mode():
+            ours._edges(pixels, blocks)
+
     for _ in range(repeats):
         for name, call in (("before", lambda: before(chunk)), ("ours", lambda: ours(chunk)),
-                           ("embed", lambda: ours.embed(resized)),
-                           ("embed+edges", lambda: ours.embed_with_edges(resized))):
+                           ("embed", lambda: ours.embed(resized)), ("edges", edges_only)):
             start = time.perf_counter()
             call()
             timings[name].append((time.perf_counter() - start) * 1000 / len(chunk))
@@ -265,6 +270,8 @@ def main() -> int:
     parser.add_argument("--exponents", default="0,0.25,0.5")
     parser.add_argument("--heights", default="0.2,0.3,0.4,0.5,0.6,0.7,0.75,0.8,0.9,1.0,1.2,1.5")
     parser.add_argument("--tolerance", type=float, default=2.0)
+    parser.add_argument("--image-size", type=int, default=DataConfig.image_size,
+                        help="side of the test mosaics (the model was trained at 128)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--before-commit", default="a697869")
@@ -295,7 +302,7 @@ def main() -> int:
         print(f"\nbest: contour_weight={weight} merge_size_exponent={exponent} region_height={height} (defaults "
               f"in use: {config.contour_weight}, {config.merge_size_exponent}, {config.region_height})")
 
-    test = load_split(DataConfig(num_test=args.num_test), "test").samples
+    test = load_split(DataConfig(image_size=args.image_size, num_test=args.num_test), "test").samples
     images, truths = [s.image for s in test], [s.mask for s in test]
     log.info("segmenting %d test images", len(images))
     results, seconds = segment_all(ours, images, args.batch)
@@ -329,7 +336,7 @@ def main() -> int:
     before = before_class(model, checkpoint.label_bank, config)
     cost = costs(before, ours, images, args.batch, args.repeats)
 
-    print(f"\n{len(images)} test images, {len(scores['regions'].ious)} ground-truth regions, "
+    print(f"\n{len(images)} test images of {args.image_size} px, {len(scores['regions'].ious)} ground-truth regions, "
           f"tolerance {args.tolerance:g} px; config {config}\n")
     print("| segments | regions per image | best-match IoU | boundary F (2 px) |\n|---|---:|---:|---:|")
     for name, title in (("before", "before: k-means fine level, nearest upsampling (today's default)"),
@@ -347,13 +354,13 @@ def main() -> int:
     print(f"\nms per image (batch {args.batch}, best of {args.repeats}, 2 shared cores): "
           f"before {cost['before']:.0f}, ours {cost['ours']:.0f} "
           f"(throughput ratio {cost['before'] / cost['ours']:.2f}x); forward pass {cost['embed']:.0f}, "
-          f"with edges {cost['embed+edges']:.0f}; SLIC {slic_ms:.1f}; "
+          f"edge map alone {cost['edges']:.1f}; SLIC {slic_ms:.1f}; "
           f"whole split ours {seconds * 1000 / len(images):.0f}")
 
-    overlays = []
+    overlays, scale = [], max(1, 384 // args.image_size)  # small mosaics enlarged: stair steps visible
     for image, result, old in list(zip(images, results, plain))[:args.overlays]:
-        overlays.append([np.kron(image, np.ones((3, 3, 1), np.uint8)), paint(image, old.label_map, 3),
-                         paint(image, result.label_map, 3), paint(image, result.regions.label_map, 3)])
+        overlays.append([np.kron(image, np.ones((scale, scale, 1), np.uint8)), paint(image, old.label_map, scale),
+                         paint(image, result.label_map, scale), paint(image, result.regions.label_map, scale)])
     if overlays:
         path = out / "overlay.png"
         write_overlay(path, overlays)
