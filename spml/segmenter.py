@@ -25,8 +25,8 @@ One batch of `B` images of any sizes goes through:
    is left out. (`refine_size=0`: the embedding map itself, nearest-upsampled, as before.)
 5. **region hierarchy** (`spml.hierarchy`): the final (fine) segments are merged
    agglomeratively by prototype dissimilarity plus the mean contour (`spml.edges`: HED side
-   outputs of the model's own backbone, or Sobel) along their shared border, on the finer
-   grid; the default cut at `region_height` is the **region level**, and
+   outputs of the model's own backbone, or Sobel) along their shared border, measured on
+   the embedding map (so a merge height means the same at every image size); the default cut at `region_height` is the **region level**, and
    `Segmenter.regions_at` gives the cut at any count.
 6. **label** every fine segment and region by k-NN vote among the checkpoint's labelled
    training prototypes (`spml.label_vote.knn_vote`); `label_score` is the vote share in (0, 1].
@@ -167,8 +167,8 @@ class ClusteredBatch:
 
     segment_ids: `(B, h, w)` int64 k-means ids; sums: `(B, K, D)` float32 embedding sum per
     k-means segment; shapes: each image's `(H, W)`; finer_ids: per image `(H', W')` int64
-    k-means ids on the refined grid (`spml.refine`); edges: per image `(H', W')` float32
-    contour strength in [0, 1] on that grid.
+    k-means ids on the refined grid (`spml.refine`); edges: per image `(h, w)` float32
+    contour strength in [0, 1] on the embedding map (max-pooled, so thin contours survive).
     """
 
     segment_ids: np.ndarray
@@ -260,7 +260,7 @@ class Segmenter:
         """Embeddings `(B, D, h, w)` and edges `(B, 1, E, E)` -> on the CPU: k-means ids
         `(B, h, w)` int64, embedding sums per segment `(B, K, D)` float32 (the host builds
         the prototype of any merge of segments from them exactly), and per image the k-means
-        ids and edges on the refined grid (`spml.refine.finer_size`)."""
+        ids on the refined grid (`spml.refine.finer_size`) and edges on the embedding map."""
         kmeans = self.config.kmeans()
         result = spherical_kmeans(embeddings, kmeans)
         ids = result.segment_ids
@@ -273,17 +273,26 @@ class Segmenter:
             else:
                 finer.append(assign_finer(embeddings[index], result.centroids[index], result.valid[index],
                                           size, kmeans.coord_weight).cpu().numpy())
-            finer_edges.append(resize_edges(edges[index].float(), size).cpu().numpy().astype(np.float32))
+            finer_edges.append(resize_edges(edges[index].float(), tuple(ids.shape[-2:])).cpu().numpy()
+                               .astype(np.float32))
         return ids.cpu().numpy(), sums.cpu().numpy(), finer, finer_edges
 
     def _draft(self, ids, sums, finer_ids, edges, shape) -> "_Draft":
         """One image's host work: tiny-segment rule on the embedding map, fine level on the
-        refined grid, hierarchy over the fine segments, default cut."""
+        refined grid, hierarchy over the fine segments, default cut.
+
+        The hierarchy's borders and contours are measured on the embedding map (`edges` is
+        at its resolution), whatever the image size, so one merge height means the same on
+        every image: measured on the finer grid, a contour's mean along a border depends on
+        the grid's size (thin HED lines vs max-pooled ones) and the tuned height would not
+        carry over (bench/RESULTS.md, "Segments: region hierarchy")."""
         target = merge_targets(ids, sums.shape[0], self.config.min_area_fraction)
         fine_layout = _layout(target[finer_ids], shape)
         leaf_sums = _merged_sums(sums, target)[fine_layout.ids]
         fine = _LevelDraft(fine_layout, _normalised(leaf_sums))
-        tree = build_hierarchy(fine_layout.low_labels, leaf_sums, edges, self.config.contour_weight,
+        leaf_of_id = np.full(sums.shape[0] + 1, DROPPED, dtype=np.int64)  # the last slot takes id -1
+        leaf_of_id[fine_layout.ids] = np.arange(fine_layout.ids.size)
+        tree = build_hierarchy(leaf_of_id[target[ids]], leaf_sums, edges, self.config.contour_weight,
                                fine_layout.areas, self.config.merge_size_exponent)
         leaf_regions = cut_by_height(tree, self.config.region_height)
         regions = _region_draft(fine_layout.low_labels, leaf_regions, leaf_sums, shape)
