@@ -10,7 +10,8 @@ finer pixels' centres (so a pixel on a stride-4 centre has the k-means coordinat
 then fall where the interpolated embedding crosses between two centroids, not on the grid.
 
 Clusters the k-means left empty are never chosen (their centroid is stale). Same code on CPU
-and GPU; the similarity is computed in row chunks, so memory stays `chunk x K` floats.
+and GPU; the similarity is computed in chunks of pixels, so memory stays `K x chunk` floats,
+and channels-first throughout (no transposed copy of the upsampled map).
 """
 from __future__ import annotations
 
@@ -54,14 +55,19 @@ def assign_finer(embeddings: torch.Tensor, centroids: torch.Tensor, used: torch.
         upsampled = embeddings.float()
     else:
         upsampled = F.interpolate(embeddings[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-    pixels = F.normalize(upsampled.permute(1, 2, 0).reshape(-1, dim), dim=-1, eps=NORM_EPS)
+    pixels = upsampled.reshape(dim, -1)  # (D, N), channels first: no transpose of the big map
+    inverse_norm = pixels.square().sum(dim=0).clamp_min(NORM_EPS ** 2).rsqrt()  # (N,)
     ys = continued_coordinates(low_h, size[0], embeddings.device)
     xs = continued_coordinates(low_w, size[1], embeddings.device)
-    coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)
-    features = F.normalize(torch.cat([pixels, coord_weight * coords], dim=-1), dim=-1, eps=NORM_EPS)
-    penalty = torch.where(used, 0.0, float("inf")).to(features)
-    ids = torch.empty(features.shape[0], dtype=torch.long, device=features.device)
-    for start in range(0, features.shape[0], ROW_CHUNK):
-        similarity = features[start:start + ROW_CHUNK] @ centroids.to(features).T - penalty
-        ids[start:start + ROW_CHUNK] = similarity.argmax(dim=-1)
+    coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=0).reshape(2, -1)  # (2, N)
+    centroids = centroids.to(pixels)
+    penalty = torch.where(used, 0.0, float("inf")).to(pixels).view(-1, 1)
+    ids = torch.empty(pixels.shape[1], dtype=torch.long, device=pixels.device)
+    for start in range(0, pixels.shape[1], ROW_CHUNK):
+        part = slice(start, start + ROW_CHUNK)
+        # cosine with each centroid, up to the positive per-pixel norm of the concatenated
+        # feature, which leaves the argmax unchanged
+        similarity = (centroids[:, :dim] @ pixels[:, part]) * inverse_norm[part] \
+            + coord_weight * (centroids[:, dim:] @ coords[:, part]) - penalty
+        ids[part] = similarity.argmax(dim=0)
     return ids.view(size)
