@@ -71,7 +71,9 @@ class SegmenterConfig:
     knn_k: neighbours in the label vote.
     refine_size: fine segments are assigned on a grid of at most this many pixels per side
         (and at most the image's own size) instead of the E/4 embedding map; 0 = no refinement
-        (nearest-neighbour upsampling of the embedding-map segments).
+        (nearest-neighbour upsampling of the embedding-map segments). 160 = twice the 80x80
+        map of a 320 px input: 320 cost 0.72x of the old indexing throughput on 512 px images,
+        160 costs 0.93x (bench/RESULTS.md, "Segments: region hierarchy").
     contour_weight: weight of the mean border contour (in [0, 1]) against the prototype
         dissimilarity (1 - cosine) in the region hierarchy's merge cost.
     merge_size_exponent: power of the size factor (harmonic mean of the two areas) in the
@@ -88,7 +90,7 @@ class SegmenterConfig:
     coord_weight: float = 1.0
     min_area_fraction: float = 0.005
     knn_k: int = 20
-    refine_size: int = 320
+    refine_size: int = 160
     contour_weight: float = 2.0
     merge_size_exponent: float = 0.25
     region_height: float = 0.8
