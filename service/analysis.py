@@ -8,15 +8,14 @@ A box/mask query needs embeddings only: `_embed_batch` calls `Segmenter.embed` o
 resized input the segmenter builds (`resize_for_embedding`), so it costs one forward pass and
 no k-means.
 
-With a `BatchConfig`, concurrent requests' forward passes (embed) and segmentations (with the
-default grid) go through dynamic batchers: one batched model call for many requests.
+With a `BatchConfig`, concurrent requests' forward passes (embed) and segmentations go through
+dynamic batchers: one batched model call for many requests. A request for a number of
+segments no longer changes the k-means grid: it cuts the region hierarchy every segmentation
+builds (`regions`), so every request shares the batched path.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import math
-import threading
 import time
 
 import numpy as np
@@ -24,7 +23,8 @@ import torch
 
 from segsearch.indexer.decode import DecodeConfig, DecodedImage, ImageSkipped, decode_bytes
 from segsearch.indexer.decode_budget import DecodeBudget, DecodeBudgetExhausted
-from segsearch.spml.segmenter import ImageSegments, Segmenter, StageTimes, resize_for_embedding, upsample_nearest
+from segsearch.spml.segmenter import (ImageSegments, RegionLevel, Segmenter, StageTimes, resize_for_embedding,
+                                      upsample_nearest)
 from segsearch.service.batcher import DynamicBatcher
 from segsearch.service.config import BatchConfig
 from segsearch.service.embedding_cache import CachedEmbedding, EmbeddingCache
@@ -44,8 +44,6 @@ class ImageAnalyzer:
         self.decode_config = decode_config
         self.decode_budget = decode_budget
         self.embedding_cache = embedding_cache if embedding_cache is not None else EmbeddingCache(0)
-        self._segmenters: dict[tuple[int, int], Segmenter] = {tuple(segmenter.config.grid): segmenter}
-        self._lock = threading.Lock()
         self._embed_batcher = self._segment_batcher = None
         if batching is not None and batching.max_batch > 1:
             wait = batching.max_wait_ms / 1000
@@ -124,29 +122,25 @@ class ImageAnalyzer:
     def _embed_batch(self, resized: list[np.ndarray]) -> list[torch.Tensor]:
         return list(self.segmenter.embed(resized))
 
-    def segment(self, image: DecodedImage, num_segments: int = 0) -> ImageSegments:
-        """Over-segment and label one image (at its decoded size)."""
+    def segment(self, image: DecodedImage) -> ImageSegments:
+        """Over-segment, build the region hierarchy and label one image (at its decoded size)."""
         check_deadline("segmenting")
-        if num_segments == 0 and self._segment_batcher is not None:
+        if self._segment_batcher is not None:
             segments, seconds = self._segment_batcher.submit(image.pixels, _deadline())
         else:
-            segments, seconds = _segment_with(self._segmenter_for(num_segments), [image.pixels])[0]
+            segments, seconds = _segment_with(self.segmenter, [image.pixels])[0]
         add_stage_seconds(seconds)  # the segmenter times embed / segment / label itself
         return segments
 
+    def regions(self, segments: ImageSegments, num_regions: int) -> RegionLevel:
+        """The cut of `segments`' hierarchy with `num_regions` regions (all fine segments when
+        the image has fewer), labelled like the default level."""
+        check_num_regions(num_regions)
+        with stage("segment"):
+            return self.segmenter.regions_at(segments, num_regions)
+
     def _segment_batch(self, images: list[np.ndarray]) -> list[tuple[ImageSegments, dict[str, float]]]:
         return _segment_with(self.segmenter, images)
-
-    def _segmenter_for(self, num_segments: int) -> Segmenter:
-        if num_segments == 0:
-            return self.segmenter
-        grid = grid_for(num_segments, self.embed_size)
-        with self._lock:
-            if grid not in self._segmenters:
-                base = self.segmenter
-                config = dataclasses.replace(base.config, grid=grid)
-                self._segmenters[grid] = Segmenter(base.model, base.bank, config, base.class_names)
-            return self._segmenters[grid]
 
 
 def _segment_with(segmenter: Segmenter, images: list[np.ndarray]) -> list[tuple[ImageSegments, dict[str, float]]]:
@@ -162,15 +156,11 @@ def _deadline() -> float | None:
     return None if scope is None else scope.deadline
 
 
-def grid_for(num_segments: int, embed_size: int) -> tuple[int, int]:
-    """A square k-means grid with about `num_segments` cells (the embedding map is square)."""
-    cells = embed_size // 4
-    limit = min(MAX_SEGMENTS, cells * cells)
-    if not 1 <= num_segments <= limit:
-        raise InvalidArgument(f"num_segments must be between 1 and {limit} (0 = the server's default), "
-                              f"got {num_segments}")
-    side = max(1, min(cells, round(math.sqrt(num_segments))))
-    return side, side
+def check_num_regions(num_regions: int) -> None:
+    """INVALID_ARGUMENT unless 1 <= num_regions <= MAX_SEGMENTS."""
+    if not 1 <= num_regions <= MAX_SEGMENTS:
+        raise InvalidArgument(f"num_segments must be between 1 and {MAX_SEGMENTS} (0 = the server's default "
+                              f"region level), got {num_regions}")
 
 
 def to_original_size(label_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:

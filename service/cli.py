@@ -312,7 +312,7 @@ def add_segment_parser(subparsers) -> None:
                               "(through a running `segsearch serve`).")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--out", help="write an overlay PNG: boundaries | labels, with a legend")
-    p.add_argument("--num-segments", type=int, default=0, help="about this many segments (0 = server default)")
+    p.add_argument("--num-segments", type=int, default=0, help="this many regions, a cut of the region hierarchy (0 = the server's region level)")
     p.add_argument("--maps", help="also write the 16-bit segment map and 8-bit label map as PREFIX_*.png")
     _add_client_flags(p)
     p.set_defaults(handler=run_segment)

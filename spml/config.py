@@ -69,6 +69,19 @@ class SegmenterConfig:
     grid / iterations / coord_weight: the spherical k-means settings (``K = rows * cols``).
     min_area_fraction: segments smaller than this fraction of the image are merged away.
     knn_k: neighbours in the label vote.
+    refine_size: fine segments are assigned on a grid of at most this many pixels per side
+        (and at most the image's own size) instead of the E/4 embedding map; 0 = no refinement
+        (nearest-neighbour upsampling of the embedding-map segments). 160 = twice the 80x80
+        map of a 320 px input: 320 cost 0.72x of the old indexing throughput on 512 px images,
+        160 costs 0.93x (bench/RESULTS.md, "Segments: region hierarchy").
+    contour_weight: weight of the mean border contour (in [0, 1]) against the prototype
+        dissimilarity (1 - cosine) in the region hierarchy's merge cost.
+    merge_size_exponent: power of the size factor (harmonic mean of the two areas) in the
+        merge cost; 0 = sizes play no part.
+    region_height: the default region level, the hierarchy cut at this merge height.
+
+    contour_weight, merge_size_exponent and region_height were chosen on the mosaic *train*
+    split by `bench/segment_quality.py --tune` (bench/RESULTS.md, "Segments: region hierarchy").
     """
 
     embed_size: int = 320
@@ -77,6 +90,10 @@ class SegmenterConfig:
     coord_weight: float = 1.0
     min_area_fraction: float = 0.005
     knn_k: int = 20
+    refine_size: int = 160
+    contour_weight: float = 2.0
+    merge_size_exponent: float = 0.25
+    region_height: float = 0.8
 
     def __post_init__(self) -> None:
         if self.embed_size < 16:
@@ -85,6 +102,9 @@ class SegmenterConfig:
             raise ValueError(f"min_area_fraction must be in [0, 1), got {self.min_area_fraction}")
         if self.knn_k < 1:
             raise ValueError(f"knn_k must be >= 1, got {self.knn_k}")
+        if min(self.refine_size, self.contour_weight, self.merge_size_exponent) < 0:
+            raise ValueError("refine_size, contour_weight and merge_size_exponent must be >= 0, got "
+                             f"{self.refine_size}, {self.contour_weight}, {self.merge_size_exponent}")
         self.kmeans()  # validates grid, iterations and coord_weight
 
     def kmeans(self) -> KMeansConfig:

@@ -82,10 +82,20 @@ class EmbeddingNet(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> hypercolumn (B, C, ceil(H/4), ceil(W/4))."""
-        blocks = self.backbone(images)
-        size = (-(-images.shape[2] // OUTPUT_STRIDE), -(-images.shape[3] // OUTPUT_STRIDE))
+        return self.hypercolumn(self.backbone(images), images.shape[-2:])
+
+    def hypercolumn(self, blocks: list[torch.Tensor], image_size) -> torch.Tensor:
+        """The backbone's per-block features of images of `image_size` (H, W) -> hypercolumn
+        (B, C, ceil(H/4), ceil(W/4))."""
+        size = (-(-image_size[0] // OUTPUT_STRIDE), -(-image_size[1] // OUTPUT_STRIDE))
         resampled = [_resample(blocks[b - 1], size) for b in self.config.feature_blocks]
         return torch.cat(resampled, dim=1)
+
+    def embed_with_blocks(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`forward` that also hands back the backbone's block features (inference reuses them
+        for HED's side outputs instead of running VGG16 twice)."""
+        blocks = self.backbone(images)
+        return self.embed_features(self.hypercolumn(blocks, images.shape[-2:])), blocks
 
     def raw_embeddings(self, features: torch.Tensor) -> torch.Tensor:
         """Hypercolumn (B, C, h, w) -> un-normalised embeddings (B, D, h, w)."""

@@ -15,22 +15,31 @@ One batch of `B` images of any sizes goes through:
    a merged segment that is still tiny is considered again. A tiny segment with no
    neighbour at all (it would have to be alone in the image, so in practice never) is
    dropped, and its pixels belong to no segment (-1 in `label_map`).
-   **prototypes**: the re-normalised mean embedding of each final segment, `(D,)`.
-4. **back to image size**: each final segment map is resized (nearest, pixel-centre
-   aligned) from `(E/4, E/4)` to the image's `(H, W)`; masks, boxes and area fractions are
-   measured there. A segment that vanishes in that resize (images smaller than the
-   embedding map) is left out.
-5. **label** every segment by k-NN vote among the checkpoint's labelled training
-   prototypes (`spml.label_vote.knn_vote`); `label_score` is the vote share in (0, 1].
+   **prototypes**: the re-normalised mean embedding of each final segment (over its
+   embedding-map pixels), `(D,)`.
+4. **borders below the stride** (`spml.refine`): the k-means centroids are re-assigned on a
+   finer grid (each side at most `refine_size` and the image's own), from bilinearly
+   upsampled embeddings in the k-means space; the tiny-segment rule's outcome is applied to
+   those ids. That grid is resized (nearest, pixel-centre aligned) to the image's `(H, W)`;
+   masks, boxes and area fractions are measured there. A segment absent from the finer grid
+   is left out. (`refine_size=0`: the embedding map itself, nearest-upsampled, as before.)
+5. **region hierarchy** (`spml.hierarchy`): the final (fine) segments are merged
+   agglomeratively by prototype dissimilarity plus the mean contour (`spml.edges`: HED side
+   outputs of the model's own backbone, or Sobel) along their shared border, measured on
+   the embedding map (so a merge height means the same at every image size); the default cut at `region_height` is the **region level**, and
+   `Segmenter.regions_at` gives the cut at any count.
+6. **label** every fine segment and region by k-NN vote among the checkpoint's labelled
+   training prototypes (`spml.label_vote.knn_vote`); `label_score` is the vote share in (0, 1].
 
-Steps 1-2 and the k-means of step 3 run on the model's device (CUDA when the model is there;
-the same code on CPU) in `Segmenter.cluster`, which hands back only the k-means ids and the
-embedding sum of each k-means segment; the rest (`Segmenter.finish`) is bookkeeping over a
-few dozen segments per image in numpy (a merged segment's prototype is the normalised sum of
-its parts' sums, exactly the normalised mean), plus the label vote on the model's device. The
-split lets the pipeline run `finish` of batch i in a thread while batch i+1 is embedded.
-`StageTimes` accumulates the seconds spent per stage (embed, segment, label here; decode and
-store are added by the pipeline).
+Steps 1-2 (with the edge map), the k-means and the finer assignment of steps 3-4 run on the
+model's device (CUDA when the model is there; the same code on CPU) in `Segmenter.cluster`,
+which hands back only the k-means ids, the embedding sum of each k-means segment and, per
+image, the finer ids and edges; the rest (`Segmenter.finish`) is bookkeeping over a few dozen
+segments per image in numpy (a merged segment's prototype is the normalised sum of its parts'
+sums, exactly the normalised mean), plus the label vote on the model's device. The split lets
+the pipeline run `finish` of batch i in a thread while batch i+1 is embedded. `StageTimes`
+accumulates the seconds spent per stage (embed, segment, label here; decode and store are
+added by the pipeline).
 """
 
 from __future__ import annotations
@@ -40,17 +49,21 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
 from segsearch.spml.checkpoint import LabelBank
-from segsearch.spml.embedding import EmbeddingNet
 from segsearch.spml.config import SegmenterConfig
+from segsearch.spml.edges import edge_function, resize_edges
+from segsearch.spml.embedding import EmbeddingNet
+from segsearch.spml.hierarchy import RegionTree, build_hierarchy, cut_by_count, cut_by_height, region_sums
 from segsearch.spml.kmeans import spherical_kmeans
-from segsearch.spml.prototypes import NORM_EPS, segment_sums
 from segsearch.spml.label_vote import knn_vote
+from segsearch.spml.prototypes import NORM_EPS, segment_sums
+from segsearch.spml.refine import assign_finer, finer_size
 
 DROPPED = -1  # label_map value of pixels that belong to no segment
 
@@ -107,12 +120,37 @@ class Segment:
 
 
 @dataclass(eq=False)
-class ImageSegments:
-    """The segments of one image; `label_map` `(H, W)` int32 holds each pixel's segment index
-    (0..n-1, in the order of `segments`) or -1 for pixels of a dropped segment."""
+class RegionLevel:
+    """One cut of an image's region hierarchy: `label_map` `(H, W)` int32 region index (0..r-1,
+    -1 where the fine level has -1), `segments` the regions (prototype = normalised sum of
+    their fine segments' embedding sums, label by the same k-NN vote), `leaf_regions` `(n,)`
+    int64 the region of each fine segment."""
 
     label_map: np.ndarray
     segments: list[Segment]
+    leaf_regions: np.ndarray
+
+
+@dataclass(eq=False)
+class ImageSegments:
+    """The segments of one image; `label_map` `(H, W)` int32 holds each pixel's segment index
+    (0..n-1, in the order of `segments`) or -1 for pixels of a dropped segment.
+
+    These fine segments are the leaves `0..n-1` of `tree` (`spml.hierarchy.RegionTree`:
+    parents and merge heights); `leaf_sums` `(n, D)` float64 are their embedding sums (any
+    cut's prototypes follow exactly); `regions` is the default cut (`SegmenterConfig.region_height`).
+    """
+
+    label_map: np.ndarray
+    segments: list[Segment]
+    tree: RegionTree | None = None
+    leaf_sums: np.ndarray | None = None
+    regions: RegionLevel | None = None
+
+    @property
+    def parents(self) -> np.ndarray:
+        """`(2n - 1,)` the hierarchy's parent of each node (leaves first; -1: the root)."""
+        return self.tree.parents
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -128,12 +166,16 @@ class ClusteredBatch:
     """What `Segmenter.cluster` hands to `Segmenter.finish`, all on the CPU.
 
     segment_ids: `(B, h, w)` int64 k-means ids; sums: `(B, K, D)` float32 embedding sum per
-    k-means segment; shapes: each image's `(H, W)`.
+    k-means segment; shapes: each image's `(H, W)`; finer_ids: per image `(H', W')` int64
+    k-means ids on the refined grid (`spml.refine`); edges: per image `(h, w)` float32
+    contour strength in [0, 1] on the embedding map (max-pooled, so thin contours survive).
     """
 
     segment_ids: np.ndarray
     sums: np.ndarray
     shapes: list[tuple[int, int]]
+    finer_ids: list[np.ndarray]
+    edges: list[np.ndarray]
 
 
 class Segmenter:
@@ -150,6 +192,8 @@ class Segmenter:
         if label_bank is not None and label_bank.prototypes.shape[0] > 0:
             self.bank = LabelBank(label_bank.prototypes.to(self.device).float(), label_bank.labels.to(self.device))
             self.num_classes = max(self.num_classes, int(label_bank.labels.max()) + 1)
+        hed = model.config.backbone == "vgg16" and model.config.pretrained
+        self._edges = edge_function(model.backbone, hed_weights=hed)
 
     def __call__(self, images: Sequence[np.ndarray], resized: Sequence[np.ndarray] | None = None,
                  timings: StageTimes | None = None) -> list[ImageSegments]:
@@ -164,31 +208,36 @@ class Segmenter:
         """The device half: embed and k-means the batch; only small arrays come back to the CPU."""
         timings = timings if timings is not None else StageTimes()
         size = self.config.embed_size
+        shapes = [(int(im.shape[0]), int(im.shape[1])) for im in images]
         with timings.measure("embed", self.device):
             inputs = resized if resized is not None else [resize_for_embedding(im, size) for im in images]
-            embeddings = self.embed(inputs)
+            embeddings, edges = self.embed_with_edges(inputs)
         with timings.measure("segment", self.device):
-            ids, sums = self._kmeans(embeddings)
-        return ClusteredBatch(ids, sums, [tuple(int(v) for v in im.shape[:2]) for im in images])
+            ids, sums, finer, finer_edges = self._kmeans(embeddings, edges, shapes)
+        return ClusteredBatch(ids, sums, shapes, finer, finer_edges)
 
     def finish(self, clustered: ClusteredBatch, timings: StageTimes | None = None) -> list[ImageSegments]:
-        """The host half: tiny-segment rule, prototypes, full-size maps, then the label vote.
+        """The host half: tiny-segment rule, prototypes, full-size maps, the region hierarchy
+        and its default cut, then the label vote (fine segments and regions in one call).
 
         Safe to run in another thread while `cluster` works on the next batch (the pipeline
         overlaps them that way)."""
         timings = timings if timings is not None else StageTimes()
-        num = clustered.sums.shape[1]
         with timings.measure("segment"):
-            layouts, kept = [], []
-            for ids, sums, shape in zip(clustered.segment_ids, clustered.sums, clustered.shapes):
-                target = merge_targets(ids, num, self.config.min_area_fraction)
-                low_res = target[ids]
-                layout = _layout(low_res, shape)
-                layouts.append(layout)
-                kept.append(_merged_prototypes(sums, target)[layout[1]])
+            drafts = [self._draft(*parts) for parts in zip(clustered.segment_ids, clustered.sums,
+                                                           clustered.finer_ids, clustered.edges, clustered.shapes)]
         with timings.measure("label", self.device):
-            labels, scores = self._label(np.concatenate(kept) if kept else np.zeros((0, 1), np.float32))
-        return _assemble(layouts, kept, labels, scores)
+            levels = [level for draft in drafts for level in (draft.fine, draft.regions)]
+            labelled = self._label_levels(levels)
+        return [_image_segments(draft, labelled[2 * n], labelled[2 * n + 1]) for n, draft in enumerate(drafts)]
+
+    def regions_at(self, result: ImageSegments, count: int) -> RegionLevel:
+        """The cut of `result`'s hierarchy into `count` regions (fewer when the image has fewer
+        fine segments), labelled by the same vote."""
+        leaf_regions = cut_by_count(result.tree, count)
+        level = _region_draft(result.label_map, leaf_regions, result.leaf_sums, result.shape)
+        (segments,) = self._label_levels([level])
+        return RegionLevel(level.layout.label_map, segments, leaf_regions)
 
     @torch.inference_mode()
     def embed(self, inputs: Sequence[np.ndarray]) -> torch.Tensor:
@@ -199,14 +248,66 @@ class Segmenter:
         return self.model(batch.permute(0, 3, 1, 2).float())
 
     @torch.inference_mode()
-    def _kmeans(self, embeddings: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings -> (k-means ids `(B, h, w)` int64, embedding sums per segment `(B, K, D)`
-        float32), both on the CPU. The sums let the host build the prototype of any merge of
-        segments exactly (the normalised sum is the normalised mean)."""
+    def embed_with_edges(self, inputs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `embed`, plus contour strength `(B, 1, E, E)` in [0, 1] (`spml.edges`: HED side
+        outputs on the backbone's own blocks, or Sobel)."""
+        batch = torch.from_numpy(np.stack(inputs)).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        embeddings, blocks = self.model.embed_with_blocks(batch)
+        return embeddings, self._edges(batch, blocks)
+
+    @torch.inference_mode()
+    def _kmeans(self, embeddings: torch.Tensor, edges: torch.Tensor, shapes: list[tuple[int, int]]):
+        """Embeddings `(B, D, h, w)` and edges `(B, 1, E, E)` -> on the CPU: k-means ids
+        `(B, h, w)` int64, embedding sums per segment `(B, K, D)` float32 (the host builds
+        the prototype of any merge of segments from them exactly), and per image the k-means
+        ids on the refined grid (`spml.refine.finer_size`) and edges on the embedding map."""
         kmeans = self.config.kmeans()
-        ids = spherical_kmeans(embeddings, kmeans).segment_ids
+        result = spherical_kmeans(embeddings, kmeans)
+        ids = result.segment_ids
         sums = segment_sums(embeddings.float(), ids, kmeans.num_segments)
-        return ids.cpu().numpy(), sums.cpu().numpy()
+        finer, finer_edges = [], []
+        for index, shape in enumerate(shapes):
+            size = finer_size(shape, self.config.refine_size, tuple(ids.shape[-2:]))
+            if size == tuple(ids.shape[-2:]):
+                finer.append(ids[index].cpu().numpy())
+            else:
+                finer.append(assign_finer(embeddings[index], result.centroids[index], result.valid[index],
+                                          size, kmeans.coord_weight).cpu().numpy())
+            finer_edges.append(resize_edges(edges[index].float(), tuple(ids.shape[-2:])).cpu().numpy()
+                               .astype(np.float32))
+        return ids.cpu().numpy(), sums.cpu().numpy(), finer, finer_edges
+
+    def _draft(self, ids, sums, finer_ids, edges, shape) -> "_Draft":
+        """One image's host work: tiny-segment rule on the embedding map, fine level on the
+        refined grid, hierarchy over the fine segments, default cut.
+
+        The hierarchy's borders and contours are measured on the embedding map (`edges` is
+        at its resolution), whatever the image size, so one merge height means the same on
+        every image: measured on the finer grid, a contour's mean along a border depends on
+        the grid's size (thin HED lines vs max-pooled ones) and the tuned height would not
+        carry over (bench/RESULTS.md, "Segments: region hierarchy")."""
+        target = merge_targets(ids, sums.shape[0], self.config.min_area_fraction)
+        fine_layout = _layout(target[finer_ids], shape)
+        leaf_sums = _merged_sums(sums, target)[fine_layout.ids]
+        fine = _LevelDraft(fine_layout, _normalised(leaf_sums))
+        leaf_of_id = np.full(sums.shape[0] + 1, DROPPED, dtype=np.int64)  # the last slot takes id -1
+        leaf_of_id[fine_layout.ids] = np.arange(fine_layout.ids.size)
+        tree = build_hierarchy(leaf_of_id[target[ids]], leaf_sums, edges, self.config.contour_weight,
+                               fine_layout.areas, self.config.merge_size_exponent)
+        leaf_regions = cut_by_height(tree, self.config.region_height)
+        regions = _region_draft(fine_layout.low_labels, leaf_regions, leaf_sums, shape)
+        return _Draft(fine, regions, tree, leaf_sums, leaf_regions)
+
+    def _label_levels(self, levels: list["_LevelDraft"]) -> list[list[Segment]]:
+        """Label every segment of several levels in one k-NN vote; one Segment list per level."""
+        prototypes = [level.prototypes for level in levels]
+        stacked = np.concatenate(prototypes) if prototypes else np.zeros((0, 1), np.float32)
+        labels, scores = self._label(stacked)
+        out, offset = [], 0
+        for level in levels:
+            out.append(_segments(level, labels[offset:], scores[offset:]))
+            offset += level.prototypes.shape[0]
+        return out
 
     def _label(self, prototypes: np.ndarray) -> tuple[list[str], list[float]]:
         if prototypes.shape[0] == 0 or self.bank is None:
@@ -276,14 +377,19 @@ def merge_targets(segment_ids: np.ndarray, num_segments: int, min_area_fraction:
         target[target == small] = into
 
 
-def _merged_prototypes(sums: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Per-segment embedding sums `(K, D)` and merge targets `(K,)` -> unit-norm prototypes
-    `(K, D)` of the merged segments, indexed by target id (zero rows for merged-away ids)."""
+def _merged_sums(sums: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per-segment embedding sums `(K, D)` and merge targets `(K,)` -> sums `(K, D)` float64 of
+    the merged segments, indexed by target id (zero rows for merged-away ids)."""
     merged = np.zeros_like(sums, dtype=np.float64)
     keep = target >= 0
     np.add.at(merged, target[keep], sums[keep])
-    norms = np.linalg.norm(merged, axis=1, keepdims=True)
-    return (merged / np.maximum(norms, NORM_EPS)).astype(np.float32)
+    return merged
+
+
+def _normalised(sums: np.ndarray) -> np.ndarray:
+    """`(n, D)` sums -> unit-norm float32 prototypes (exactly the normalised means)."""
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return (sums / np.maximum(norms, NORM_EPS)).astype(np.float32)
 
 
 def _border_lengths(ids: np.ndarray, num: int) -> np.ndarray:
@@ -308,9 +414,20 @@ def _source_index(size: int, low_size: int) -> np.ndarray:
     return np.minimum((2 * np.arange(size) + 1) * low_size // (2 * size), low_size - 1)
 
 
-def _layout(low_res: np.ndarray, shape: tuple[int, int]):
-    """Low-res final map -> (label map `(H, W)` int32 relabelled 0..n-1 / -1, the k-means ids
-    of those n segments `(n,)`, their boxes `(n, 4)`, their area fractions `(n,)`).
+class _Layout(NamedTuple):
+    """A level's map at image size and its facts: label_map `(H, W)` int32 relabelled 0..n-1
+    (-1 kept), ids `(n,)` the source ids of those n segments, boxes `(n, 4)`, areas `(n,)`
+    (fractions), low_labels the source map relabelled the same way (its own resolution)."""
+
+    label_map: np.ndarray
+    ids: np.ndarray
+    boxes: np.ndarray
+    areas: np.ndarray
+    low_labels: np.ndarray
+
+
+def _layout(low_res: np.ndarray, shape: tuple[int, int]) -> _Layout:
+    """A map of ids (-1: none) at any resolution up to the image's -> its `_Layout` at `shape`.
 
     Areas and boxes are computed on the low-res map, each low-res pixel weighted by the
     number of full-res pixels it becomes (nearest upsampling repeats whole rows and columns),
@@ -326,7 +443,8 @@ def _layout(low_res: np.ndarray, shape: tuple[int, int]):
     relabel[ids] = np.arange(ids.size, dtype=np.int32)
     low_labels = relabel[low_res]
     label_map = low_labels[rows[:, None], cols[None, :]]
-    return label_map, ids, _boxes(low_labels, weight > 0, rows, cols, ids.size), counts[ids] / float(height * width)
+    boxes = _boxes(low_labels, weight > 0, rows, cols, ids.size)
+    return _Layout(label_map, ids, boxes, counts[ids] / float(height * width), low_labels)
 
 
 def _boxes(low_labels: np.ndarray, hit: np.ndarray, rows: np.ndarray, cols: np.ndarray, num: int) -> np.ndarray:
@@ -348,18 +466,46 @@ def _boxes(low_labels: np.ndarray, hit: np.ndarray, rows: np.ndarray, cols: np.n
     return np.stack([x0, y0, x1, y1], axis=1)
 
 
-def _assemble(layouts, kept_prototypes, labels, scores) -> list[ImageSegments]:
-    results, offset = [], 0
-    for (label_map, ids, boxes, areas), protos in zip(layouts, kept_prototypes):
-        segments = [
-            Segment(index=n, box=tuple(int(v) for v in boxes[n]), area_fraction=float(areas[n]),
-                    prototype=protos[n].astype(np.float32), label=labels[offset + n],
-                    label_score=float(scores[offset + n]), label_map=label_map)
-            for n in range(ids.size)
-        ]
-        offset += ids.size
-        results.append(ImageSegments(label_map, segments))
-    return results
+@dataclass
+class _LevelDraft:
+    """A level before labelling: its layout and unit prototypes `(n, D)` float32."""
+
+    layout: _Layout
+    prototypes: np.ndarray
+
+
+@dataclass
+class _Draft:
+    """One image before labelling: fine level, default region level, tree, leaf sums `(n, D)`."""
+
+    fine: _LevelDraft
+    regions: _LevelDraft
+    tree: RegionTree
+    leaf_sums: np.ndarray
+    leaf_regions: np.ndarray
+
+
+def _region_draft(leaf_map: np.ndarray, leaf_regions: np.ndarray, leaf_sums: np.ndarray,
+                  shape: tuple[int, int]) -> _LevelDraft:
+    """A cut of the hierarchy as a level: `leaf_map` (fine segment 0..n-1 per pixel, -1 none,
+    any resolution up to `shape`), `leaf_regions` `(n,)` region 0..r-1 of each fine segment."""
+    lookup = np.append(leaf_regions, DROPPED)  # index -1 -> the last slot
+    layout = _layout(lookup[leaf_map], shape)
+    num = int(leaf_regions.max(initial=-1)) + 1
+    return _LevelDraft(layout, _normalised(region_sums(leaf_sums, leaf_regions, num))[layout.ids])
+
+
+def _segments(level: _LevelDraft, labels: Sequence[str], scores: Sequence[float]) -> list[Segment]:
+    layout = level.layout
+    return [Segment(index=n, box=tuple(int(v) for v in layout.boxes[n]), area_fraction=float(layout.areas[n]),
+                    prototype=level.prototypes[n], label=labels[n], label_score=float(scores[n]),
+                    label_map=layout.label_map)
+            for n in range(layout.ids.size)]
+
+
+def _image_segments(draft: _Draft, fine: list[Segment], regions: list[Segment]) -> ImageSegments:
+    level = RegionLevel(draft.regions.layout.label_map, regions, draft.leaf_regions)
+    return ImageSegments(draft.fine.layout.label_map, fine, draft.tree, draft.leaf_sums, level)
 
 
 def label_map_rles(label_map: np.ndarray, num: int) -> list[list[int]]:

@@ -150,8 +150,14 @@ def test_segment_returns_16_bit_segment_map_and_labels(served, corpus_dir):
         assert (info.box.x0, info.box.y0, info.box.x1, info.box.y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
         assert where.mean() == pytest.approx(info.area_fraction, abs=0.01)
         assert set(np.unique(label_map[where]).tolist()) == {list(response.labels).index(info.label)}
-    finer = served.client.segment(data, num_segments=36)
-    assert len(finer.segments) > len(response.segments)
+    # num_segments cuts the region hierarchy: two regions, or every fine segment (the default
+    # level merges some of them)
+    assert len(served.client.segment(data, num_segments=2).segments) == 2
+    finest = served.client.segment(data, num_segments=36)
+    assert len(finest.segments) >= len(response.segments)
+    with pytest.raises(grpc.RpcError) as error:
+        served.client.segment(data, num_segments=5000)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_the_shared_server_reports_every_call_in_its_metrics(served):

@@ -1,5 +1,7 @@
 """Batched segmentation: masks partition each image, prototypes, the tiny-segment rule, labels."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -105,9 +107,12 @@ def test_masks_partition_each_image_with_tight_boxes(model, checkpoint, images):
 
 
 def test_prototypes_are_normalised_mean_embeddings(model, checkpoint):
+    """Without refinement the map is the embedding map's segments upsampled (nearest); each
+    prototype is the normalised mean of its segment's embeddings."""
     size = SEGMENTER.embed_size
     image = resize_for_embedding(photo("rocket", 96), size)  # already E x E: no resizing
-    (result,) = segment_images(model, checkpoint.label_bank, [image], SEGMENTER)
+    config = dataclasses.replace(SEGMENTER, refine_size=0)
+    (result,) = segment_images(model, checkpoint.label_bank, [image], config)
     with torch.no_grad():
         embedding = model(torch.from_numpy(image).permute(2, 0, 1)[None].float())[0]  # (D, h, w)
     stride = size // embedding.shape[-1]
@@ -156,3 +161,39 @@ def test_cuda_gives_the_cpu_segments(model, checkpoint, images):
         if np.array_equal(a.label_map, b.label_map):
             np.testing.assert_allclose(np.stack([s.prototype for s in a.segments]),
                                        np.stack([s.prototype for s in b.segments]), atol=1e-4)
+
+
+# ---- refined borders and the region hierarchy ------------------------------------------------
+
+def test_refined_borders_are_not_aligned_to_the_stride(model, checkpoint):
+    size = SEGMENTER.embed_size
+    image = resize_for_embedding(photo("astronaut", 96), size)
+    (result,) = segment_images(model, checkpoint.label_bank, [image], SEGMENTER)
+    stride = size // (size // 4)
+    label_map = result.label_map
+    across_x = np.flatnonzero((label_map[:, 1:] != label_map[:, :-1]).any(axis=0)) + 1
+    across_y = np.flatnonzero((label_map[1:] != label_map[:-1]).any(axis=1)) + 1
+    # nearest upsampling could only change label at multiples of the stride
+    assert (across_x % stride != 0).any() and (across_y % stride != 0).any()
+    cover = sum(segment.mask.astype(int) for segment in result.segments)
+    assert (cover == 1).all()
+
+
+def test_regions_are_unions_of_fine_segments_with_exact_prototypes(model, checkpoint, images):
+    segmenter = Segmenter(model, checkpoint.label_bank, SEGMENTER)
+    for result in segmenter(images):
+        num = len(result.segments)
+        assert result.tree.num_leaves == num and result.parents.shape == (max(2 * num - 1, 0),)
+        assert result.leaf_sums.shape == (num, result.segments[0].prototype.size)
+        for level in (result.regions, segmenter.regions_at(result, 2)):
+            leaf_regions = level.leaf_regions
+            assert leaf_regions.shape == (num,)
+            np.testing.assert_array_equal(level.label_map, np.append(leaf_regions, -1)[result.label_map])
+            for region in level.segments:
+                members = np.flatnonzero(leaf_regions == region.index)
+                total = result.leaf_sums[members].sum(axis=0)
+                np.testing.assert_allclose(region.prototype, total / np.linalg.norm(total), atol=1e-5)
+                assert region.box == mask_box(region.mask)
+                assert region.area_fraction == pytest.approx(region.mask.mean())
+        assert len(segmenter.regions_at(result, 2).segments) == min(2, num)
+        assert len(segmenter.regions_at(result, 10**6).segments) == num
