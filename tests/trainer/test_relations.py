@@ -93,3 +93,28 @@ def test_reference_values_per_supervision():
     points = default_loss_config("points")
     assert points.annotation.weight == 0.1 and points.lowlevel.concentration == 16
     assert default_loss_config("tags").affinity.weight == 0.0  # A off, as in SPML's configs
+
+
+def test_cooccurrence_is_not_zero_when_every_image_has_background():
+    """VOC regression: tags made by the weak-label code from masks that all contain
+    background (0). Image 0 holds class 15, image 1 class 5: they share no object class, so
+    O has negatives and must give a non-zero loss and gradient (it was exactly 0 while the
+    background counted as a tag)."""
+    from segsearch.trainer.weak_labels import WeakLabelConfig, make_weak_labels
+
+    masks = [torch.zeros(4, 4, dtype=torch.long), torch.zeros(4, 4, dtype=torch.long)]
+    masks[0][:, 2:] = 15
+    masks[1][:, 2:] = 5
+    config = WeakLabelConfig(kind="tags", background_class=0)
+    weak = [make_weak_labels(m.numpy(), 21, config) for m in masks]
+    tags = torch.stack([torch.from_numpy(w.tags) for w in weak])
+    labels = torch.stack([torch.from_numpy(w.pixel_labels) for w in weak])
+    torch.manual_seed(0)
+    embeddings = F.normalize(torch.randn(2, 3, 4, 4), dim=1).requires_grad_(True)
+    clusters = torch.tensor([0, 0, 1, 1]).repeat(2, 4, 1)  # left / right halves
+    contours = torch.zeros(2, 4, 4, dtype=torch.long)
+    config = LossConfig(annotation=Relation(0, 6), cooccurrence=Relation(1.0, 8), lowlevel=Relation(0, 16))
+    loss = _losses(config, embeddings, clusters, contours, labels, tags)["O"]
+    loss.backward()
+    assert loss.item() > 0.01
+    assert embeddings.grad.abs().sum() > 0
