@@ -46,11 +46,18 @@ def cam_pseudo_labels(
     steps: int = 300,
     seed: int = 0,
     batch_size: int = 32,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """features (N, C, h, w) frozen backbone features; tags (N, K) bool -> labels (N, h, w) long."""
-    pooled = torch.cat(
-        [features[i : i + batch_size].float().mean((2, 3)) for i in range(0, len(features), batch_size)]
-    )
+    """features (N, C, h, w) frozen backbone features; tags (N, K) bool -> labels (N, h, w) long.
+
+    valid (N, h, w) bool, False on padding: padding is left out of the pooled features the
+    classifier trains on and is never labelled (it would otherwise become background)."""
+    if valid is None:
+        valid = torch.ones(features.shape[0], *features.shape[2:], dtype=torch.bool)
+    pooled = torch.cat([
+        masked_mean_pool(features[i : i + batch_size].float(), valid[i : i + batch_size])
+        for i in range(0, len(features), batch_size)
+    ])
     foreground = tags.clone()
     if background_class is not None:
         foreground[:, background_class] = False
@@ -61,9 +68,18 @@ def cam_pseudo_labels(
             chunk = features[start : start + batch_size].float()
             cams = F.relu(torch.einsum("nchw,kc->nkhw", chunk, classifier.weight))
             cams = cams + classifier.bias.view(1, -1, 1, 1).clamp(min=0)
-            labels.append(_labels_from_cams(cams, foreground[start : start + batch_size],
-                                            background_class, threshold))
+            inside = valid[start : start + batch_size]
+            cams = cams * inside.unsqueeze(1)  # padding must not set a CAM's peak
+            chunk_labels = _labels_from_cams(cams, foreground[start : start + batch_size],
+                                             background_class, threshold)
+            labels.append(chunk_labels.masked_fill(~inside, IGNORE_INDEX))
     return torch.cat(labels)
+
+
+def masked_mean_pool(features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(n, C, h, w) features, (n, h, w) bool -> (n, C) mean over the valid pixels (GAP)."""
+    weights = valid.unsqueeze(1).to(features.dtype)
+    return (features * weights).sum((2, 3)) / weights.sum((2, 3)).clamp(min=1.0)
 
 
 def _labels_from_cams(cams, tags, background_class, threshold):

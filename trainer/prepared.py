@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 class PreparedSet:
     """images (N, 3, H, W) uint8; masks (N, H, W) long; at stride 4 (h = ceil(H/4)):
     weak_labels, dense_labels, contours (N, h, w) long; tags (N, K) bool;
-    features (N, C, h, w) float16 or None when the backbone is trained."""
+    features (N, C, h, w) float16 or None when the backbone is trained;
+    valid (N, h, w) bool, False on padding (None: no padding anywhere)."""
 
     images: torch.Tensor
     masks: torch.Tensor
@@ -41,6 +42,13 @@ class PreparedSet:
     tags: torch.Tensor
     features: torch.Tensor | None
     image_ids: list[str]
+    valid: torch.Tensor | None = None
+
+    def valid_mask(self, index: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """(n, h, w) bool for the images at `index`: True on image content."""
+        if self.valid is None:
+            return torch.ones_like(self.weak_labels[index], dtype=torch.bool)
+        return self.valid[index]
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -75,6 +83,7 @@ def prepare_set(
         tags=tags,
         features=features,
         image_ids=[s.image_id for s in samples],
+        valid=sample_centres(torch.from_numpy(np.stack([s.valid_mask() for s in samples]))),
     )
 
 
@@ -95,7 +104,7 @@ def with_cam_labels(prepared: PreparedSet, background_class: int | None, seed: i
     if prepared.features is None:
         raise ValueError("CAM pseudo labels need cached backbone features")
     prepared.weak_labels = cam_pseudo_labels(
-        prepared.features, prepared.tags, background_class, seed=seed
+        prepared.features, prepared.tags, background_class, seed=seed, valid=prepared.valid
     )
     return prepared
 

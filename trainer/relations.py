@@ -10,7 +10,8 @@
   pseudo-positives, the rest negatives. Described in the paper, off in its VOC configs:
   weight 0 by default here too.
 
-Pixels without a weak label take part in V, O and A; only C needs a label.
+Pixels without a weak label take part in V, O and A; only C needs a label. Padded pixels
+(segment -1, see training_segments.py) take part in nothing.
 """
 from __future__ import annotations
 
@@ -128,7 +129,12 @@ def relation_losses(
     `bank` holds every prototype beyond the batch's own segments (never a pixel's own
     segment): the memory bank, and under data-parallel training first the other processes'
     segments of the global batch, carrying gradient. reduction="sum" returns PixelSums for
-    a mean over the global batch (trainer/distributed.py)."""
+    a mean over the global batch (trainer/distributed.py).
+
+    Padded pixels (segment -1) are dropped first: padding reaches no relation."""
+    inside = segments.valid_pixels
+    if not bool(inside.all()):
+        pixel_embeddings, segments = pixel_embeddings[inside], segments.select_pixels(inside)
     own = _own_segment(segments, extra=bank.prototypes.shape[0])
     prototypes = torch.cat([segments.prototypes, bank.prototypes])
     losses = {}

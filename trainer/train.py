@@ -25,7 +25,7 @@ from tqdm import tqdm
 from segsearch.errors import DatasetError
 from segsearch.spml.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from segsearch.spml.embedding import EmbeddingNet, ModelConfig
-from segsearch.spml.kmeans import KMeansConfig, spherical_kmeans
+from segsearch.spml.kmeans import KMeansConfig
 from segsearch.trainer.config import TrainConfig
 from segsearch.trainer.curves import plot_loss_curves
 from segsearch.trainer.datasets import LoadedSplit, load_split
@@ -38,7 +38,8 @@ from segsearch.trainer.loss import PixelSum
 from segsearch.trainer.prepared import PreparedSet, prepare_set, with_cam_labels
 from segsearch.trainer.relations import MemoryBank, default_loss_config, relation_losses
 from segsearch.trainer.sample import IGNORE_INDEX
-from segsearch.trainer.training_segments import build_training_segments
+from segsearch.trainer.pixel_sampling import pick_loss_pixels
+from segsearch.trainer.training_segments import build_training_segments, masked_kmeans
 from segsearch.trainer.weak_labels import WeakLabelConfig
 
 logger = logging.getLogger(__name__)
@@ -211,7 +212,8 @@ def _train_step(config, replica: Replica, optimizer, prepared: PreparedSet, bank
         inputs = prepared.images[index].to(device).float()
     raw = replica.forward(inputs)
     if config.method == "spml":
-        losses = _spml_losses(config, raw, prepared, index, bank, loss_config, device, step, world)
+        losses = _spml_losses(config, raw, prepared, index, global_batch, bank, loss_config, device,
+                              step, world)
     else:
         losses = _ce_losses(config, replica.net, raw, prepared, index, device, world)
     total = sum(losses.values())
@@ -230,24 +232,24 @@ def _ce_losses(config, net, raw, prepared, index, device, world: World):
     return global_mean({"CE": PixelSum(total, int((targets != IGNORE_INDEX).sum()))}, world)
 
 
-def _spml_losses(config, raw, prepared, index, bank, loss_config, device, step, world: World):
+def _spml_losses(config, raw, prepared, index, global_batch, bank, loss_config, device, step,
+                 world: World):
     embeddings = F.normalize(raw, dim=1)
     kmeans = KMeansConfig(grid=tuple(config.train_grid), iterations=config.kmeans_iterations)
+    valid = prepared.valid_mask(index).to(device)
     with torch.no_grad():
-        clusters = spherical_kmeans(embeddings.detach(), kmeans).segment_ids
+        clusters = masked_kmeans(embeddings.detach(), valid, kmeans)
     tags = prepared.tags[index].to(device)
     segments = build_training_segments(
-        embeddings, clusters, prepared.contours[index].to(device), prepared.weak_labels[index].to(device)
+        embeddings, clusters, prepared.contours[index].to(device), prepared.weak_labels[index].to(device),
+        valid,
     )
     pixels = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])
-    global_pixels = pixels.shape[0] * world.size  # loss_pixels samples the global batch
-    if 0 < config.loss_pixels < global_pixels:
-        generator = torch.Generator().manual_seed(config.seed * 7919 + step)
-        pick = torch.randperm(global_pixels, generator=generator)[: config.loss_pixels]
-        pick = rank_pixels(pick, pixels.shape[0], world).to(device)
-        pixels, segments_seen = pixels[pick], segments.select_pixels(pick)
-    else:
-        segments_seen = segments
+    # the pick is made over the global batch (the same on every rank); each rank keeps its share
+    generator = torch.Generator().manual_seed(config.seed * 7919 + step)
+    pick = pick_loss_pixels(prepared.valid_mask(global_batch), config.loss_pixels, generator)
+    pick = rank_pixels(pick, pixels.shape[0], world).to(device)
+    pixels, segments_seen = pixels[pick], segments.select_pixels(pick)
     banked = bank.concat(embeddings.shape[1], tags.shape[1], device)
     if not world.distributed:
         losses = relation_losses(pixels, segments_seen, tags, banked, loss_config)

@@ -36,3 +36,20 @@ def test_pseudo_labels_never_name_a_class_the_image_is_not_tagged_with():
     for i in range(len(labels)):
         present = labels[i][labels[i] != IGNORE].unique()
         assert tags[i, present].all()
+
+
+def test_padding_is_never_labelled_and_does_not_shift_the_classifier():
+    features, tags, masks = _synthetic(seed=2)
+    background = torch.zeros(len(tags), 1, dtype=torch.bool)
+    tags = torch.cat([background, tags], dim=1)  # class 0 = background, present nowhere
+    valid = torch.ones(features.shape[0], 8, 8, dtype=torch.bool)
+    valid[:, 6:, :] = False
+    padded = features.clone()
+    padded[:, :, 6:, :] = 50.0  # padding features far from every class direction
+    labels = cam_pseudo_labels(padded, tags, background_class=0, valid=valid)
+    assert (labels[~valid] == IGNORE).all()
+    assert (labels[valid] != IGNORE).all()  # with a background class every real pixel is labelled
+    clean = cam_pseudo_labels(features, tags, background_class=0, valid=valid)
+    agree = (labels[valid] == clean[valid]).float().mean()
+    assert agree > 0.95
+
