@@ -66,14 +66,25 @@ def cam_pseudo_labels(
     with torch.no_grad():
         for start in range(0, len(features), batch_size):
             chunk = features[start : start + batch_size].float()
-            cams = F.relu(torch.einsum("nchw,kc->nkhw", chunk, classifier.weight))
-            cams = cams + classifier.bias.view(1, -1, 1, 1).clamp(min=0)
+            cams = class_activation_maps(chunk, classifier)
             inside = valid[start : start + batch_size]
             cams = cams * inside.unsqueeze(1)  # padding must not set a CAM's peak
             chunk_labels = _labels_from_cams(cams, foreground[start : start + batch_size],
                                              background_class, threshold)
             labels.append(chunk_labels.masked_fill(~inside, IGNORE_INDEX))
     return torch.cat(labels)
+
+
+def class_activation_maps(features: torch.Tensor, classifier: torch.nn.Linear) -> torch.Tensor:
+    """(n, C, h, w) features -> (n, K, h, w) CAMs, `relu(w_k . f + b_k)` per pixel.
+
+    The bias belongs inside the ReLU: the classifier's logit for a pixel is `w . f + b`, and
+    a CAM is that logit where it is positive. Adding `relu(b)` outside (as this code once did)
+    lifts every pixel of a positive-bias class by `b`, so weak pixels pass the threshold with
+    that class and a negative bias is dropped altogether.
+    """
+    logits = torch.einsum("nchw,kc->nkhw", features, classifier.weight)
+    return F.relu(logits + classifier.bias.view(1, -1, 1, 1))
 
 
 def masked_mean_pool(features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

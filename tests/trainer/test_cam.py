@@ -53,3 +53,24 @@ def test_padding_is_never_labelled_and_does_not_shift_the_classifier():
     agree = (labels[valid] == clean[valid]).float().mean()
     assert agree > 0.95
 
+
+def test_the_bias_is_inside_the_relu(monkeypatch):
+    """One image, one feature channel f = [2, 1, -1, -2]; both classes tagged.
+    class 0: w = 1, b = -1 -> relu(f - 1) = [1, 0, 0, 0], normalised [1, 0, 0, 0];
+    class 1: w = -1, b = 0 -> relu(-f) = [0, 0, 1, 2], normalised [0, 0, .5, 1].
+    Pixel 1 scores 0 for both, below the 0.2 threshold: unlabelled. With the bias outside
+    the ReLU (relu(w f) + relu(b)) class 0 would be [2, 1, 0, 0] -> [1, .5, 0, 0] and pixel 1
+    would wrongly become class 0."""
+    import segsearch.trainer.cam as cam
+
+    classifier = torch.nn.Linear(1, 2)
+    with torch.no_grad():
+        classifier.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        classifier.bias.copy_(torch.tensor([-1.0, 0.0]))
+    monkeypatch.setattr(cam, "train_tag_classifier", lambda *args, **kwargs: classifier)
+    features = torch.tensor([2.0, 1.0, -1.0, -2.0]).view(1, 1, 1, 4)
+    tags = torch.tensor([[True, True]])
+    labels = cam.cam_pseudo_labels(features, tags, background_class=None, threshold=0.2)
+    assert labels.tolist() == [[[0, IGNORE, 1, 1]]]
+    maps = cam.class_activation_maps(features, classifier)
+    assert maps[0, :, 0].tolist() == [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 2.0]]
