@@ -5,6 +5,7 @@ import argparse
 
 from segsearch.trainer.config import METHODS, TrainConfig
 from segsearch.trainer.datasets import DataConfig
+from segsearch.trainer.pixel_sampling import SAMPLING_RULES
 
 
 def _grid(text: str) -> tuple[int, int]:
@@ -77,6 +78,11 @@ def add_train_parser(subparsers) -> None:
     s.add_argument("--points-per-region", type=int, default=d.points_per_region, help="(default: %(default)s)")
     s.add_argument("--edge-source", choices=("hed", "sobel"), default=d.edge_source,
                    help="edges for relation V's contour regions (default: %(default)s)")
+    s.add_argument("--loss-pixels", type=int, default=d.loss_pixels,
+                   help="unlabelled pixels drawn per step for the loss, 0 = all (default: %(default)s)")
+    s.add_argument("--loss-pixel-sampling", choices=SAMPLING_RULES, default=d.loss_pixel_sampling,
+                   help="keep_labelled: every labelled pixel is always in the loss, the draw is among "
+                        "unlabelled pixels; uniform: draw among all pixels (default: %(default)s)")
     s.add_argument("--affinity-weight", type=float, default=d.affinity_weight,
                    help="weight of relation A (feature affinity); 0 = off as in SPML (default: %(default)s)")
     s.add_argument("--memory-batches", type=int, default=d.memory_batches,
@@ -102,6 +108,7 @@ def train_config(args) -> TrainConfig:
         train_grid=args.train_grid, inference_grid=args.inference_grid,
         kmeans_iterations=args.kmeans_iterations, scribble_length=args.scribble_length,
         points_per_region=args.points_per_region, edge_source=args.edge_source,
+        loss_pixels=args.loss_pixels, loss_pixel_sampling=args.loss_pixel_sampling,
         affinity_weight=args.affinity_weight, memory_batches=args.memory_batches,
         gather_prototypes=not args.no_gather_prototypes, seed=args.seed,
         device=args.device, checkpoint_every=args.checkpoint_every, resume=args.resume,

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from segsearch.trainer.datasets import DataConfig
+from segsearch.trainer.pixel_sampling import SAMPLING_RULES
 
 METHODS = ("spml", "partial_ce", "full_ce")
 
@@ -32,7 +33,9 @@ class TrainConfig:
     points_per_region: int = 1
     edge_source: str = "hed"  # hed | sobel
     contour_regions: int = 16  # edge-aware regions per image for relation V
-    loss_pixels: int = 2048  # pixels sampled per step for the loss (0 = all)
+    # unlabelled pixels drawn per step for the loss (0 = all); labelled pixels are all kept
+    loss_pixels: int = 2048
+    loss_pixel_sampling: str = "keep_labelled"  # keep_labelled | uniform (see pixel_sampling.py)
     affinity_weight: float = 0.0  # the A relation; off as in SPML's released configs
     memory_batches: int = 2
     # under torchrun: contrast against every rank's segments (False: each rank's own only)
@@ -46,6 +49,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.loss_pixel_sampling not in SAMPLING_RULES:
+            raise ValueError(f"loss_pixel_sampling must be one of {SAMPLING_RULES}, "
+                             f"got {self.loss_pixel_sampling!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be positive")
 

@@ -247,7 +247,9 @@ def _spml_losses(config, raw, prepared, index, global_batch, bank, loss_config, 
     pixels = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])
     # the pick is made over the global batch (the same on every rank); each rank keeps its share
     generator = torch.Generator().manual_seed(config.seed * 7919 + step)
-    pick = pick_loss_pixels(prepared.valid_mask(global_batch), config.loss_pixels, generator)
+    labelled = prepared.weak_labels[global_batch] != IGNORE_INDEX
+    pick = pick_loss_pixels(prepared.valid_mask(global_batch), config.loss_pixels, generator, labelled,
+                            config.loss_pixel_sampling)
     pick = rank_pixels(pick, pixels.shape[0], world).to(device)
     pixels, segments_seen = pixels[pick], segments.select_pixels(pick)
     banked = bank.concat(embeddings.shape[1], tags.shape[1], device)
