@@ -21,12 +21,15 @@ from pathlib import Path
 
 from segsearch.spml.embedding import EmbeddingNet
 from segsearch.spml.kmeans import KMeansConfig
-from segsearch.trainer.config import TrainConfig
+from segsearch.trainer.config import BOX_LABELS, TrainConfig
 from segsearch.trainer.datasets import DataConfig, load_split
 from segsearch.trainer.evaluate import EvalConfig, evaluate_prepared
 from segsearch.trainer.label_bank import build_label_banks
-from segsearch.trainer.prepared import prepare_set, weak_targets, with_cam_labels
-from segsearch.trainer.train import build_model_config, resolve_device, train, weak_label_config
+from segsearch.trainer.pixel_sampling import SAMPLING_RULES
+from segsearch.trainer.prepared import prepare_set, weak_targets
+from segsearch.trainer.train import (
+    build_model_config, resolve_device, train, weak_label_config, with_weak_cam_labels,
+)
 from segsearch.trainer.weak_labels import WeakLabelConfig
 
 SUPERVISIONS = ("tags", "boxes", "scribbles", "points")
@@ -58,9 +61,7 @@ def with_supervision(train_set, train_split, config: TrainConfig):
     prepared = copy.copy(train_set)
     prepared.tags, prepared.weak_labels = weak_targets(
         train_split.samples, len(train_split.class_names), weak_config)
-    if config.supervision == "tags":
-        prepared = with_cam_labels(prepared, train_split.background_class, config.seed)
-    return prepared
+    return with_weak_cam_labels(prepared, config, train_split)
 
 
 def run_one(base, method, supervision, prepared, test_set, class_names, out_root, device):
@@ -96,6 +97,11 @@ def main() -> None:
     parser.add_argument("--affinity-weight", type=float, default=0.0,
                         help="also train SPML with relation A at this weight, per supervision, "
                              "and report it beside plain SPML (0 = skip)")
+    d = TrainConfig()
+    parser.add_argument("--loss-pixel-sampling", choices=SAMPLING_RULES, default=d.loss_pixel_sampling,
+                        help="which pixels enter the SPML loss (see trainer/pixel_sampling.py)")
+    parser.add_argument("--box-labels", choices=BOX_LABELS, default=d.box_labels,
+                        help="boxes: cam (SPML's in-box CAM >= 0.5) or dense (whole box painted)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     size = SIZES["large" if args.large else args.size]
@@ -103,6 +109,7 @@ def main() -> None:
     base = TrainConfig(
         data=DataConfig(image_size=size["image_size"], num_train=size["num_train"], num_test=size["num_test"]),
         steps=args.steps or size["steps"], progress=True, checkpoint_every=10**9,
+        loss_pixel_sampling=args.loss_pixel_sampling, box_labels=args.box_labels,
     )
     out_root = Path(args.out)
     started = time.perf_counter()

@@ -5,6 +5,9 @@ We train a linear multi-label classifier on globally average-pooled *frozen* bac
 features (GAP is linear, so the classifier applied per pixel is exactly the CAM), then label
 each pixel with the image tag whose normalised CAM is highest. Pixels where no tag's CAM
 reaches `threshold` become background (when the dataset has one) or stay unlabelled.
+
+Box supervision uses the same classifier: `box_cam_labels` keeps, inside each box, the pixels
+where the box class's CAM normalised inside the box reaches 0.5 (SPML's box pseudo labels).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from segsearch.trainer.sample import IGNORE_INDEX
+from segsearch.trainer.weak_labels import Box
 
 
 def train_tag_classifier(
@@ -38,6 +42,32 @@ def train_tag_classifier(
     return classifier
 
 
+def fit_tag_classifier(
+    features: torch.Tensor,
+    tags: torch.Tensor,
+    background_class: int | None,
+    valid: torch.Tensor | None = None,
+    steps: int = 300,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
+    """Train the CAM classifier on image tags without the background class.
+
+    features (N, C, h, w); tags (N, K) bool; valid (N, h, w) bool, False on padding (None:
+    no padding). Padding is left out of the pooled features. Returns (classifier,
+    foreground tags (N, K) bool, valid (N, h, w) bool)."""
+    if valid is None:
+        valid = torch.ones(features.shape[0], *features.shape[2:], dtype=torch.bool)
+    pooled = torch.cat([
+        masked_mean_pool(features[i : i + batch_size].float(), valid[i : i + batch_size])
+        for i in range(0, len(features), batch_size)
+    ])
+    foreground = tags.clone()
+    if background_class is not None:
+        foreground[:, background_class] = False
+    return train_tag_classifier(pooled, foreground, steps, seed), foreground, valid
+
+
 def cam_pseudo_labels(
     features: torch.Tensor,
     tags: torch.Tensor,
@@ -52,16 +82,8 @@ def cam_pseudo_labels(
 
     valid (N, h, w) bool, False on padding: padding is left out of the pooled features the
     classifier trains on and is never labelled (it would otherwise become background)."""
-    if valid is None:
-        valid = torch.ones(features.shape[0], *features.shape[2:], dtype=torch.bool)
-    pooled = torch.cat([
-        masked_mean_pool(features[i : i + batch_size].float(), valid[i : i + batch_size])
-        for i in range(0, len(features), batch_size)
-    ])
-    foreground = tags.clone()
-    if background_class is not None:
-        foreground[:, background_class] = False
-    classifier = train_tag_classifier(pooled, foreground, steps, seed)
+    classifier, foreground, valid = fit_tag_classifier(features, tags, background_class, valid, steps,
+                                                       seed, batch_size)
     labels = []
     with torch.no_grad():
         for start in range(0, len(features), batch_size):
@@ -73,6 +95,68 @@ def cam_pseudo_labels(
                                              background_class, threshold)
             labels.append(chunk_labels.masked_fill(~inside, IGNORE_INDEX))
     return torch.cat(labels)
+
+
+def box_cam_labels(
+    features: torch.Tensor,
+    tags: torch.Tensor,
+    boxes: list[list[Box]],
+    background_class: int | None,
+    stride: int,
+    threshold: float = 0.5,
+    steps: int = 300,
+    seed: int = 0,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Box supervision as SPML uses it: inside each box, only pixels where the box class's
+    CAM, normalised by its maximum *inside that box*, reaches `threshold` (SPML: 0.5) take the
+    box's class; the rest of the box stays unlabelled (it still feeds V, O and A). Outside
+    every box: `background_class` (or unlabelled when None).
+
+    features (N, C, h, w) at `stride` pixels per cell; tags (N, K) bool; boxes: per image,
+    `(class, x0, y0, x1, y1)` end-exclusive in image pixels; valid (N, h, w) bool.
+    Returns labels (N, h, w) long, IGNORE_INDEX where unlabelled and on padding.
+    Why: painting the whole box labels everything in it with its class, background included;
+    with boxes tiling an image (the mosaic) partial CE on such labels is nearly full
+    supervision, wrong exactly where boxes overlap.
+    """
+    classifier, _, valid = fit_tag_classifier(features, tags, background_class, valid, steps, seed)
+    outside = IGNORE_INDEX if background_class is None else background_class
+    labels = torch.full(valid.shape, outside, dtype=torch.long)
+    with torch.no_grad():
+        for index, image_boxes in enumerate(boxes):
+            cams = class_activation_maps(features[index : index + 1].float(), classifier)[0]
+            labels[index] = _label_boxes(labels[index], cams, image_boxes, stride, threshold)
+    return labels.masked_fill(~valid, IGNORE_INDEX)
+
+
+def _label_boxes(labels: torch.Tensor, cams: torch.Tensor, boxes: list[Box], stride: int,
+                 threshold: float) -> torch.Tensor:
+    """labels (h, w), cams (K, h, w) of one image -> labels with its boxes applied.
+
+    Every cell a box overlaps starts unlabelled; then boxes from the largest to the smallest
+    (so a small box inside a big one has the last word, as when painting) label the cells
+    whose in-box normalised CAM of their class reaches `threshold`."""
+    labels = labels.clone()
+    windows = [(c, _cells(y0, y1, stride), _cells(x0, x1, stride)) for c, x0, y0, x1, y1 in boxes]
+    for _, rows, cols in windows:
+        labels[rows, cols] = IGNORE_INDEX
+    order = sorted(range(len(boxes)), key=lambda i: -(boxes[i][3] - boxes[i][1]) * (boxes[i][4] - boxes[i][2]))
+    for i in order:
+        class_index, rows, cols = windows[i]
+        cam = cams[class_index, rows, cols]
+        peak = float(cam.max()) if cam.numel() else 0.0
+        if peak <= 0:
+            continue  # no evidence for the class anywhere in its box: leave it unlabelled
+        window = labels[rows, cols]
+        window[cam / peak >= threshold] = class_index
+        labels[rows, cols] = window
+    return labels
+
+
+def _cells(start: int, stop: int, stride: int) -> slice:
+    """Cells of a stride-`stride` grid that overlap pixels [start, stop)."""
+    return slice(start // stride, (stop - 1) // stride + 1)
 
 
 def class_activation_maps(features: torch.Tensor, classifier: torch.nn.Linear) -> torch.Tensor:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from segsearch.trainer.config import METHODS, TrainConfig
+from segsearch.trainer.config import BOX_LABELS, METHODS, TrainConfig
 from segsearch.trainer.datasets import DataConfig
 from segsearch.trainer.pixel_sampling import SAMPLING_RULES
 
@@ -83,6 +83,10 @@ def add_train_parser(subparsers) -> None:
     s.add_argument("--loss-pixel-sampling", choices=SAMPLING_RULES, default=d.loss_pixel_sampling,
                    help="keep_labelled: every labelled pixel is always in the loss, the draw is among "
                         "unlabelled pixels; uniform: draw among all pixels (default: %(default)s)")
+    s.add_argument("--box-labels", choices=BOX_LABELS, default=d.box_labels,
+                   help="with --supervision boxes: cam = inside each box only pixels whose CAM, "
+                        "normalised in the box, reaches 0.5 (SPML); dense = paint the whole box "
+                        "(default: %(default)s)")
     s.add_argument("--affinity-weight", type=float, default=d.affinity_weight,
                    help="weight of relation A (feature affinity); 0 = off as in SPML (default: %(default)s)")
     s.add_argument("--memory-batches", type=int, default=d.memory_batches,
@@ -109,6 +113,7 @@ def train_config(args) -> TrainConfig:
         kmeans_iterations=args.kmeans_iterations, scribble_length=args.scribble_length,
         points_per_region=args.points_per_region, edge_source=args.edge_source,
         loss_pixels=args.loss_pixels, loss_pixel_sampling=args.loss_pixel_sampling,
+        box_labels=args.box_labels,
         affinity_weight=args.affinity_weight, memory_batches=args.memory_batches,
         gather_prototypes=not args.no_gather_prototypes, seed=args.seed,
         device=args.device, checkpoint_every=args.checkpoint_every, resume=args.resume,

@@ -7,6 +7,7 @@ from segsearch.trainer.datasets import DataConfig
 from segsearch.trainer.pixel_sampling import SAMPLING_RULES
 
 METHODS = ("spml", "partial_ce", "full_ce")
+BOX_LABELS = ("cam", "dense")
 
 
 @dataclass
@@ -36,6 +37,8 @@ class TrainConfig:
     # unlabelled pixels drawn per step for the loss (0 = all); labelled pixels are all kept
     loss_pixels: int = 2048
     loss_pixel_sampling: str = "keep_labelled"  # keep_labelled | uniform (see pixel_sampling.py)
+    # boxes: "cam" = SPML's box-CAM labels (in-box CAM >= 0.5), "dense" = the whole box painted
+    box_labels: str = "cam"
     affinity_weight: float = 0.0  # the A relation; off as in SPML's released configs
     memory_batches: int = 2
     # under torchrun: contrast against every rank's segments (False: each rank's own only)
@@ -52,6 +55,8 @@ class TrainConfig:
         if self.loss_pixel_sampling not in SAMPLING_RULES:
             raise ValueError(f"loss_pixel_sampling must be one of {SAMPLING_RULES}, "
                              f"got {self.loss_pixel_sampling!r}")
+        if self.box_labels not in BOX_LABELS:
+            raise ValueError(f"box_labels must be one of {BOX_LABELS}, got {self.box_labels!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be positive")
 

@@ -35,7 +35,9 @@ from segsearch.trainer.distributed import (
 )
 from segsearch.trainer.label_bank import build_label_bank
 from segsearch.trainer.loss import PixelSum
-from segsearch.trainer.prepared import PreparedSet, prepare_set, with_cam_labels
+from segsearch.trainer.prepared import (
+    PreparedSet, prepare_set, weak_annotations, with_box_cam_labels, with_cam_labels,
+)
 from segsearch.trainer.relations import MemoryBank, default_loss_config, relation_losses
 from segsearch.trainer.sample import IGNORE_INDEX
 from segsearch.trainer.pixel_sampling import pick_loss_pixels
@@ -90,7 +92,7 @@ def prepare_training_data(config: TrainConfig, model: EmbeddingNet | None, conto
     contours=False skips the HED pass (for label banks, which need no relation V); pass an
     already loaded `split` to avoid reading (for VOC: decoding) the images twice."""
     split = split if split is not None else load_split(config.data, "train")
-    needs_features = config.freeze_backbone or config.supervision == "tags"
+    needs_features = config.freeze_backbone or uses_cam_labels(config)
     prepared = prepare_set(
         split.samples,
         len(split.class_names),
@@ -100,11 +102,26 @@ def prepare_training_data(config: TrainConfig, model: EmbeddingNet | None, conto
         contour_segments_per_image=config.contour_regions,
         progress=config.progress,
     )
-    if config.supervision == "tags":
-        prepared = with_cam_labels(prepared, split.background_class, config.seed)
+    prepared = with_weak_cam_labels(prepared, config, split)
     if config.method == "partial_ce" and not bool((prepared.weak_labels != IGNORE_INDEX).any()):
         raise DatasetError("the weak labels label no pixel at all; check the supervision type")
     return prepared, split
+
+
+def uses_cam_labels(config: TrainConfig) -> bool:
+    """Tags always, boxes with box-CAM labels: both need the backbone features for a CAM."""
+    return config.supervision == "tags" or (config.supervision == "boxes" and config.box_labels == "cam")
+
+
+def with_weak_cam_labels(prepared: PreparedSet, config: TrainConfig, split: LoadedSplit) -> PreparedSet:
+    """Replace the weak labels by CAM-derived ones where the supervision asks for it."""
+    if config.supervision == "tags":
+        return with_cam_labels(prepared, split.background_class, config.seed)
+    if config.supervision == "boxes" and config.box_labels == "cam":
+        weak_config = weak_label_config(config, split.background_class)
+        _, _, boxes = weak_annotations(split.samples, len(split.class_names), weak_config)
+        return with_box_cam_labels(prepared, boxes, split.background_class, config.seed)
+    return prepared
 
 
 def train(config: TrainConfig, prepared: PreparedSet | None = None,

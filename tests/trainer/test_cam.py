@@ -74,3 +74,51 @@ def test_the_bias_is_inside_the_relu(monkeypatch):
     assert labels.tolist() == [[[0, IGNORE, 1, 1]]]
     maps = cam.class_activation_maps(features, classifier)
     assert maps[0, :, 0].tolist() == [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 2.0]]
+
+
+def _fixed_classifier(monkeypatch, weight, bias):
+    import segsearch.trainer.cam as cam
+
+    classifier = torch.nn.Linear(len(weight[0]), len(weight))
+    with torch.no_grad():
+        classifier.weight.copy_(torch.tensor(weight))
+        classifier.bias.copy_(torch.tensor(bias))
+    monkeypatch.setattr(cam, "train_tag_classifier", lambda *args, **kwargs: classifier)
+    return cam
+
+
+def test_box_cam_keeps_only_pixels_above_half_the_in_box_peak(monkeypatch):
+    """One 4x4 image at stride 1, one feature channel; class 0 background, class 1 boxed in
+    columns 0-1 (box (1, 0, 0, 2, 4)). CAM of class 1 = relu(f):
+        f = [[4, 1, 9, 9],      in-box CAM / in-box peak 4: [[1, .25], [.5, .75], [0, .5], [.25, 0]]
+             [2, 3, 9, 9],      -> class 1 where >= .5, unlabelled elsewhere in the box;
+             [0, 2, 9, 9],      the 9s outside the box do not set the peak; outside -> 0.
+             [1, 0, 9, 9]]      Last row is padding -> unlabelled whatever it holds."""
+    cam = _fixed_classifier(monkeypatch, [[0.0], [1.0]], [0.0, 0.0])
+    features = torch.tensor([[4, 1, 9, 9], [2, 3, 9, 9], [0, 2, 9, 9], [1, 0, 9, 9]], dtype=torch.float)
+    valid = torch.ones(1, 4, 4, dtype=torch.bool)
+    valid[0, 3] = False
+    tags = torch.tensor([[True, True]])
+    labels = cam.box_cam_labels(features.view(1, 1, 4, 4), tags, [[(1, 0, 0, 2, 4)]], background_class=0,
+                                stride=1, valid=valid)
+    assert labels[0].tolist() == [
+        [1, IGNORE, 0, 0],
+        [1, 1, 0, 0],
+        [IGNORE, 1, 0, 0],
+        [IGNORE, IGNORE, IGNORE, IGNORE],
+    ]
+
+
+def test_box_cam_at_stride_and_nested_boxes(monkeypatch):
+    """8x8 image pixels -> 2x2 cells at stride 4; two classes (no background). Box A (class 0)
+    covers everything, box B (class 1) the top-left pixel block [0, 3) x [0, 3), i.e. cell
+    (0, 0). Class 0's CAM peaks in cell (1, 1); class 1's CAM is 1 in cell (0, 0). The small box
+    has the last word in its cell; cells of A below half A's peak stay unlabelled."""
+    cam = _fixed_classifier(monkeypatch, [[1.0, 0.0], [0.0, 1.0]], [0.0, 0.0])
+    features = torch.zeros(1, 2, 2, 2)
+    features[0, 0] = torch.tensor([[0.9, 0.2], [0.6, 1.0]])
+    features[0, 1, 0, 0] = 1.0
+    tags = torch.tensor([[True, True]])
+    boxes = [[(0, 0, 0, 8, 8), (1, 0, 0, 3, 3)]]
+    labels = cam.box_cam_labels(features, tags, boxes, background_class=None, stride=4)
+    assert labels[0].tolist() == [[1, IGNORE], [0, 0]]
