@@ -89,6 +89,12 @@ def add_train_parser(subparsers) -> None:
                         "(default: %(default)s)")
     s.add_argument("--affinity-weight", type=float, default=d.affinity_weight,
                    help="weight of relation A (feature affinity); 0 = off as in SPML (default: %(default)s)")
+    s.add_argument("--affinity-top-k", type=int, default=d.affinity_top_k,
+                   help="relation A: an unlabelled segment borrows the labels of up to K nearest "
+                        "labelled segments of its image (default: %(default)s)")
+    s.add_argument("--affinity-threshold", type=float, default=d.affinity_threshold,
+                   help="relation A: ... each only when their prototypes' cosine similarity is at "
+                        "least this (default: %(default)s)")
     s.add_argument("--memory-batches", type=int, default=d.memory_batches,
                    help="batches of prototypes kept as extra negatives (default: %(default)s)")
     s.add_argument("--no-gather-prototypes", action="store_true",
@@ -114,7 +120,8 @@ def train_config(args) -> TrainConfig:
         points_per_region=args.points_per_region, edge_source=args.edge_source,
         loss_pixels=args.loss_pixels, loss_pixel_sampling=args.loss_pixel_sampling,
         box_labels=args.box_labels,
-        affinity_weight=args.affinity_weight, memory_batches=args.memory_batches,
+        affinity_weight=args.affinity_weight, affinity_top_k=args.affinity_top_k,
+        affinity_threshold=args.affinity_threshold, memory_batches=args.memory_batches,
         gather_prototypes=not args.no_gather_prototypes, seed=args.seed,
         device=args.device, checkpoint_every=args.checkpoint_every, resume=args.resume,
         progress=not args.no_progress,

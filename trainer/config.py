@@ -40,6 +40,8 @@ class TrainConfig:
     # boxes: "cam" = SPML's box-CAM labels (in-box CAM >= 0.5), "dense" = the whole box painted
     box_labels: str = "cam"
     affinity_weight: float = 0.0  # the A relation; off as in SPML's released configs
+    affinity_top_k: int = 3  # A: labelled neighbours an unlabelled segment borrows labels from
+    affinity_threshold: float = 0.95  # A: minimum cosine similarity of such a neighbour (SPML)
     memory_batches: int = 2
     # under torchrun: contrast against every rank's segments (False: each rank's own only)
     gather_prototypes: bool = True

@@ -144,6 +144,8 @@ def _train(config: TrainConfig, prepared, class_names, world: World, device) -> 
     start_step = _maybe_resume(config, model, optimizer, bank, out_dir, device)
     loss_config = default_loss_config(config.supervision)
     loss_config.affinity.weight = config.affinity_weight
+    loss_config.affinity_top_k = config.affinity_top_k
+    loss_config.affinity_threshold = config.affinity_threshold
     metrics_path = out_dir / "metrics.jsonl"
     if world.is_main:
         _truncate_metrics(metrics_path, start_step)
