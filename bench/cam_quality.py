@@ -1,9 +1,10 @@
-"""Quality of the tag-supervision pseudo labels: CAM accuracy and coverage on the mosaic.
+"""Quality of the CAM-derived pixel labels: accuracy and coverage on the mosaic.
 
-SPML's image-tag setting takes relation C from CAM pseudo labels, so their accuracy (share of
-pseudo-labelled pixels whose label is right) and coverage (share of image pixels that get a
-label) bound what C can teach. Same data and features as bench/train_quality.py's default
-table (the training split; frozen HED-VGG16 hypercolumn, stride 4).
+SPML's image-tag setting takes relation C from CAM pseudo labels, and its box setting from
+box-CAM labels, so their accuracy (share of labelled pixels whose label is right) and coverage
+(share of image pixels that get a label) bound what C can teach. Same data and features as
+bench/train_quality.py's default table (the training split; frozen HED-VGG16 hypercolumn,
+stride 4). Boxes are reported both as box-CAM labels and painted densely.
 
     python bench/cam_quality.py                 # default size
     python bench/cam_quality.py --cache /tmp/f.pt   # keep the features for a re-run
@@ -18,10 +19,11 @@ from pathlib import Path
 import torch
 
 from segsearch.spml.embedding import EmbeddingNet
-from segsearch.trainer.cam import cam_pseudo_labels
+from segsearch.spml.embedding import OUTPUT_STRIDE
+from segsearch.trainer.cam import box_cam_labels, cam_pseudo_labels
 from segsearch.trainer.config import TrainConfig
 from segsearch.trainer.datasets import DataConfig, load_split
-from segsearch.trainer.prepared import prepare_set
+from segsearch.trainer.prepared import prepare_set, weak_annotations
 from segsearch.trainer.sample import IGNORE_INDEX
 from segsearch.trainer.train import build_model_config, resolve_device
 from segsearch.trainer.weak_labels import WeakLabelConfig
@@ -65,8 +67,18 @@ def main() -> None:
     labels = cam_pseudo_labels(bundle["features"], bundle["tags"], bundle["background"], seed=config.seed,
                                valid=bundle["valid"])
     accuracy, coverage = score(labels, bundle["dense"], bundle["valid"])
-    print(f"CAM pseudo labels: accuracy {100 * accuracy:.1f}% at coverage {100 * coverage:.1f}% "
+    print(f"tags, CAM pseudo labels: accuracy {100 * accuracy:.1f}% at coverage {100 * coverage:.1f}% "
           f"({len(labels)} images, {time.perf_counter() - started:.0f} s)")
+    split = load_split(config.data, "train")
+    weak_config = WeakLabelConfig(kind="boxes", background_class=split.background_class, seed=config.seed)
+    _, painted, boxes = weak_annotations(split.samples, len(split.class_names), weak_config)
+    variants = [(f"box-CAM (in-box CAM >= 0.5, {w}x{w}-cell window)",
+                 box_cam_labels(bundle["features"], bundle["tags"], boxes, bundle["background"], OUTPUT_STRIDE,
+                                seed=config.seed, valid=bundle["valid"], window=w))
+                for w in (1, config.box_cam_window)]
+    for name, box_labels in (*variants, ("painted boxes", painted)):
+        accuracy, coverage = score(box_labels, bundle["dense"], bundle["valid"])
+        print(f"boxes, {name}: accuracy {100 * accuracy:.1f}% at coverage {100 * coverage:.1f}%")
 
 
 if __name__ == "__main__":

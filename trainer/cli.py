@@ -87,6 +87,9 @@ def add_train_parser(subparsers) -> None:
                    help="with --supervision boxes: cam = inside each box only pixels whose CAM, "
                         "normalised in the box, reaches 0.5 (SPML); dense = paint the whole box "
                         "(default: %(default)s)")
+    s.add_argument("--box-cam-window", type=int, default=d.box_cam_window,
+                   help="box-CAM is averaged over WINDOW x WINDOW stride-4 cells before the in-box "
+                        "threshold; 1 = raw CAM (default: %(default)s)")
     s.add_argument("--affinity-weight", type=float, default=d.affinity_weight,
                    help="weight of relation A (feature affinity); 0 = off as in SPML (default: %(default)s)")
     s.add_argument("--affinity-top-k", type=int, default=d.affinity_top_k,
@@ -119,7 +122,7 @@ def train_config(args) -> TrainConfig:
         kmeans_iterations=args.kmeans_iterations, scribble_length=args.scribble_length,
         points_per_region=args.points_per_region, edge_source=args.edge_source,
         loss_pixels=args.loss_pixels, loss_pixel_sampling=args.loss_pixel_sampling,
-        box_labels=args.box_labels,
+        box_labels=args.box_labels, box_cam_window=args.box_cam_window,
         affinity_weight=args.affinity_weight, affinity_top_k=args.affinity_top_k,
         affinity_threshold=args.affinity_threshold, memory_batches=args.memory_batches,
         gather_prototypes=not args.no_gather_prototypes, seed=args.seed,

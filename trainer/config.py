@@ -39,6 +39,7 @@ class TrainConfig:
     loss_pixel_sampling: str = "keep_labelled"  # keep_labelled | uniform (see pixel_sampling.py)
     # boxes: "cam" = SPML's box-CAM labels (in-box CAM >= 0.5), "dense" = the whole box painted
     box_labels: str = "cam"
+    box_cam_window: int = 5  # box-CAM averaged over this many stride-4 cells (see cam.smooth_cams)
     affinity_weight: float = 0.0  # the A relation; off as in SPML's released configs
     affinity_top_k: int = 3  # A: labelled neighbours an unlabelled segment borrows labels from
     affinity_threshold: float = 0.95  # A: minimum cosine similarity of such a neighbour (SPML)

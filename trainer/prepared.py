@@ -117,14 +117,14 @@ def with_cam_labels(prepared: PreparedSet, background_class: int | None, seed: i
 
 
 def with_box_cam_labels(prepared: PreparedSet, boxes: list[list], background_class: int | None,
-                        seed: int) -> PreparedSet:
+                        seed: int, window: int = 1) -> PreparedSet:
     """Box supervision: replace the painted boxes by SPML's box-CAM labels (cam.box_cam_labels):
     inside a box only pixels whose in-box normalised CAM reaches 0.5 keep the box's class."""
     if prepared.features is None:
         raise ValueError("box-CAM labels need cached backbone features")
     prepared.weak_labels = box_cam_labels(
         prepared.features, prepared.tags, boxes, background_class, OUTPUT_STRIDE, seed=seed,
-        valid=prepared.valid,
+        valid=prepared.valid, window=window,
     )
     return prepared
 

@@ -35,12 +35,12 @@ from segsearch.trainer.distributed import (
 )
 from segsearch.trainer.label_bank import build_label_bank
 from segsearch.trainer.loss import PixelSum
+from segsearch.trainer.pixel_sampling import pick_loss_pixels
 from segsearch.trainer.prepared import (
     PreparedSet, prepare_set, weak_annotations, with_box_cam_labels, with_cam_labels,
 )
 from segsearch.trainer.relations import MemoryBank, default_loss_config, relation_losses
 from segsearch.trainer.sample import IGNORE_INDEX
-from segsearch.trainer.pixel_sampling import pick_loss_pixels
 from segsearch.trainer.training_segments import build_training_segments, masked_kmeans
 from segsearch.trainer.weak_labels import WeakLabelConfig
 
@@ -120,7 +120,8 @@ def with_weak_cam_labels(prepared: PreparedSet, config: TrainConfig, split: Load
     if config.supervision == "boxes" and config.box_labels == "cam":
         weak_config = weak_label_config(config, split.background_class)
         _, _, boxes = weak_annotations(split.samples, len(split.class_names), weak_config)
-        return with_box_cam_labels(prepared, boxes, split.background_class, config.seed)
+        return with_box_cam_labels(prepared, boxes, split.background_class, config.seed,
+                                   config.box_cam_window)
     return prepared
 
 

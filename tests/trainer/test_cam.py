@@ -122,3 +122,18 @@ def test_box_cam_at_stride_and_nested_boxes(monkeypatch):
     boxes = [[(0, 0, 0, 8, 8), (1, 0, 0, 3, 3)]]
     labels = cam.box_cam_labels(features, tags, boxes, background_class=None, stride=4)
     assert labels[0].tolist() == [[1, IGNORE], [0, 0]]
+
+
+def test_smoothing_averages_over_the_window_and_keeps_the_size():
+    import segsearch.trainer.cam as cam
+
+    spike = torch.zeros(1, 1, 5, 5)
+    spike[0, 0, 2, 2] = 9.0
+    smooth = cam.smooth_cams(spike, 3)
+    assert smooth.shape == spike.shape
+    assert torch.allclose(smooth[0, 0, 1:4, 1:4], torch.ones(3, 3))  # 9 / 9 cells
+    assert smooth[0, 0, 0, 0] == 0
+    corner = torch.zeros(1, 1, 5, 5)
+    corner[0, 0, 0, 0] = 9.0
+    assert torch.allclose(cam.smooth_cams(corner, 3)[0, 0, 0, 0], torch.tensor(9.0 / 4))  # 4 cells inside
+    assert cam.smooth_cams(spike, 1) is spike
