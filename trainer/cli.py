@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 
 from segsearch.errors import SegsearchError
-from segsearch.trainer.config import METHODS, EvalConfig, TrainConfig
+from segsearch.trainer.config import BOX_LABELS, METHODS, EvalConfig, TrainConfig
 from segsearch.trainer.datasets import DataConfig
+from segsearch.trainer.pixel_sampling import SAMPLING_RULES
 
 
 def _grid(text: str) -> tuple[int, int]:
@@ -78,8 +79,26 @@ def add_train_parser(subparsers) -> None:
     s.add_argument("--points-per-region", type=int, default=d.points_per_region, help="(default: %(default)s)")
     s.add_argument("--edge-source", choices=("hed", "sobel"), default=d.edge_source,
                    help="edges for relation V's contour regions (default: %(default)s)")
+    s.add_argument("--loss-pixels", type=int, default=d.loss_pixels,
+                   help="unlabelled pixels drawn per step for the loss, 0 = all (default: %(default)s)")
+    s.add_argument("--loss-pixel-sampling", choices=SAMPLING_RULES, default=d.loss_pixel_sampling,
+                   help="keep_labelled: every labelled pixel is always in the loss, the draw is among "
+                        "unlabelled pixels; uniform: draw among all pixels (default: %(default)s)")
+    s.add_argument("--box-labels", choices=BOX_LABELS, default=d.box_labels,
+                   help="with --supervision boxes: cam = inside each box only pixels whose CAM, "
+                        "normalised in the box, reaches 0.5 (SPML); dense = paint the whole box "
+                        "(default: %(default)s)")
+    s.add_argument("--box-cam-window", type=int, default=d.box_cam_window,
+                   help="box-CAM is averaged over WINDOW x WINDOW stride-4 cells before the in-box "
+                        "threshold; 1 = raw CAM (default: %(default)s)")
     s.add_argument("--affinity-weight", type=float, default=d.affinity_weight,
                    help="weight of relation A (feature affinity); 0 = off as in SPML (default: %(default)s)")
+    s.add_argument("--affinity-top-k", type=int, default=d.affinity_top_k,
+                   help="relation A: an unlabelled segment borrows the labels of up to K nearest "
+                        "labelled segments of its image (default: %(default)s)")
+    s.add_argument("--affinity-threshold", type=float, default=d.affinity_threshold,
+                   help="relation A: ... each only when their prototypes' cosine similarity is at "
+                        "least this (default: %(default)s)")
     s.add_argument("--memory-batches", type=int, default=d.memory_batches,
                    help="batches of prototypes kept as extra negatives (default: %(default)s)")
     s.add_argument("--no-gather-prototypes", action="store_true",
@@ -103,7 +122,10 @@ def train_config(args) -> TrainConfig:
         train_grid=args.train_grid, inference_grid=args.inference_grid,
         kmeans_iterations=args.kmeans_iterations, scribble_length=args.scribble_length,
         points_per_region=args.points_per_region, edge_source=args.edge_source,
-        affinity_weight=args.affinity_weight, memory_batches=args.memory_batches,
+        loss_pixels=args.loss_pixels, loss_pixel_sampling=args.loss_pixel_sampling,
+        box_labels=args.box_labels, box_cam_window=args.box_cam_window,
+        affinity_weight=args.affinity_weight, affinity_top_k=args.affinity_top_k,
+        affinity_threshold=args.affinity_threshold, memory_batches=args.memory_batches,
         gather_prototypes=not args.no_gather_prototypes, seed=args.seed,
         device=args.device, checkpoint_every=args.checkpoint_every, resume=args.resume,
         progress=not args.no_progress,

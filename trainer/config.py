@@ -6,8 +6,10 @@ from dataclasses import asdict, dataclass, field
 
 from segsearch.spml.config import INFERENCE_GRID, TRAIN_GRID, KMeansConfig, SegmenterConfig
 from segsearch.trainer.datasets import DataConfig
+from segsearch.trainer.pixel_sampling import SAMPLING_RULES
 
 METHODS = ("spml", "partial_ce", "full_ce")
+BOX_LABELS = ("cam", "dense")
 
 
 @dataclass
@@ -34,8 +36,15 @@ class TrainConfig:
     points_per_region: int = 1
     edge_source: str = "hed"  # hed | sobel
     contour_regions: int = 16  # edge-aware regions per image for relation V
-    loss_pixels: int = 2048  # pixels sampled per step for the loss (0 = all)
+    # unlabelled pixels drawn per step for the loss (0 = all); labelled pixels are all kept
+    loss_pixels: int = 2048
+    loss_pixel_sampling: str = "keep_labelled"  # keep_labelled | uniform (see pixel_sampling.py)
+    # boxes: "cam" = SPML's box-CAM labels (in-box CAM >= 0.5), "dense" = the whole box painted
+    box_labels: str = "cam"
+    box_cam_window: int = 5  # box-CAM averaged over this many stride-4 cells (see cam.smooth_cams)
     affinity_weight: float = 0.0  # the A relation; off as in SPML's released configs
+    affinity_top_k: int = 3  # A: labelled neighbours an unlabelled segment borrows labels from
+    affinity_threshold: float = 0.95  # A: minimum cosine similarity of such a neighbour (SPML)
     memory_batches: int = 2
     # under torchrun: contrast against every rank's segments (False: each rank's own only)
     gather_prototypes: bool = True
@@ -48,6 +57,11 @@ class TrainConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.loss_pixel_sampling not in SAMPLING_RULES:
+            raise ValueError(f"loss_pixel_sampling must be one of {SAMPLING_RULES}, "
+                             f"got {self.loss_pixel_sampling!r}")
+        if self.box_labels not in BOX_LABELS:
+            raise ValueError(f"box_labels must be one of {BOX_LABELS}, got {self.box_labels!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be positive")
 

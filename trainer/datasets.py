@@ -2,7 +2,10 @@
 
 Both become a list of `Sample`s of one fixed square size, so that batches stack and the
 frozen-backbone feature cache is a single tensor. VOC images are resized (longest side =
-`image_size`) and padded with ignore (255) pixels rather than cropped, so no object is cut.
+`image_size`) and padded rather than cropped, so no object is cut. The padding is labelled
+ignore (255) *and* marked invalid in `Sample.valid`, so that training drops it from k-means
+segments and every relation (as SPML drops void pixels), instead of treating black padding
+as unlabelled image content.
 """
 from __future__ import annotations
 
@@ -59,7 +62,8 @@ def load_split(config: DataConfig, split: str) -> LoadedSplit:
 
 
 def _fit_square(sample: Sample, size: int) -> Sample:
-    """Resize so the longest side is `size`, then pad to (size, size); mask padded with 255."""
+    """Resize so the longest side is `size`, then pad to (size, size); mask padded with 255
+    and `valid` False on the padding."""
     height, width = sample.mask.shape
     scale = size / max(height, width)
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
@@ -71,4 +75,6 @@ def _fit_square(sample: Sample, size: int) -> Sample:
     padded_mask = np.full((size, size), IGNORE_INDEX, dtype=np.int64)
     padded_image[:new_h, :new_w] = image
     padded_mask[:new_h, :new_w] = mask
-    return Sample(padded_image, padded_mask, sample.image_id)
+    valid = np.zeros((size, size), dtype=bool)
+    valid[:new_h, :new_w] = True
+    return Sample(padded_image, padded_mask, sample.image_id, valid)

@@ -19,7 +19,7 @@ from skimage.filters import sobel
 from tqdm import tqdm
 
 from segsearch.spml.embedding import OUTPUT_STRIDE, EmbeddingNet
-from segsearch.trainer.cam import cam_pseudo_labels
+from segsearch.trainer.cam import box_cam_labels, cam_pseudo_labels
 from segsearch.trainer.lowlevel import contour_segments
 from segsearch.trainer.sample import IGNORE_INDEX, Sample
 from segsearch.trainer.weak_labels import WeakLabelConfig, make_weak_labels, rng_for_image
@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 class PreparedSet:
     """images (N, 3, H, W) uint8; masks (N, H, W) long; at stride 4 (h = ceil(H/4)):
     weak_labels, dense_labels, contours (N, h, w) long; tags (N, K) bool;
-    features (N, C, h, w) float16 or None when the backbone is trained."""
+    features (N, C, h, w) float16 or None when the backbone is trained;
+    valid (N, h, w) bool, False on padding (None: no padding anywhere)."""
 
     images: torch.Tensor
     masks: torch.Tensor
@@ -41,6 +42,13 @@ class PreparedSet:
     tags: torch.Tensor
     features: torch.Tensor | None
     image_ids: list[str]
+    valid: torch.Tensor | None = None
+
+    def valid_mask(self, index: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """(n, h, w) bool for the images at `index`: True on image content."""
+        if self.valid is None:
+            return torch.ones_like(self.weak_labels[index], dtype=torch.bool)
+        return self.valid[index]
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -75,19 +83,27 @@ def prepare_set(
         tags=tags,
         features=features,
         image_ids=[s.image_id for s in samples],
+        valid=sample_centres(torch.from_numpy(np.stack([s.valid_mask() for s in samples]))),
     )
 
 
 def weak_targets(samples: list[Sample], num_classes: int, weak_config: WeakLabelConfig):
     """-> (tags (N, K) bool, weak pixel labels (N, h, w) long at stride 4), one fixed draw per
     image (seeded by its id), as an annotator would give them once."""
+    tags, labels, _ = weak_annotations(samples, num_classes, weak_config)
+    return tags, labels
+
+
+def weak_annotations(samples: list[Sample], num_classes: int, weak_config: WeakLabelConfig):
+    """`weak_targets` plus the boxes: -> (tags, labels, boxes), boxes a list per image of
+    `(class, x0, y0, x1, y1)` in image pixels (empty unless the kind is "boxes")."""
     weak = [
         make_weak_labels(s.mask, num_classes, weak_config, rng_for_image(weak_config.seed, s.image_id))
         for s in samples
     ]
     tags = torch.from_numpy(np.stack([w.tags for w in weak]))
     full_res = torch.from_numpy(np.stack([w.pixel_labels for w in weak]))
-    return tags, downsample_labels(full_res, num_classes)
+    return tags, downsample_labels(full_res, num_classes), [w.boxes for w in weak]
 
 
 def with_cam_labels(prepared: PreparedSet, background_class: int | None, seed: int) -> PreparedSet:
@@ -95,7 +111,20 @@ def with_cam_labels(prepared: PreparedSet, background_class: int | None, seed: i
     if prepared.features is None:
         raise ValueError("CAM pseudo labels need cached backbone features")
     prepared.weak_labels = cam_pseudo_labels(
-        prepared.features, prepared.tags, background_class, seed=seed
+        prepared.features, prepared.tags, background_class, seed=seed, valid=prepared.valid
+    )
+    return prepared
+
+
+def with_box_cam_labels(prepared: PreparedSet, boxes: list[list], background_class: int | None,
+                        seed: int, window: int = 1) -> PreparedSet:
+    """Box supervision: replace the painted boxes by SPML's box-CAM labels (cam.box_cam_labels):
+    inside a box only pixels whose in-box normalised CAM reaches 0.5 keep the box's class."""
+    if prepared.features is None:
+        raise ValueError("box-CAM labels need cached backbone features")
+    prepared.weak_labels = box_cam_labels(
+        prepared.features, prepared.tags, boxes, background_class, OUTPUT_STRIDE, seed=seed,
+        valid=prepared.valid, window=window,
     )
     return prepared
 

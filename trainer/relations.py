@@ -6,11 +6,16 @@
   (in the batch and the memory bank) are positives, other labels negatives.
 - O, semantic co-occurrence: segments of images that share an image tag with the pixel's
   image are positives, segments of images sharing none are negatives.
-- A, feature affinity: the segments nearest (by prototype) to the pixel's own segment are
-  pseudo-positives, the rest negatives. Described in the paper, off in its VOC configs:
-  weight 0 by default here too.
+- A, feature affinity: an *unlabelled* segment borrows the label set of its nearest
+  labelled segments of the same image (top `affinity_top_k`, each only when its prototype's
+  cosine similarity is at least `affinity_threshold` = 0.95), as SPML's
+  `gather_multiset_labels_per_batch_by_nearest_neighbor` does; its pixels then contrast
+  labelled prototypes (batch and memory bank) with a label in the set (positives) against
+  the other labelled prototypes. Segments with no neighbour that close take no part.
+  Described in the paper, off in its VOC configs: weight 0 by default here too.
 
-Pixels without a weak label take part in V, O and A; only C needs a label.
+Pixels without a weak label take part in V, O and A; only C needs a label. Padded pixels
+(segment -1, see training_segments.py) take part in nothing.
 """
 from __future__ import annotations
 
@@ -39,7 +44,8 @@ class LossConfig:
     cooccurrence: Relation = field(default_factory=lambda: Relation(0.5, 12.0))
     lowlevel: Relation = field(default_factory=lambda: Relation(0.1, 16.0))
     affinity: Relation = field(default_factory=lambda: Relation(0.0, 8.0))
-    affinity_neighbours: int = 5
+    affinity_top_k: int = 3  # labelled neighbours an unlabelled segment may borrow labels from
+    affinity_threshold: float = 0.95  # minimum cosine similarity of a borrowed neighbour
     memory_batches: int = 2
 
 
@@ -128,7 +134,12 @@ def relation_losses(
     `bank` holds every prototype beyond the batch's own segments (never a pixel's own
     segment): the memory bank, and under data-parallel training first the other processes'
     segments of the global batch, carrying gradient. reduction="sum" returns PixelSums for
-    a mean over the global batch (trainer/ddp.py)."""
+    a mean over the global batch (trainer/ddp.py).
+
+    Padded pixels (segment -1) are dropped first: padding reaches no relation."""
+    inside = segments.valid_pixels
+    if not bool(inside.all()):
+        pixel_embeddings, segments = pixel_embeddings[inside], segments.select_pixels(inside)
     own = _own_segment(segments, extra=bank.prototypes.shape[0])
     prototypes = torch.cat([segments.prototypes, bank.prototypes])
     losses = {}
@@ -145,7 +156,7 @@ def relation_losses(
         )
     if config.affinity.weight:
         losses["A"] = config.affinity.weight * _affinity(
-            pixel_embeddings, segments, prototypes, own, config, reduction
+            pixel_embeddings, segments, bank, prototypes, own, config, reduction
         )
     return losses
 
@@ -202,15 +213,42 @@ def _cooccurrence(embeddings, segments, image_tags, bank, prototypes, own, confi
     )
 
 
-def _affinity(embeddings, segments, prototypes, own, config, reduction):
+def borrowed_label_sets(segments: TrainingSegments, top_k: int, threshold: float) -> torch.Tensor:
+    """(S, IGNORE + 1) bool: the label set each segment borrows for relation A.
+
+    Labelled segments borrow nothing (C covers them). An unlabelled segment takes the labels
+    of its `top_k` most similar labelled segments *of the same image*, keeping only those
+    whose prototype cosine similarity is >= `threshold` (SPML: top 3, 0.95). Computed
+    without gradient: it only decides which prototypes are positives.
+    Departure: SPML matches each pixel's embedding; we match its segment's prototype (one
+    S x S similarity instead of pixels x segments, and less noisy on a 2-core budget).
+    """
     with torch.no_grad():
-        own_prototypes = segments.prototypes[segments.pixel_segment]  # (N, D)
-        similarity = own_prototypes @ prototypes.t()
-        similarity = similarity.masked_fill(own, float("-inf"))
-        k = min(config.affinity_neighbours, prototypes.shape[0] - 1)
-        nearest = similarity.topk(k, dim=1).indices if k > 0 else similarity[:, :0].long()
-        neighbours = torch.zeros_like(own).scatter_(1, nearest, True) | own
-    everything = torch.ones_like(own)
+        labelled = segments.segment_label != IGNORE
+        same_image = segments.segment_image.unsqueeze(1) == segments.segment_image.unsqueeze(0)
+        eligible = same_image & labelled.unsqueeze(0) & ~labelled.unsqueeze(1)
+        similarity = segments.prototypes @ segments.prototypes.t()
+        similarity = similarity.masked_fill(~eligible, float("-inf"))
+        k = min(top_k, segments.num_segments)
+        sets = torch.zeros(segments.num_segments, IGNORE + 1, dtype=torch.bool,
+                           device=segments.prototypes.device)
+        if k == 0:
+            return sets
+        nearest, index = similarity.topk(k, dim=1)
+        close = nearest >= threshold  # -inf (not eligible) never passes
+        rows = torch.arange(segments.num_segments, device=sets.device).unsqueeze(1).expand(-1, k)
+        sets[rows[close], segments.segment_label[index[close]]] = True
+    return sets
+
+
+def _affinity(embeddings, segments, bank, prototypes, own, config, reduction):
+    sets = borrowed_label_sets(segments, config.affinity_top_k, config.affinity_threshold)
+    pixel_sets = sets[segments.pixel_segment]  # (N, IGNORE + 1)
+    takes_part = pixel_sets.any(dim=1)
+    labels = torch.cat([segments.segment_label, bank.labels])
+    labelled_prototypes = (labels != IGNORE).unsqueeze(0)
+    in_set = torch.gather(pixel_sets[takes_part], 1, labels.unsqueeze(0).expand(int(takes_part.sum()), -1))
     return _contrast(
-        embeddings, prototypes, neighbours, own, everything, config.affinity.concentration, reduction
+        embeddings[takes_part], prototypes, in_set, own[takes_part],
+        labelled_prototypes.expand_as(in_set), config.affinity.concentration, reduction,
     )

@@ -26,7 +26,7 @@ from segsearch.errors import DatasetError
 from segsearch.spml.device import resolve_device
 from segsearch.spml.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from segsearch.spml.embedding import EmbeddingNet, ModelConfig
-from segsearch.spml.kmeans import KMeansConfig, spherical_kmeans
+from segsearch.spml.kmeans import KMeansConfig
 from segsearch.trainer.config import TrainConfig
 from segsearch.trainer.curves import plot_loss_curves
 from segsearch.trainer.datasets import LoadedSplit, load_split
@@ -36,10 +36,13 @@ from segsearch.trainer.ddp import (
 )
 from segsearch.trainer.label_bank import build_label_bank
 from segsearch.trainer.loss import PixelSum
-from segsearch.trainer.prepared import PreparedSet, prepare_set, with_cam_labels
+from segsearch.trainer.pixel_sampling import pick_loss_pixels
+from segsearch.trainer.prepared import (
+    PreparedSet, prepare_set, weak_annotations, with_box_cam_labels, with_cam_labels,
+)
 from segsearch.trainer.relations import MemoryBank, default_loss_config, relation_losses
 from segsearch.trainer.sample import IGNORE_INDEX
-from segsearch.trainer.training_segments import build_training_segments
+from segsearch.trainer.training_segments import build_training_segments, masked_kmeans
 from segsearch.trainer.weak_labels import WeakLabelConfig
 
 logger = logging.getLogger(__name__)
@@ -84,7 +87,7 @@ def prepare_training_data(config: TrainConfig, model: EmbeddingNet | None, conto
     contours=False skips the HED pass (for label banks, which need no relation V); pass an
     already loaded `split` to avoid reading (for VOC: decoding) the images twice."""
     split = split if split is not None else load_split(config.data, "train")
-    needs_features = config.freeze_backbone or config.supervision == "tags"
+    needs_features = config.freeze_backbone or uses_cam_labels(config)
     prepared = prepare_set(
         split.samples,
         len(split.class_names),
@@ -94,11 +97,27 @@ def prepare_training_data(config: TrainConfig, model: EmbeddingNet | None, conto
         contour_segments_per_image=config.contour_regions,
         progress=config.progress,
     )
-    if config.supervision == "tags":
-        prepared = with_cam_labels(prepared, split.background_class, config.seed)
+    prepared = with_weak_cam_labels(prepared, config, split)
     if config.method == "partial_ce" and not bool((prepared.weak_labels != IGNORE_INDEX).any()):
         raise DatasetError("the weak labels label no pixel at all; check the supervision type")
     return prepared, split
+
+
+def uses_cam_labels(config: TrainConfig) -> bool:
+    """Tags always, boxes with box-CAM labels: both need the backbone features for a CAM."""
+    return config.supervision == "tags" or (config.supervision == "boxes" and config.box_labels == "cam")
+
+
+def with_weak_cam_labels(prepared: PreparedSet, config: TrainConfig, split: LoadedSplit) -> PreparedSet:
+    """Replace the weak labels by CAM-derived ones where the supervision asks for it."""
+    if config.supervision == "tags":
+        return with_cam_labels(prepared, split.background_class, config.seed)
+    if config.supervision == "boxes" and config.box_labels == "cam":
+        weak_config = weak_label_config(config, split.background_class)
+        _, _, boxes = weak_annotations(split.samples, len(split.class_names), weak_config)
+        return with_box_cam_labels(prepared, boxes, split.background_class, config.seed,
+                                   config.box_cam_window)
+    return prepared
 
 
 def train(config: TrainConfig, prepared: PreparedSet | None = None,
@@ -121,6 +140,8 @@ def _train(config: TrainConfig, prepared, class_names, world: World, device) -> 
     start_step = _maybe_resume(config, model, optimizer, bank, out_dir, device)
     loss_config = default_loss_config(config.supervision)
     loss_config.affinity.weight = config.affinity_weight
+    loss_config.affinity_top_k = config.affinity_top_k
+    loss_config.affinity_threshold = config.affinity_threshold
     metrics_path = out_dir / "train_log.jsonl"  # one JSON line per step: losses, lr, images/s
     if world.is_main:
         _truncate_metrics(metrics_path, start_step)
@@ -206,7 +227,8 @@ def _train_step(config, replica: Replica, optimizer, prepared: PreparedSet, bank
         inputs = prepared.images[index].to(device).float()
     raw = replica.forward(inputs)
     if config.method == "spml":
-        losses = _spml_losses(config, raw, prepared, index, bank, loss_config, device, step, world)
+        losses = _spml_losses(config, raw, prepared, index, global_batch, bank, loss_config, device,
+                              step, world)
     else:
         losses = _ce_losses(config, replica.net, raw, prepared, index, device, world)
     total = sum(losses.values())
@@ -225,24 +247,26 @@ def _ce_losses(config, net, raw, prepared, index, device, world: World):
     return global_mean({"CE": PixelSum(total, int((targets != IGNORE_INDEX).sum()))}, world)
 
 
-def _spml_losses(config, raw, prepared, index, bank, loss_config, device, step, world: World):
+def _spml_losses(config, raw, prepared, index, global_batch, bank, loss_config, device, step,
+                 world: World):
     embeddings = F.normalize(raw, dim=1)
     kmeans = KMeansConfig(grid=tuple(config.train_grid), iterations=config.kmeans_iterations)
+    valid = prepared.valid_mask(index).to(device)
     with torch.no_grad():
-        clusters = spherical_kmeans(embeddings.detach(), kmeans).segment_ids
+        clusters = masked_kmeans(embeddings.detach(), valid, kmeans)
     tags = prepared.tags[index].to(device)
     segments = build_training_segments(
-        embeddings, clusters, prepared.contours[index].to(device), prepared.weak_labels[index].to(device)
+        embeddings, clusters, prepared.contours[index].to(device), prepared.weak_labels[index].to(device),
+        valid,
     )
     pixels = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])
-    global_pixels = pixels.shape[0] * world.size  # loss_pixels samples the global batch
-    if 0 < config.loss_pixels < global_pixels:
-        generator = torch.Generator().manual_seed(config.seed * 7919 + step)
-        pick = torch.randperm(global_pixels, generator=generator)[: config.loss_pixels]
-        pick = rank_pixels(pick, pixels.shape[0], world).to(device)
-        pixels, segments_seen = pixels[pick], segments.select_pixels(pick)
-    else:
-        segments_seen = segments
+    # the pick is made over the global batch (the same on every rank); each rank keeps its share
+    generator = torch.Generator().manual_seed(config.seed * 7919 + step)
+    labelled = prepared.weak_labels[global_batch] != IGNORE_INDEX
+    pick = pick_loss_pixels(prepared.valid_mask(global_batch), config.loss_pixels, generator, labelled,
+                            config.loss_pixel_sampling)
+    pick = rank_pixels(pick, pixels.shape[0], world).to(device)
+    pixels, segments_seen = pixels[pick], segments.select_pixels(pick)
     banked = bank.concat(embeddings.shape[1], tags.shape[1], device)
     if not world.distributed:
         losses = relation_losses(pixels, segments_seen, tags, banked, loss_config)

@@ -4,6 +4,10 @@ SPML contrasts pixels against segments that are *pure* for every cue it trusts: 
 cluster of the current embeddings is cut wherever an edge-aware (HED) region boundary or a
 weak-label boundary crosses it. Each resulting segment carries the attributes the four
 relations need: its image, contour region, weak label, and the image's tags.
+
+Padding (pixels added to fit an image to the batch size, `valid` False) belongs to no
+segment: SPML removes void pixels before clustering and from every loss. `masked_kmeans`
+keeps it out of the k-means centroids, and `build_training_segments` gives it segment -1.
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+
+from segsearch.spml.kmeans import KMeansConfig, kmeans_features, run_kmeans
 
 
 IGNORE = 255
@@ -20,7 +26,7 @@ IGNORE = 255
 class TrainingSegments:
     """All segments of a batch, flattened.
 
-    pixel_segment: (N,) global segment id of every pixel (N = B*h*w).
+    pixel_segment: (N,) global segment id of every pixel (N = B*h*w); -1 on padding.
     pixel_image, pixel_label, pixel_contour: (N,) the pixel's image index, weak label
         (255 = none), contour-region id.
     segment_image, segment_label, segment_contour: (S,) the same per segment.
@@ -51,30 +57,60 @@ class TrainingSegments:
             pixel_contour=self.pixel_contour[index],
         )
 
+    @property
+    def valid_pixels(self) -> torch.Tensor:
+        """(N,) bool: pixels that belong to a segment (not padding)."""
+        return self.pixel_segment >= 0
+
+
+def masked_kmeans(embeddings: torch.Tensor, valid: torch.Tensor | None, config: KMeansConfig) -> torch.Tensor:
+    """Spherical k-means cluster ids (B, h, w) long, with padding left out of every centroid.
+
+    embeddings (B, D, h, w) unit norm; valid (B, h, w) bool (None: all valid).
+    Why zeroing works: a centroid is the *normalised sum* of its pixels' features, so a
+    zero feature adds nothing to any centroid (a cell or cluster holding only padding keeps
+    its previous centroid, as an empty one does). Padded pixels still get an id; it means
+    nothing and `build_training_segments` drops them. With every pixel valid this is exactly
+    `spherical_kmeans(...).segment_ids`.
+    """
+    batch, _, height, width = embeddings.shape
+    features = kmeans_features(embeddings, config.coord_weight)
+    if valid is not None:
+        features = features * valid.reshape(batch, -1, 1).to(features.dtype)
+    ids, _ = run_kmeans(features, height, width, config)
+    return ids.view(batch, height, width)
+
 
 def build_training_segments(
     embeddings: torch.Tensor,
     clusters: torch.Tensor,
     contours: torch.Tensor,
     pixel_labels: torch.Tensor,
+    valid: torch.Tensor | None = None,
 ) -> TrainingSegments:
-    """embeddings (B, D, h, w) unit norm; clusters, contours, pixel_labels (B, h, w) long.
+    """embeddings (B, D, h, w) unit norm; clusters, contours, pixel_labels (B, h, w) long;
+    valid (B, h, w) bool, False on padding (None: every pixel is image content).
 
-    Segment key = (image, cluster, contour, label); `torch.unique` turns keys into contiguous
-    global ids, and the key is decoded back into the segment's attributes.
+    Segment key = (image, cluster, contour, label); `torch.unique` turns the keys of the
+    valid pixels into contiguous global ids, and the key is decoded back into the segment's
+    attributes. Padded pixels get segment -1 and add nothing to any prototype.
     """
     batch, dim, height, width = embeddings.shape
     images = torch.arange(batch, device=embeddings.device).view(batch, 1, 1).expand(-1, height, width)
     num_clusters = int(clusters.max()) + 1
     num_contours = int(contours.max()) + 1
     keys = ((images * num_clusters + clusters) * num_contours + contours) * (IGNORE + 1) + pixel_labels
-    unique_keys, pixel_segment = torch.unique(keys.reshape(-1), return_inverse=True)
+    inside = torch.ones_like(keys, dtype=torch.bool) if valid is None else valid.bool()
+    inside = inside.reshape(-1)
+    unique_keys, inside_segment = torch.unique(keys.reshape(-1)[inside], return_inverse=True)
+    pixel_segment = torch.full_like(inside, -1, dtype=torch.long)
+    pixel_segment[inside] = inside_segment
     segment_label = unique_keys % (IGNORE + 1)
     segment_contour = (unique_keys // (IGNORE + 1)) % num_contours
     segment_image = unique_keys // ((IGNORE + 1) * num_contours * num_clusters)
     flat_embeddings = embeddings.permute(0, 2, 3, 1).reshape(-1, dim)
     sums = torch.zeros(unique_keys.numel(), dim, dtype=embeddings.dtype, device=embeddings.device)
-    sums = sums.index_add(0, pixel_segment, flat_embeddings)
+    sums = sums.index_add(0, inside_segment, flat_embeddings[inside])
     return TrainingSegments(
         pixel_segment=pixel_segment,
         pixel_image=images.reshape(-1),

@@ -5,7 +5,8 @@ same thing on both. A *region* is a connected component (8-connected) of one cla
 mask; ignore pixels (255) belong to no region, and components smaller than `min_region_area`
 pixels are skipped (annotators do not click on slivers).
 
-- tags: the set of classes present; every pixel stays unlabelled.
+- tags: the set of *object* classes present (the background class is never a tag, see
+  `image_tags`); every pixel stays unlabelled.
 - points: `points_per_region` pixels per region, drawn from its interior (pixels whose distance
   to the region border is at least half the region's largest), like a click in the middle.
 - scribbles: per region, the longest path through the region's skeleton is the "full scribble";
@@ -79,7 +80,8 @@ class WeakLabelConfig:
 class WeakLabels:
     """What an annotator would have given for one image.
 
-    tags: `(C,)` bool, classes present in the image (background included when present).
+    tags: `(C,)` bool, object classes present in the image; the background class is always
+        False (see `image_tags`).
     pixel_labels: `(H, W)` int64 class per labelled pixel, IGNORE_INDEX (255) elsewhere.
     boxes: `(class, x0, y0, x1, y1)` per box, end-exclusive; empty unless kind is "boxes".
     """
@@ -126,8 +128,7 @@ def make_weak_labels(
     mask = _check_mask(mask, num_classes)
     rng = np.random.default_rng(config.seed) if rng is None else rng
     present = np.unique(mask[mask != IGNORE_INDEX])
-    tags = np.zeros(num_classes, dtype=bool)
-    tags[present] = True
+    tags = image_tags(present, num_classes, config.background_class)
     labels = np.full(mask.shape, IGNORE_INDEX, dtype=np.int64)
     if config.kind == "full":
         return WeakLabels(tags, mask.copy())
@@ -143,6 +144,22 @@ def make_weak_labels(
         return WeakLabels(tags, labels)
     boxes = [_tight_box(r) for r in regions if r.class_index != config.background_class]
     return WeakLabels(tags, _paint_boxes(boxes, mask, config.background_class), boxes)
+
+
+def image_tags(present: np.ndarray, num_classes: int, background_class: int | None) -> np.ndarray:
+    """`(C,)` bool image tags from the classes present, without the background class.
+
+    Why: relation O takes segments of images sharing a tag as positives and the rest as
+    negatives. Every VOC image has background, so a background tag would make every pair of
+    images share one: O would have no negatives and contribute exactly zero loss and gradient.
+    SPML drops it the same way (`semantic_tag[:, 1:num_classes]` in its loss), and VOC's
+    image-level labels name the 20 object classes only.
+    """
+    tags = np.zeros(num_classes, dtype=bool)
+    tags[present] = True
+    if background_class is not None:
+        tags[background_class] = False
+    return tags
 
 
 def _check_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:

@@ -93,3 +93,71 @@ def test_reference_values_per_supervision():
     points = default_loss_config("points")
     assert points.annotation.weight == 0.1 and points.lowlevel.concentration == 16
     assert default_loss_config("tags").affinity.weight == 0.0  # A off, as in SPML's configs
+
+
+def test_cooccurrence_is_not_zero_when_every_image_has_background():
+    """VOC regression: tags made by the weak-label code from masks that all contain
+    background (0). Image 0 holds class 15, image 1 class 5: they share no object class, so
+    O has negatives and must give a non-zero loss and gradient (it was exactly 0 while the
+    background counted as a tag)."""
+    from segsearch.trainer.weak_labels import WeakLabelConfig, make_weak_labels
+
+    masks = [torch.zeros(4, 4, dtype=torch.long), torch.zeros(4, 4, dtype=torch.long)]
+    masks[0][:, 2:] = 15
+    masks[1][:, 2:] = 5
+    config = WeakLabelConfig(kind="tags", background_class=0)
+    weak = [make_weak_labels(m.numpy(), 21, config) for m in masks]
+    tags = torch.stack([torch.from_numpy(w.tags) for w in weak])
+    labels = torch.stack([torch.from_numpy(w.pixel_labels) for w in weak])
+    torch.manual_seed(0)
+    embeddings = F.normalize(torch.randn(2, 3, 4, 4), dim=1).requires_grad_(True)
+    clusters = torch.tensor([0, 0, 1, 1]).repeat(2, 4, 1)  # left / right halves
+    contours = torch.zeros(2, 4, 4, dtype=torch.long)
+    config = LossConfig(annotation=Relation(0, 6), cooccurrence=Relation(1.0, 8), lowlevel=Relation(0, 16))
+    loss = _losses(config, embeddings, clusters, contours, labels, tags)["O"]
+    loss.backward()
+    assert loss.item() > 0.01
+    assert embeddings.grad.abs().sum() > 0
+
+
+def _affinity_batch(cos_close: float, cos_far: float):
+    """One image of 1x4 pixels, each its own segment: L2 (label 2) = e0, L3 (label 3) = e2,
+    U1 (unlabelled) at cosine `cos_close` from e0, U2 (unlabelled) at `cos_far` from e0
+    (both in the e0-e1 plane, so orthogonal to L3)."""
+    def at(cos):
+        return torch.tensor([cos, (1 - cos**2) ** 0.5, 0.0])
+
+    columns = torch.stack([torch.tensor([1.0, 0, 0]), torch.tensor([0, 0, 1.0]), at(cos_close), at(cos_far)])
+    embeddings = columns.t().reshape(1, 3, 1, 4).contiguous()
+    clusters = torch.arange(4).view(1, 1, 4)
+    contours = torch.zeros(1, 1, 4, dtype=torch.long)
+    labels = torch.tensor([[[2, 3, IGNORE, IGNORE]]])
+    return embeddings, clusters, contours, labels
+
+
+def test_affinity_borrows_labels_only_at_cosine_095_or_more():
+    from segsearch.trainer.relations import borrowed_label_sets
+
+    embeddings, clusters, contours, labels = _affinity_batch(0.96, 0.94)
+    segments = build_training_segments(embeddings, clusters, contours, labels)
+    sets = borrowed_label_sets(segments, top_k=3, threshold=0.95)
+    by_pixel = sets[segments.pixel_segment]
+    assert by_pixel[2].nonzero().squeeze(1).tolist() == [2]  # U1: cos .96 to L2 -> {2}
+    assert not by_pixel[3].any()  # U2: cos .94 < .95 -> no labels
+    assert not by_pixel[0].any() and not by_pixel[1].any()  # labelled segments borrow nothing
+    assert not borrowed_label_sets(segments, top_k=3, threshold=0.97)[segments.pixel_segment].any()
+
+
+def test_affinity_trains_only_the_pixels_that_borrowed_a_label():
+    embeddings, clusters, contours, labels = _affinity_batch(0.96, 0.94)
+    embeddings.requires_grad_(True)
+    tags = torch.zeros(1, 4, dtype=torch.bool)
+    config = LossConfig(annotation=Relation(0, 6), cooccurrence=Relation(0, 8), lowlevel=Relation(0, 16),
+                        affinity=Relation(1.0, 8))
+    loss = _losses(config, embeddings, clusters, contours, labels, tags)["A"]
+    # U1 alone: positive L2 (cos .96), negative L3 (cos 0): -log(e^{8*.96} / (e^{8*.96} + e^0))
+    expected = -torch.log(torch.sigmoid(torch.tensor(8 * 0.96)))
+    assert torch.allclose(loss, expected, atol=1e-5)
+    loss.backward()
+    assert embeddings.grad[0, :, 0, 2].abs().sum() > 0  # U1
+    assert embeddings.grad[0, :, 0, 3].abs().sum() == 0  # U2: below the threshold, no part

