@@ -22,6 +22,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache_of_this_run(tmp_path_factory):
+    """Training's on-disk feature cache in this run's temp folder, not the user's home."""
+    import os
+
+    previous = os.environ.get("SEGSEARCH_CACHE_DIR")
+    os.environ["SEGSEARCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("feature-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("SEGSEARCH_CACHE_DIR", None)
+    else:
+        os.environ["SEGSEARCH_CACHE_DIR"] = previous
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 4 MiB tmpfs (root only; skips elsewhere), unmounted at the end."""

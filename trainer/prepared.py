@@ -19,6 +19,7 @@ from skimage.filters import sobel
 from tqdm import tqdm
 
 from segsearch.spml.embedding import OUTPUT_STRIDE, EmbeddingNet
+from segsearch.trainer.feature_cache import cached, key_for
 from segsearch.trainer.cam import box_cam_labels, cam_pseudo_labels
 from segsearch.trainer.lowlevel import contour_segments
 from segsearch.trainer.sample import IGNORE_INDEX, Sample
@@ -68,12 +69,16 @@ def prepare_set(
     images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).contiguous()
     masks = torch.from_numpy(np.stack([s.mask for s in samples]))
     tags, weak_labels = weak_targets(samples, num_classes, weak_config)
-    edges = compute_edges(images, edge_source, batch_size, progress)
+    edges = compute_edges(images, edge_source, batch_size, progress) if edge_source == "none" else cached(
+        key_for("edges", images, edge_source),
+        lambda: torch.from_numpy(compute_edges(images, edge_source, batch_size, progress))).numpy()
     contours = torch.from_numpy(np.stack([
         contour_segments(e, contour_segments_per_image) if edge_source != "none"
         else np.zeros(e.shape, dtype=np.int64) for e in edges
     ]).astype(np.int64))
-    features = None if model is None else compute_features(model, images, batch_size, progress)
+    features = None if model is None else cached(
+        key_for("features", images, model.backbone, tuple(model.config.feature_blocks)),
+        lambda: compute_features(model, images, batch_size, progress))
     return PreparedSet(
         images=images,
         masks=masks,
