@@ -24,11 +24,11 @@ import grpc
 from PIL import Image
 
 from segsearch.service.client import SegsearchClient
+from segsearch.service.config import MiB
 from segsearch.testing.serve_process import ServeProcess
 from segsearch.testing.soak import RssSampler
 from segsearch.testing.tiny_index import build_tiny_index, train_tiny_checkpoint, write_tiny_corpus
 
-MiB = 1 << 20
 UNBUDGETED = str(10**12)  # --decode-budget-pixels high enough never to wait: the old server
 
 

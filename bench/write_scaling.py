@@ -15,7 +15,6 @@ Prints one table; the large/small ratio of live p50 is the number the issue asks
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from segsearch.indexer.index_store import IndexStore
+from segsearch.testing.crash import abandon
 from search_speed import SearchBenchConfig, make_mixture, sample  # bench/ is the script directory
 from service_latency import image_chunk, segment_templates  # bench/ is the script directory
 
@@ -101,7 +101,7 @@ def measure(base: Path, work: Path, size: int, policy: str, save_every: int | No
     for start in range(0, len(doomed), 4):
         store.delete_images(doomed[start:start + 4])
     deletes = len(doomed) * per_image / (time.perf_counter() - started)
-    _kill(store)
+    abandon(store)  # what kill -9 leaves: LMDB committed, no close, no last FAISS save
     started = time.perf_counter()
     with IndexStore.open(work, VERSION) as reopened:
         reopen = time.perf_counter() - started
@@ -109,13 +109,6 @@ def measure(base: Path, work: Path, size: int, policy: str, save_every: int | No
     shutil.rmtree(work)
     return Row(size, policy, float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)),
                bulk, deletes, reopen, replayed)
-
-
-def _kill(store: IndexStore) -> None:
-    """What kill -9 leaves: LMDB committed, no close, no last FAISS save."""
-    store._closed = True
-    store._metadata.close()
-    os.close(store._lock_fd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from segsearch.durable import atomic_write, space_report  # noqa: F401  (space_report: re-exported)
+from segsearch.durable import atomic_write
 from segsearch.errors import IndexStoreError
 
 log = logging.getLogger(__name__)

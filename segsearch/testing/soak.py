@@ -12,10 +12,10 @@ from typing import Self
 import numpy as np
 import psutil
 
+from segsearch.service.config import MiB
 from segsearch.service.loadgen import LoadConfig, LoadResult, RequestMix, run_load
 from segsearch.testing.serve_process import ServeProcess
 
-MiB = 1 << 20
 
 
 

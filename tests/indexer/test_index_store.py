@@ -1,6 +1,5 @@
 """IndexStore: LMDB + FAISS together, with real LMDB and FAISS in temporary directories."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ from segsearch.indexer.index_store import VECTORS_FILE, IndexStore
 from segsearch.indexer.records import ImageRecord, encode_segment
 from segsearch.indexer.rle import decode_mask
 from segsearch.indexer.vector_index import VectorIndex
+from segsearch.testing.crash import abandon
 from indexer_helpers import DIM, MODEL, fill, make_batch, make_image
 
 SPECS = ["flat", "hnsw", "IVF8,Flat"]  # IVF8 needs 312 vectors; tests use >= 400 segments
@@ -270,9 +270,7 @@ def test_default_policy_defers_the_faiss_write_and_the_open_replays_from_lmdb(tm
     store.add_images(make_batch(["after1", "after2"]))  # 8 vectors: far under the policy's bound
     assert (root / VECTORS_FILE).read_bytes() == saved  # not rewritten by the commit
     store.delete_images(["img0003"])
-    store._closed = True  # "kill -9": no close, no flush (LMDB and the lock go with the process)
-    store._metadata.close()
-    os.close(store._lock_fd)
+    abandon(store)  # "kill -9": no close, no flush (LMDB and the lock go with the process)
     with IndexStore.open(root, MODEL) as reopened:
         assert reopened.last_replay.added == 8 and reopened.last_replay.removed == 4
         assert reopened.last_replay.seconds < 5
