@@ -167,10 +167,6 @@ class ConcurrencyLimitInterceptor(grpc.ServerInterceptor):
         self._running = {"read": 0, "write": 0}
         self._lock = threading.Lock()
 
-    @property
-    def limit(self) -> int:
-        return self.limits["read"]
-
     def _try_enter(self, kind: str) -> bool:
         with self._lock:
             if self._running[kind] >= self.limits[kind]:
