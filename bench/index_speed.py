@@ -139,7 +139,7 @@ def naive_loop(corpus: Path, checkpoint_path: Path, out: Path, config: IndexConf
     segmenter = Segmenter(checkpoint.build_model().to(device), checkpoint.label_bank, config.segmenter)
     version = checkpoint.model_version
     times = StageTimes()
-    store = IndexStore.create(out, version, checkpoint.config.embedding_dim, config.index_type,
+    store = IndexStore.create(out, version, checkpoint.config.output_dim, config.index_type,
                               save_every=config.save_every)
     try:
         for item in read_corpus(corpus):

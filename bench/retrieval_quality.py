@@ -1,23 +1,26 @@
 """Retrieval quality on unseen data, measured through the real indexer and server (issue 11 §1).
 
-    python bench/retrieval_quality.py                 # default size, demo model (trained once, cached)
+    python bench/retrieval_quality.py                 # default size, the shipped general model
     python bench/retrieval_quality.py --model runs/x/checkpoint.pt
-    python bench/retrieval_quality.py --quick         # smoke run: tiny data, 20-step model
+    python bench/retrieval_quality.py --model demo    # the demo's model (trained once, cached)
+    python bench/retrieval_quality.py --quick         # smoke run: tiny data
 
 What it does:
 1. data: labelled mosaics of OpenArena game textures (Debian `openarena-081-textures`,
    fetched once with `apt-get download` into bench/out/, see `retrieval_data.py`): classes
    and pictures the model never saw; INDEX and QUERY mosaics use disjoint source textures;
-2. model: `--model`, or the demo's model (`segsearch train --supervision scribbles`, 200
-   steps on the built-in mosaic), trained once into bench/out/retrieval/models/;
+2. model: the shipped general model (spml/models/general.pt), `--model CKPT`, or `--model
+   demo`: the demo's model (`segsearch train --supervision scribbles`, 200 steps on the
+   built-in mosaic), trained once into bench/out/retrieval/models/;
 3. `segsearch index` (the CLI) indexes the INDEX mosaics; `segsearch serve` (the CLI) serves
    them on a free 127.0.0.1 port;
 4. every ground-truth region of every QUERY mosaic is asked for by mask, by box (the region's
    bounding box) and by point (its most interior pixel), top_k=10, through the public client;
 5. the same indexed segments (masks read back with GetSegment) are ranked by brute force
    with the baselines, for the same query masks (for a point, the over-segment the server
-   used): colour histogram (8x8x8 RGB, L1, cosine), the untrained HED-VGG16 hypercolumn
-   mean-pooled over the mask, and chance;
+   used): colour histogram (8x8x8 RGB, L1, cosine), the untrained HED-VGG16's block 3 and
+   blocks 3-5 mean-pooled over the mask, chance, and the parts of the model alone (its learned
+   part, its colour code) and its recipe with the untrained hypercolumn in place of the head;
 6. scores (`retrieval_scoring.py`): precision@10 (a hit counts when its segment's majority
    ground-truth class is the query's), pixel precision, median hit/query area ratio, and the
    server's latency per query kind. Prints the table and per-class rows; writes
@@ -53,12 +56,18 @@ from retrieval_scoring import (  # noqa: E402
     QueryScore, chance_scores, colour_histogram, latency_percentiles, rank_by_cosine, score_hits, summarise,
 )
 
+from segsearch.spml.checkpoint import resolve_checkpoint  # noqa: E402
+
 log = logging.getLogger("retrieval_quality")
 BENCH_DIR = Path(__file__).resolve().parent
 KINDS = ("mask", "box", "point")
-METHODS = ("model", "model_bruteforce", "colour_histogram", "backbone", "chance")
+METHODS = ("model", "model_bruteforce", "model_learned", "model_colour", "hypercolumn_colour",
+           "colour_histogram", "backbone", "backbone_345", "chance")
 METHOD_NAMES = {"model": "ours (server)", "model_bruteforce": "ours, brute force",
-                "colour_histogram": "colour hist", "backbone": "backbone (untr.)", "chance": "chance"}
+                "model_learned": "ours, learned part", "model_colour": "ours, colour part",
+                "hypercolumn_colour": "untrained hc + colour", "colour_histogram": "colour hist",
+                "backbone": "backbone b3 (untr.)", "backbone_345": "backbone b3-5 (untr.)",
+                "chance": "chance"}
 QUICK = dict(num_index=16, num_query=6, train_steps=20)
 
 
@@ -67,7 +76,7 @@ class BenchConfig:
     """Every knob of the benchmark; the argparse flags take their defaults from here."""
 
     out_dir: str = str(BENCH_DIR / "out" / "retrieval")
-    model: str = ""  # checkpoint; empty = the demo's model, trained once and cached
+    model: str = ""  # checkpoint; empty = the shipped general model; "demo" = the demo's model
     train_steps: int = 200  # the demo's default, when training the demo's model
     supervision: str = "scribbles"
     top_k: int = 10
@@ -95,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out-dir", default=defaults.out_dir, help="cache and results folder")
-    p.add_argument("--model", default=defaults.model, help="checkpoint; default: train the demo's model once")
+    p.add_argument("--model", default=defaults.model,
+                   help="checkpoint; default: the shipped general model; 'demo': train the demo's model once")
     p.add_argument("--train-steps", type=int, default=defaults.train_steps, help="steps of the demo model")
     p.add_argument("--supervision", default=defaults.supervision, help="weak labels of the demo model")
     p.add_argument("--top-k", type=int, default=defaults.top_k)
@@ -109,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--server-timeout-s", type=float, default=defaults.server_timeout_s)
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK['num_index']} index / {QUICK['num_query']} query mosaics and, "
-                        f"without --model, a {QUICK['train_steps']}-step model (overrides those flags)")
+                        f"with --model demo, a {QUICK['train_steps']}-step model (overrides those flags)")
     args = p.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig) if f.init}
     values["kinds"] = tuple(k for k in args.kinds.split(",") if k)
@@ -346,49 +356,70 @@ def ask_server(client, image_png: bytes, query: Query, kind: str, top_k: int) ->
 
 # ---- baselines ---------------------------------------------------------------------------------
 
+# per-pixel maps mean-pooled over every mask (`BaselineDescriptors.maps`), and what each holds
+MAP_NAMES = ("block3", "blocks345", "hypercolumn", "lab", "embedding")
+
+
 class BaselineDescriptors:
-    """Colour histograms, untrained-backbone and model means of masks, image by image (cached)."""
+    """Mean-pooled maps of an image for every mask, image by image (one image cached):
+
+    - block3 / blocks345: the untrained HED-VGG16's block 3 (the issue's backbone baseline) and
+      blocks 3-5 (the hypercolumn of the first models), raw, resampled to stride 4;
+    - hypercolumn: the model's own head input (its blocks, normalised per block when the model
+      does), each pixel L2-normalised: the untrained counterpart of the learned part;
+    - lab: the soft Lab colour code (`spml/colour.py`, the model's bins, else 6);
+    - embedding: the model's unit pixel embeddings (a check of the server).
+    The image is resized to the indexer's square embed size first, as the indexer does.
+    """
 
     def __init__(self, checkpoint: Path, embed_size: int, threads: int):
         import torch
 
         from segsearch.spml.checkpoint import load_checkpoint
+        from segsearch.spml.vgg import build_backbone
 
         torch.set_num_threads(threads)
         self.model = load_checkpoint(checkpoint).build_model()
+        self.raw_backbone = build_backbone("vgg16", True, num_blocks=5).eval()
         self.embed_size = embed_size
-        self._features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.colour_bins = self.model.config.colour_bins or 6
+        self._key, self._maps = "", {}
 
     def colour(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return colour_histogram(image[mask])
 
-    def backbone(self, key: str, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Mean of the frozen backbone hypercolumn over the mask (area-weighted at stride 4)."""
-        return mask_mean(self._maps(key, image)[0], mask)
+    def means(self, key: str, image: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
+        """{map name: (S, C) means over the S full-resolution masks (S, H, W) of one image}."""
+        maps = self.maps(key, image)
+        return {name: mask_means(values, masks) for name, values in maps.items()}
 
-    def backbone_many(self, key: str, image: np.ndarray, masks: np.ndarray) -> np.ndarray:
-        """`backbone` of many masks (S, H, W) of one image at once: (S, C)."""
-        return mask_means(self._maps(key, image)[0], masks)
-
-    def model_embedding(self, key: str, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """The trained model's re-normalised mean embedding over the mask (a check of the server)."""
-        mean = mask_mean(self._maps(key, image)[1], mask)
-        return mean / max(float(np.linalg.norm(mean)), 1e-12)
-
-    def _maps(self, key: str, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(hypercolumn (C, h, w), unit embeddings (D, h, w)) of the image resized as the indexer does."""
+    def maps(self, key: str, image: np.ndarray) -> dict[str, np.ndarray]:
+        """{map name: (C, h, w)} of one image at stride 4 of the embed size."""
         import torch
+        import torch.nn.functional as F
 
-        if key not in self._features:
-            self._features.clear()  # one image at a time: a 1280x80x80 map is 33 MB
+        from segsearch.spml.colour import pooled_lab_code
+        from segsearch.spml.embedding import OUTPUT_STRIDE, _resample
+
+        if key != self._key:
             resized = np.asarray(Image.fromarray(image).resize((self.embed_size, self.embed_size),
                                                                Image.Resampling.BILINEAR))
             with torch.no_grad():
                 tensor = torch.from_numpy(resized.copy()).permute(2, 0, 1)[None].float()
                 features = self.model.features(tensor)
-                embeddings = self.model.embed_features(features)
-            self._features[key] = (features[0].numpy(), embeddings[0].numpy())
-        return self._features[key]
+                size = features.shape[-2:]
+                blocks = self.raw_backbone(tensor)
+                hypercolumn = F.normalize(features[:, : self.model.head_channels], dim=1)
+                self._maps = {
+                    "block3": _resample(blocks[2], size),
+                    "blocks345": torch.cat([_resample(blocks[b], size) for b in (2, 3, 4)], dim=1),
+                    "hypercolumn": hypercolumn,
+                    "lab": pooled_lab_code(tensor, self.colour_bins, OUTPUT_STRIDE),
+                    "embedding": self.model.embed_features(features),
+                }
+            self._maps = {name: value[0].numpy() for name, value in self._maps.items()}
+            self._key = key
+        return self._maps
 
 
 def mask_mean(maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -411,27 +442,52 @@ def mask_means(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return flat @ maps.reshape(maps.shape[0], -1).T / flat.sum(axis=1, keepdims=True)
 
 
-def candidate_descriptors(candidates: list[Candidate], data_dir: Path, baselines: BaselineDescriptors):
-    """(N, 512) colour histograms and (N, C) backbone means of every candidate, image by image."""
+def method_descriptors(means: dict[str, np.ndarray], prototypes: np.ndarray, colour: np.ndarray,
+                       embedding_dim: int, colour_weight: float) -> dict[str, np.ndarray]:
+    """Per ranked method, (S, D) descriptors of S regions, cosine-ranked by `rank_by_cosine`.
+
+    `prototypes` (S, D_model) are the model's vectors of the regions (the server's for indexed
+    segments, the mean embedding for queries); its first `embedding_dim` values are the learned
+    part. "hypercolumn_colour" is the model's recipe with the untrained hypercolumn in place of
+    the learned head, at the model's colour weight (0.5 for a model without a colour code).
+    """
+    weight = colour_weight or 0.5
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    return {
+        "model_bruteforce": prototypes,
+        "model_learned": prototypes[:, :embedding_dim],
+        "model_colour": means["lab"],
+        "colour_histogram": colour,
+        "backbone": means["block3"],
+        "backbone_345": means["blocks345"],
+        "hypercolumn_colour": np.concatenate([(1 - weight) ** 0.5 * unit(means["hypercolumn"]),
+                                              weight ** 0.5 * unit(means["lab"])], axis=1),
+    }
+
+
+def candidate_descriptors(candidates: list[Candidate], data_dir: Path, baselines: BaselineDescriptors,
+                          embedding_dim: int, colour_weight: float) -> dict[str, np.ndarray]:
+    """{method: (N, D)} descriptors of every candidate, image by image."""
     by_image: dict[str, list[int]] = defaultdict(list)
     for number, candidate in enumerate(candidates):
         by_image[candidate.image_id].append(number)
-    colour = np.zeros((len(candidates), 512))
-    backbone: np.ndarray | None = None
+    matrices: dict[str, np.ndarray] = {}
     started = time.perf_counter()
     for done, (image_id, numbers) in enumerate(sorted(by_image.items()), start=1):
         image = np.asarray(Image.open(data_dir / "index" / image_id).convert("RGB"))
         masks = np.stack([candidates[n].mask for n in numbers])
-        for n, mask in zip(numbers, masks, strict=True):
-            colour[n] = baselines.colour(image, mask)
-        means = baselines.backbone_many("index/" + image_id, image, masks)
-        if backbone is None:
-            backbone = np.zeros((len(candidates), means.shape[1]), dtype=np.float32)
-        backbone[numbers] = means
+        colour = np.stack([baselines.colour(image, mask) for mask in masks])
+        prototypes = np.stack([candidates[n].prototype for n in numbers])
+        described = method_descriptors(baselines.means("index/" + image_id, image, masks), prototypes,
+                                       colour, embedding_dim, colour_weight)
+        for method, values in described.items():
+            if method not in matrices:
+                matrices[method] = np.zeros((len(candidates), values.shape[1]), dtype=np.float32)
+            matrices[method][numbers] = values
         if done % 24 == 0:
             log.info("baseline descriptors: %d/%d images, %.0f s", done, len(by_image),
                      time.perf_counter() - started)
-    return colour, backbone
+    return matrices
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -447,7 +503,7 @@ def run(config: BenchConfig) -> dict:
     log.info("contact sheet: %s", sheet)
     manifest = json.loads((data_dir / "dataset.json").read_text())
 
-    checkpoint = Path(config.model) if config.model else demo_checkpoint(config, out_dir)
+    checkpoint = demo_checkpoint(config, out_dir) if config.model == "demo" else resolve_checkpoint(config.model)
     # the folder names the exact data (its manifest's hash) and checkpoint, so a cached index is never stale
     data_tag = hashlib.sha256((data_dir / "dataset.json").read_bytes()).hexdigest()[:8]
     run_dir = out_dir / "runs" / f"{config.data_name}-{data_tag}-{checkpoint_tag(checkpoint)}"
@@ -487,34 +543,33 @@ def run(config: BenchConfig) -> dict:
 
 
 def score_everything(config, data_dir, index_dir, checkpoint, candidates, queries, served) -> dict:
-    """Scores of the server's rankings and of the baselines' brute-force rankings."""
+    """Scores of the server's rankings and of the brute-force rankings of every other method."""
     by_id = {c.segment_id: c for c in candidates}
     class_pixels = np.stack([c.class_pixels for c in candidates])
-    prototypes = np.stack([c.prototype for c in candidates])
     baselines = BaselineDescriptors(checkpoint, embed_size_of(index_dir), config.embed_threads)
+    model_config = baselines.model.config
+    parts = (model_config.embedding_dim, model_config.colour_weight)
     started = time.perf_counter()
-    colour_matrix, backbone_matrix = candidate_descriptors(candidates, data_dir, baselines)
+    matrices = candidate_descriptors(candidates, data_dir, baselines, *parts)
     log.info("baseline descriptors of %d segments in %.0f s", len(candidates), time.perf_counter() - started)
 
     per_query = {kind: defaultdict(list) for kind in config.kinds}
     overlap = {kind: [] for kind in config.kinds}  # |server top-k & brute-force top-k| / k
-    for number, query in enumerate(queries):  # queries of one image are adjacent: features cached
+    for number, query in enumerate(queries):  # queries of one image are adjacent: maps cached
         image = np.asarray(Image.open(data_dir / "query" / query.image_id).convert("RGB"))
         for kind in config.kinds:
             answer = served[kind][number]
-            embedding = baselines.model_embedding("query/" + query.image_id, image, answer.query_mask)
-            bruteforce = rank_by_cosine(embedding, prototypes, config.top_k)
-            bruteforce_ids = {candidates[i].segment_id for i in bruteforce}
-            overlap[kind].append(len(bruteforce_ids & set(answer.segment_ids)) / config.top_k)
-            ranked = {
-                "model": [by_id[i].class_pixels for i in answer.segment_ids],
-                "model_bruteforce": class_pixels[bruteforce],
-                "colour_histogram": class_pixels[rank_by_cosine(
-                    baselines.colour(image, answer.query_mask), colour_matrix, config.top_k)],
-                "backbone": class_pixels[rank_by_cosine(
-                    baselines.backbone("query/" + query.image_id, image, answer.query_mask),
-                    backbone_matrix, config.top_k)],
-            }
+            means = baselines.means("query/" + query.image_id, image, answer.query_mask[None])
+            embedding = means["embedding"] / max(float(np.linalg.norm(means["embedding"])), 1e-12)
+            described = method_descriptors(means, embedding, baselines.colour(image, answer.query_mask)[None],
+                                           *parts)
+            ranked = {"model": [by_id[i].class_pixels for i in answer.segment_ids]}
+            for method, descriptor in described.items():
+                top = rank_by_cosine(descriptor[0], matrices[method], config.top_k)
+                ranked[method] = class_pixels[top]
+                if method == "model_bruteforce":
+                    top_ids = {candidates[i].segment_id for i in top}
+                    overlap[kind].append(len(top_ids & set(answer.segment_ids)) / config.top_k)
             area = float(answer.query_mask.sum())
             for method, hits in ranked.items():
                 score = score_hits(query.class_index, area, list(hits), config.top_k)
@@ -565,7 +620,7 @@ def format_report(results: dict, class_names: list[str]) -> str:
     lines = [f"retrieval on unseen data: {len(class_names)} classes, {data['index_images']} index mosaics "
              f"({results['index']['segments']} segments), {data['query_regions']} query regions in "
              f"{data['query_images']} query mosaics; model {results['model']['model_version']}", ""]
-    header = (f"{'query':6} {'method':18} {'P@' + str(top_k):>7} {'pixel P':>8} {'area ratio':>10} "
+    header = (f"{'query':6} {'method':22} {'P@' + str(top_k):>7} {'pixel P':>8} {'area ratio':>10} "
               f"{'p50 ms':>8} {'p99 ms':>8}")
     lines += [header, "-" * len(header)]
     for kind, methods in results["results"].items():
@@ -573,7 +628,7 @@ def format_report(results: dict, class_names: list[str]) -> str:
             row = methods[method]
             name = METHOD_NAMES[method]
             timing = results["latency"][kind] if method == "model" else None
-            lines.append(f"{kind:6} {name:18} {row['precision_at_k']:7.2f} {row['pixel_precision']:8.2f} "
+            lines.append(f"{kind:6} {name:22} {row['precision_at_k']:7.2f} {row['pixel_precision']:8.2f} "
                          f"{row['area_ratio_median']:10.2f} "
                          + (f"{timing['p50_ms']:8.0f} {timing['p99_ms']:8.0f}" if timing else ""))
     kinds = list(results["results"])

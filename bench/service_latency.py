@@ -228,7 +228,7 @@ def image_chunk(first_image: int, prototypes: np.ndarray, version: str, labels: 
 def ensure_index(config: LatencyConfig, size: int, checkpoint_path: Path) -> BuiltIndex:
     """The cached index of `size` segments for this checkpoint, or a new one (timed)."""
     checkpoint = load_checkpoint(checkpoint_path)
-    version, dim = checkpoint.model_version, checkpoint.config.embedding_dim
+    version, dim = checkpoint.model_version, checkpoint.config.output_dim
     path = config.out / f"index-{size}-{config.spec}"
     marker = path / "build.json"
     if marker.exists():

@@ -1,7 +1,7 @@
 """`segsearch index`: build an index from a corpus, add to it, delete from it, verify it, stats.
 
-    segsearch index CORPUS --model CKPT --out INDEX_DIR [options]   (build, or finish one)
-    segsearch index add INDEX_DIR CORPUS --model CKPT [options]
+    segsearch index CORPUS --out INDEX_DIR [--model CKPT] [options]   (build, or finish one)
+    segsearch index add INDEX_DIR CORPUS [--model CKPT] [options]
     segsearch index delete INDEX_DIR --image-id ID [--image-id ID ...]
     segsearch index verify INDEX_DIR [--model CKPT] [--repair]
     segsearch index stats INDEX_DIR [--json]
@@ -56,7 +56,7 @@ def _grid(text: str) -> tuple[int, int]:
 def add_index_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "index", help="build and maintain a segment index (FAISS + LMDB)",
-        usage="segsearch index CORPUS --model CKPT --out INDEX_DIR [options]\n"
+        usage="segsearch index CORPUS --out INDEX_DIR [--model CKPT] [options]\n"
               "       segsearch index {add,delete,verify,stats} INDEX_DIR ...",
         description="Segment every image of CORPUS (a folder of JPEG/PNG/WebP/BMP/TIFF images or a "
                     "JSONL manifest of {\"uri\", \"image_id\", \"tags\"}) with the checkpoint, and store "
@@ -68,7 +68,8 @@ def add_index_parser(subparsers) -> None:
                                description="Index CORPUS into a new index at --out, or finish the "
                                            "unfinished index there.")
     build.add_argument("corpus", help="folder of images, or a JSONL manifest")
-    build.add_argument("--model", required=True, help="checkpoint written by `segsearch train`")
+    build.add_argument("--model", help="checkpoint written by `segsearch train` (default: the shipped "
+                                       "general model, spml/models/general.pt)")
     build.add_argument("--out", required=True, help="index directory (new, or an unfinished index to complete)")
     build.add_argument("--resume", action="store_true",
                        help="require an existing index at --out and continue it (the same command "
@@ -82,7 +83,8 @@ def add_index_parser(subparsers) -> None:
                                          "version and settings; images already there are skipped).")
     add.add_argument("index_dir", help="existing index directory")
     add.add_argument("corpus", help="folder of images, or a JSONL manifest")
-    add.add_argument("--model", required=True, help="the checkpoint the index was built with")
+    add.add_argument("--model", help="the checkpoint the index was built with (default: the shipped "
+                                     "general model)")
     _add_job_flags(add)
     add.set_defaults(handler=run_add)
 
@@ -200,9 +202,16 @@ def _run_job(corpus: str, model: str, index_dir: str, args, must_exist: bool) ->
     from segsearch.indexer.pipeline import index_corpus
 
     config = index_config(args, Path(index_dir), must_exist)
-    summary = index_corpus(corpus, model, index_dir, config)
+    summary = index_corpus(corpus, _checkpoint(model), index_dir, config)
     print(summary.format())
     return 0
+
+
+def _checkpoint(model: str | None) -> str:
+    """--model, or the shipped general model."""
+    from segsearch.spml.checkpoint import resolve_checkpoint
+
+    return str(resolve_checkpoint(model))
 
 
 def run_build(args) -> int:
@@ -224,7 +233,7 @@ def _run_dask_job(args) -> int:
         dask = DaskConfig(cluster=args.dask, num_shards=args.shards, retries=args.retries, merge=not args.no_merge)
     except ValueError as exc:
         raise SegsearchError(f"invalid setting: {exc}") from None
-    summary = index_distributed(args.corpus, args.model, args.out, config, dask)
+    summary = index_distributed(args.corpus, _checkpoint(args.model), args.out, config, dask)
     print(summary.format())
     return 0
 

@@ -214,7 +214,7 @@ def open_or_create_index(out: Path, checkpoint: Checkpoint, config: IndexConfig)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise IndexStoreError(f"{out} exists and is not a segsearch index; choose a new --out directory")
     kwargs = {} if config.map_size is None else {"map_size": config.map_size}
-    store = IndexStore.create(out, version, checkpoint.config.embedding_dim, config.index_type,
+    store = IndexStore.create(out, version, checkpoint.config.output_dim, config.index_type,
                               save_every=config.save_every, first_segment_id=config.first_segment_id, **kwargs)
     IndexSettings.of(config).save(out)
     return store

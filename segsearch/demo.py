@@ -5,7 +5,9 @@
 3. write a small corpus (the mosaic's test images + scikit-image photographs) and index it
    (LMDB + a local FAISS file, no server to install);
 4. start the gRPC service on a free loopback port, ask it for segments like a box of a test
-   image and to segment a photograph, write the pictures, and shut it down.
+   image and to segment a photograph, write the pictures, and shut it down;
+5. show the general model segsearch ships (no training, no --model) on photographs it never
+   saw: index them, segment one, and ask for segments like a point on another.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+# photographs for the shipped general model: none of them is in its training data (game textures)
+GENERAL_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "retina", "stereo_motorcycle")
 
 
 def add_demo_parser(subparsers) -> None:
@@ -41,7 +45,8 @@ def write_corpus(corpus_dir: Path, test_samples, photos=PHOTOS) -> list[Path]:
         Image.fromarray(sample.image).save(path)
         mosaic_paths.append(path)
     for name in photos:
-        image = np.asarray(getattr(skimage.data, name)())
+        image = getattr(skimage.data, name)()
+        image = np.asarray(image[0] if isinstance(image, tuple) else image)  # a stereo pair: its left view
         if image.ndim == 2:
             image = np.stack([image] * 3, axis=-1)
         Image.fromarray(image[..., :3]).save(corpus_dir / f"photo-{name}.png")
@@ -70,18 +75,18 @@ def run_demo(args) -> int:
 
     workdir = Path(args.workdir)
     run_dir = workdir / f"spml-{args.supervision}"
-    print("== 1/4 train")
+    print("== 1/5 train")
     result = train(TrainConfig(out_dir=str(run_dir), supervision=args.supervision, steps=args.steps,
                                data=DataConfig()))
-    print("== 2/4 evaluate")
+    print("== 2/5 evaluate")
     report = evaluate_checkpoint(EvalConfig(checkpoint=str(result.checkpoint_path)))
     print(report.summary())
-    print("== 3/4 index")
+    print("== 3/5 index")
     test = load_split(DataConfig(), "test").samples
     mosaics = write_corpus(workdir / "corpus", test)
     summary = index_corpus(workdir / "corpus", result.checkpoint_path, workdir / "index", IndexConfig())
     print(summary.format())
-    print("== 4/4 serve and query")
+    print("== 4/5 serve and query")
     server = SegsearchServer(ServerConfig(index_dir=str(workdir / "index"), checkpoint=str(result.checkpoint_path),
                                           port=0, metrics_port=0))
     server.start_loaded()
@@ -101,7 +106,42 @@ def run_demo(args) -> int:
         print(f"metrics were served at http://127.0.0.1:{server.metrics_port}/metrics")
     finally:
         server.stop(grace=1.0)
+    print("== 5/5 the shipped general model on photographs it never saw")
+    show_general_model(workdir)
     print(f"\nall outputs under {workdir}/:\n  {run_dir.name}/checkpoint.pt loss_curve.png train_log.jsonl "
           "eval.json eval_overlays.png eval_confusion.png\n  index/ (LMDB + FAISS)  query_sheet.png  "
-          "segment_overlay.png")
+          "segment_overlay.png\n  general/index/  general/query_sheet.png  general/segment_overlay.png")
     return 0
+
+
+def show_general_model(workdir: Path) -> None:
+    """Index photographs with the shipped model (as `segsearch index photos/ --out idx` does
+    without --model), serve them, segment one and query a point of another."""
+    from segsearch.indexer.pipeline import IndexConfig, index_corpus
+    from segsearch.service.cli import print_hits
+    from segsearch.service.client import SegsearchClient
+    from segsearch.service.config import ServerConfig
+    from segsearch.service.server import SegsearchServer
+    from segsearch.service.sheets import write_query_sheet, write_segment_overlay
+    from segsearch.spml.checkpoint import resolve_checkpoint
+
+    general = workdir / "general"
+    write_corpus(general / "photos", [], GENERAL_PHOTOS)
+    model = resolve_checkpoint(None)
+    print(index_corpus(general / "photos", model, general / "index", IndexConfig()).format())
+    server = SegsearchServer(ServerConfig(index_dir=str(general / "index"), checkpoint=str(model),
+                                          port=0, metrics_port=0))
+    server.start_loaded()
+    try:
+        with SegsearchClient(server.address) as client:
+            photo_png = (general / "photos" / "photo-chelsea.png").read_bytes()
+            segments = client.segment(photo_png)
+            print(f"{len(segments.segments)} regions of photo-chelsea.png (labels: none, the general "
+                  "model has no label bank)")
+            print(f"overlay: {write_segment_overlay(photo_png, segments, general / 'segment_overlay.png')}")
+            query = general / "photos" / "photo-astronaut.png"
+            hits = client.search_point(query.read_bytes(), (180, 110), top_k=11, include_masks=True)
+            print_hits(hits.hits)
+            print(f"contact sheet: {write_query_sheet(query.read_bytes(), hits, general / 'query_sheet.png', query.name, general / 'photos')}")
+    finally:
+        server.stop(grace=1.0)

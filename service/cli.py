@@ -132,7 +132,8 @@ def add_serve_parser(subparsers) -> None:
                               "segsearch.v1.SegmentSearch, grpc.health.v1, reflection, and Prometheus "
                               "metrics on their own HTTP port. Stops cleanly on SIGTERM.")
     p.add_argument("index_dir", metavar="INDEX_DIR")
-    p.add_argument("--model", required=True, metavar="CKPT", help="checkpoint the index was built with")
+    p.add_argument("--model", metavar="CKPT", help="checkpoint the index was built with (default: the "
+                                                  "shipped general model, spml/models/general.pt)")
     _add_frontend_flags(p, d)
     p.add_argument("--no-metrics", action="store_true", help="no metrics endpoint")
     p.add_argument("--max-top-k", type=int, default=limits.max_top_k, help="(default: %(default)s)")
@@ -175,9 +176,10 @@ def add_serve_parser(subparsers) -> None:
 
 def run_serve(args) -> int:
     from segsearch.service.server import serve
+    from segsearch.spml.checkpoint import resolve_checkpoint
 
     config = ServerConfig(
-        index_dir=args.index_dir, checkpoint=args.model, **_frontend_options(args),
+        index_dir=args.index_dir, checkpoint=str(resolve_checkpoint(args.model)), **_frontend_options(args),
         metrics_port=None if args.no_metrics else args.metrics_port,
         limits=ServiceLimits(max_top_k=args.max_top_k, max_image_pixels=args.max_image_pixels,
                              decode_budget_pixels=args.decode_budget_pixels,

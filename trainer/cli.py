@@ -20,7 +20,8 @@ def _grid(text: str) -> tuple[int, int]:
 def add_data_flags(parser: argparse.ArgumentParser, defaults: DataConfig) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", default=defaults.dataset,
-                       help="'mosaic' (built-in texture mosaic) or a PASCAL VOC2012 directory "
+                       help="'mosaic' (built-in texture mosaic), 'textures:DIR' (mosaics of the images "
+                            "in DIR, one class per image) or a PASCAL VOC2012 directory "
                             "(JPEGImages, SegmentationClass[Aug], ImageSets/Segmentation) "
                             "(default: %(default)s)")
     group.add_argument("--image-size", type=int, default=defaults.image_size,
@@ -58,6 +59,16 @@ def add_train_parser(subparsers) -> None:
                    help="fine-tune the backbone too (slow on CPU); default: frozen, features cached once")
     m.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help="D (default: %(default)s)")
     m.add_argument("--hidden-dim", type=int, default=d.hidden_dim, help="head width (default: %(default)s)")
+    m.add_argument("--feature-blocks", type=_blocks, default=d.feature_blocks,
+                   help="backbone blocks in the hypercolumn, e.g. 1,2,3,4 (default: {})".format(
+                       ",".join(map(str, d.feature_blocks))))
+    m.add_argument("--block-norm", action="store_true",
+                   help="L2-normalise each block per pixel before concatenating (default: off)")
+    m.add_argument("--colour-bins", type=int, default=d.colour_bins,
+                   help="append a soft Lab colour code of BINS^3 bins to the embedding, 0 = none "
+                        "(default: %(default)s)")
+    m.add_argument("--colour-weight", type=float, default=d.colour_weight,
+                   help="the colour code's share of the embedding's squared norm (default: %(default)s)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=d.steps, help="training steps (default: %(default)s)")
     o.add_argument("--batch-size", type=int, default=d.batch_size,
@@ -112,12 +123,23 @@ def add_train_parser(subparsers) -> None:
     p.set_defaults(handler=run_train)
 
 
+def _blocks(text: str) -> tuple[int, ...]:
+    try:
+        blocks = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block numbers like 3,4,5, got {text!r}") from None
+    if not blocks or any(not 1 <= b <= 5 for b in blocks) or len(set(blocks)) != len(blocks):
+        raise argparse.ArgumentTypeError(f"blocks must be distinct numbers in 1..5, got {text!r}")
+    return blocks
+
+
 def train_config(args) -> TrainConfig:
     return TrainConfig(
         out_dir=args.out, method=args.method, supervision=args.supervision, data=data_config(args),
         backbone=args.backbone, pretrained=not args.no_pretrained and args.backbone != "small",
         freeze_backbone=not args.train_backbone, embedding_dim=args.embedding_dim,
-        hidden_dim=args.hidden_dim, steps=args.steps, batch_size=args.batch_size,
+        hidden_dim=args.hidden_dim, feature_blocks=args.feature_blocks, block_norm=args.block_norm,
+        colour_bins=args.colour_bins, colour_weight=args.colour_weight, steps=args.steps, batch_size=args.batch_size,
         optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
         train_grid=args.train_grid, inference_grid=args.inference_grid,
         kmeans_iterations=args.kmeans_iterations, scribble_length=args.scribble_length,

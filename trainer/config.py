@@ -23,6 +23,10 @@ class TrainConfig:
     freeze_backbone: bool = True
     embedding_dim: int = 64
     hidden_dim: int = 128
+    feature_blocks: tuple[int, ...] = (3, 4, 5)  # backbone blocks in the hypercolumn
+    block_norm: bool = False  # L2-normalise each block per pixel (spml/embedding.py)
+    colour_bins: int = 0  # > 0: append a soft Lab colour code of colour_bins^3 bins
+    colour_weight: float = 0.0  # its share of the embedding's squared norm
     steps: int = 300
     batch_size: int = 8  # per process; under torchrun the global batch is batch_size x ranks
     optimizer: str = "adam"  # adam | sgd
@@ -72,7 +76,7 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> "TrainConfig":
         values = dict(values)
         values["data"] = DataConfig(**values.get("data", {}))
-        for name in ("train_grid", "inference_grid"):
+        for name in ("train_grid", "inference_grid", "feature_blocks"):
             if name in values:
                 values[name] = tuple(values[name])
         return cls(**values)

@@ -1,4 +1,9 @@
-"""Which images the trainer reads: the built-in mosaic or a PASCAL VOC directory.
+"""Which images the trainer reads: the built-in mosaic, a folder of textures, or PASCAL VOC.
+
+`textures:DIR` builds the same warped-Voronoi mosaics as the built-in one from every image in
+DIR, each image its own class (its file stem): diverse pictures whose only "label" is which
+picture a region came from, the weak signal that trains the general model
+(`scripts/train_general_model.py`).
 
 Both become a list of `Sample`s of one fixed square size, so that batches stack and the
 frozen-backbone feature cache is a single tensor. VOC images are resized (longest side =
@@ -9,7 +14,7 @@ as unlabelled image content.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +25,13 @@ from segsearch.trainer.mosaic import MosaicConfig, TextureMosaic
 from segsearch.trainer.sample import IGNORE_INDEX, Sample
 
 
+TEXTURES_PREFIX = "textures:"
+TEXTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tga", ".bmp")
+
+
 @dataclass
 class DataConfig:
-    dataset: str = "mosaic"  # "mosaic" or the path of a VOC2012 directory
+    dataset: str = "mosaic"  # "mosaic", "textures:DIR" (one class per image) or a VOC2012 directory
     image_size: int = 128
     num_train: int = 240  # mosaic only; VOC uses its image lists
     num_test: int = 60
@@ -38,11 +47,14 @@ class LoadedSplit:
 
 def load_split(config: DataConfig, split: str) -> LoadedSplit:
     """split: "train" or "test" (VOC: test reads the "val" list)."""
-    if config.dataset == "mosaic":
+    if config.dataset == "mosaic" or config.dataset.startswith(TEXTURES_PREFIX):
         count = config.num_train if split == "train" else config.num_test
-        mosaic = TextureMosaic(
-            MosaicConfig(size=config.image_size, num_images=count, seed=config.seed, split=split)
-        )
+        sources = None
+        mosaic_config = MosaicConfig(size=config.image_size, num_images=count, seed=config.seed, split=split)
+        if config.dataset.startswith(TEXTURES_PREFIX):
+            sources = load_texture_folder(Path(config.dataset[len(TEXTURES_PREFIX):]))
+            mosaic_config = replace(mosaic_config, textures=tuple(sources))
+        mosaic = TextureMosaic(mosaic_config, sources)
         samples = [mosaic[i] for i in range(len(mosaic))]
         names, background = list(mosaic.class_names), None
     else:
@@ -59,6 +71,16 @@ def load_split(config: DataConfig, split: str) -> LoadedSplit:
     if not samples:
         raise DatasetError(f"the {split} split of {config.dataset} has no images")
     return LoadedSplit(samples, names, background)
+
+
+def load_texture_folder(folder: Path) -> dict[str, np.ndarray]:
+    """Every image of `folder` (sorted by name) as `{stem: (H, W, 3) uint8}`."""
+    if not folder.is_dir():
+        raise DatasetError(f"texture folder {folder} does not exist (textures:DIR needs a folder of images)")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in TEXTURE_SUFFIXES)
+    if len(paths) < 2:
+        raise DatasetError(f"texture folder {folder} holds {len(paths)} images; a mosaic needs at least 2")
+    return {path.stem: np.asarray(Image.open(path).convert("RGB")) for path in paths}
 
 
 def _fit_square(sample: Sample, size: int) -> Sample:

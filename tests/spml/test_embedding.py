@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from segsearch.spml.embedding import EmbeddingNet, ModelConfig
@@ -25,3 +26,47 @@ def test_classifier_only_for_ce_models():
     model = EmbeddingNet(config)
     raw = model.raw_embeddings(model.features(torch.rand(1, 3, 16, 16) * 255))
     assert model.logits(raw).shape == (1, 5, 4, 4)
+
+
+def test_colour_code_holds_its_share_of_every_pixel_embedding():
+    torch.manual_seed(0)
+    config = ModelConfig(backbone="small", pretrained=False, embedding_dim=8, colour_bins=3, colour_weight=0.3)
+    model = EmbeddingNet(config).eval()
+    images = torch.rand(2, 3, 20, 24) * 255
+    embeddings = model(images)
+    assert config.output_dim == 8 + 27 and embeddings.shape == (2, 35, 5, 6)
+    assert torch.allclose(embeddings.norm(dim=1), torch.ones(2, 5, 6), atol=1e-5)
+    colour_share = embeddings[:, 8:].pow(2).sum(dim=1)
+    assert torch.allclose(colour_share, torch.full_like(colour_share, 0.3), atol=1e-5)
+    assert torch.allclose(model.embed_features(model.features(images)), embeddings, atol=1e-6)
+
+
+def test_colour_code_makes_same_texture_in_other_colours_distinct():
+    """Two images that differ only by hue: the head alone (untrained) may not tell them apart
+    well, the colour part must: their mean embeddings' colour parts are far apart."""
+    config = ModelConfig(backbone="small", pretrained=False, embedding_dim=8, colour_bins=4, colour_weight=0.5)
+    model = EmbeddingNet(config).eval()
+    pattern = torch.rand(1, 1, 32, 32)
+    red = torch.cat([pattern * 200 + 40, pattern * 30, pattern * 30], dim=1)
+    green = torch.cat([pattern * 30, pattern * 200 + 40, pattern * 30], dim=1)
+    with torch.no_grad():
+        means = [model(image)[0].mean(dim=(1, 2)) for image in (red, green)]
+    cosine = torch.nn.functional.cosine_similarity
+    colour, head = float(cosine(means[0][8:], means[1][8:], dim=0)), float(cosine(means[0][:8], means[1][:8], dim=0))
+    assert colour < 0.5 and colour < head
+
+
+def test_block_norm_gives_every_block_unit_norm():
+    model = EmbeddingNet(ModelConfig(backbone="small", pretrained=False, feature_blocks=(1, 2), block_norm=True))
+    features = model.features(torch.rand(1, 3, 16, 16) * 255)
+    widths = [model.backbone.block_channels[b - 1] for b in (1, 2)]
+    first, second = features[:, : widths[0]], features[:, widths[0]: widths[0] + widths[1]]
+    for block in (first, second):
+        assert torch.allclose(block.norm(dim=1), torch.ones(1, 4, 4), atol=1e-5)
+
+
+def test_colour_settings_are_checked():
+    with pytest.raises(ValueError, match="colour_weight"):
+        ModelConfig(backbone="small", pretrained=False, colour_bins=4, colour_weight=0.0)
+    with pytest.raises(ValueError, match="cross-entropy"):
+        ModelConfig(backbone="small", pretrained=False, colour_bins=4, colour_weight=0.5, num_classes=3)
