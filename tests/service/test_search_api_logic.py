@@ -3,7 +3,6 @@ synthetic segments (no model): a batch answers as its queries one by one, effort
 per call, and deleting a segment leaves both stores and the image record consistent."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
