@@ -262,6 +262,8 @@ def add_query_parser(subparsers) -> None:
     p.add_argument("--exclude-image", action="append", default=[], help="image id to leave out (repeatable)")
     p.add_argument("--min-area", type=float, default=0.0, help="minimum area fraction of a hit")
     p.add_argument("--min-score", type=float, default=0.0, help="drop hits scoring below it")
+    p.add_argument("--search-effort", type=int, default=0,
+                   help="HNSW efSearch / IVF nprobe of this search; 0 = the server's default")
     p.add_argument("--out", help="write a contact sheet PNG: the query, then the hits")
     p.add_argument("--images-root", metavar="DIR",
                    help="with --out: the corpus folder, to draw hits whose image_uri is relative to it")
@@ -281,7 +283,7 @@ def run_query(args) -> int:
     _picture_path(args.out, "--out")
     options = dict(top_k=args.top_k, labels=[v for v in args.labels.split(",") if v],
                    exclude_image_ids=args.exclude_image, min_area_fraction=args.min_area,
-                   min_score=args.min_score, include_masks=bool(args.out))
+                   min_score=args.min_score, include_masks=bool(args.out), search_effort=args.search_effort)
     image = _read_bytes(args.image, "the image") if args.image else None
     with _client(args) as client:
         try:
