@@ -2,7 +2,7 @@
 
     segsearch index CORPUS --out INDEX_DIR [--model CKPT] [options]   (build, or finish one)
     segsearch index add INDEX_DIR CORPUS [--model CKPT] [options]
-    segsearch index delete INDEX_DIR --image-id ID [--image-id ID ...]
+    segsearch index delete INDEX_DIR [--image-id ID ...] [--segment-id N ...]
     segsearch index verify INDEX_DIR [--model CKPT] [--repair]
     segsearch index stats INDEX_DIR [--json]
     segsearch index merge INDEX_DIR [--force]        (merge INDEX_DIR/shards into INDEX_DIR)
@@ -89,10 +89,13 @@ def add_index_parser(subparsers) -> None:
     add.set_defaults(handler=run_add)
 
     delete = actions.add_parser("delete", prog="segsearch index delete", help="delete images and their segments",
-                                description="Remove images and all their segments from LMDB and FAISS.")
+                                description="Remove images and all their segments, or single segments (their "
+                                            "images keep the others), from LMDB and FAISS.")
     delete.add_argument("index_dir", help="index directory")
-    delete.add_argument("--image-id", action="append", required=True, dest="image_ids",
+    delete.add_argument("--image-id", action="append", dest="image_ids",
                         help="image id to delete (repeat the flag for several)")
+    delete.add_argument("--segment-id", action="append", type=int, dest="segment_ids",
+                        help="segment id to delete (repeat the flag for several)")
     delete.set_defaults(handler=run_delete)
 
     verify = actions.add_parser("verify", prog="segsearch index verify", help="check FAISS/LMDB agreement; non-zero exit on problems",
@@ -253,10 +256,19 @@ def run_add(args) -> int:
 def run_delete(args) -> int:
     from segsearch.indexer.index_store import IndexStore
 
+    from segsearch.errors import IndexStoreError, SegsearchError
+
+    image_ids, segment_ids = args.image_ids or [], args.segment_ids or []
+    if not image_ids and not segment_ids:
+        raise SegsearchError("name what to delete: --image-id ID and/or --segment-id N (repeatable)")
     with IndexStore.open(args.index_dir) as store:
-        removed = store.delete_images(args.image_ids)
+        unknown = [i for i in image_ids if not store.has_image(i)]
+        if unknown:  # before the segments' commit: nothing is deleted
+            raise IndexStoreError(f"unknown image id(s), nothing deleted: {', '.join(map(repr, unknown))}")
+        removed = store.delete_segments(segment_ids) if segment_ids else []
+        removed += store.delete_images(image_ids) if image_ids else []
         meta = store.meta
-    print(f"deleted {len(set(args.image_ids))} images ({len(removed)} segments); the index now holds "
+    print(f"deleted {len(set(image_ids))} images and {len(removed)} segments; the index now holds "
           f"{meta.num_images} images, {meta.num_segments} segments")
     return 0
 

@@ -264,6 +264,19 @@ class IndexStore:
             self._apply(generation, lambda: self._vectors.remove(np.asarray(removed, dtype=np.int64)), len(removed))
             return removed
 
+    def delete_segments(self, segment_ids: Sequence[int]) -> list[int]:
+        """Delete single segments from both stores (and from their images' `segment_ids`);
+        returns the removed ids. Same durability as `delete_images`: one LMDB commit, then
+        FAISS. Unknown ids raise IndexStoreError listing them, and nothing is deleted."""
+        if not segment_ids:
+            return []
+        with self._writing():
+            self._ensure_consistent()
+            self._check_room([])
+            removed, generation = self._metadata.delete_segments(segment_ids)  # (1) LMDB commit
+            self._apply(generation, lambda: self._vectors.remove(np.asarray(removed, dtype=np.int64)), len(removed))
+            return removed
+
     def flush(self) -> None:
         """Write the FAISS file now (atomically), with the generation it reflects."""
         with self._writing():
@@ -295,12 +308,13 @@ class IndexStore:
     def meta(self) -> IndexMeta:
         return self._metadata.meta()
 
-    def search(self, vectors: np.ndarray, k: int) -> list[list[SearchHit]]:
-        """Nearest segments of each query `(Q, D)` (or one `(D,)`), best first, at most k each."""
+    def search(self, vectors: np.ndarray, k: int, effort: int | None = None) -> list[list[SearchHit]]:
+        """Nearest segments of each query `(Q, D)` (or one `(D,)`), best first, at most k each;
+        `effort`: HNSW efSearch / IVF nprobe of this call only (None: the index's own)."""
         queries = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         with self._mutex:
             self._ensure_consistent()
-            scores, ids = self._vectors.search(queries, k)
+            scores, ids = self._vectors.search(queries, k, effort)
         records = self._metadata.get_segments(ids.reshape(-1).tolist())
         hits: list[list[SearchHit]] = []
         for row in range(len(queries)):
@@ -350,7 +364,7 @@ class IndexStore:
                 faiss_index=self._vectors.describe(), faiss_vectors=len(self._vectors),
                 faiss_tombstones=self._vectors.num_tombstones, generation=meta.generation,
                 format_version=meta.format_version, faiss_file_bytes=path.stat().st_size if path.exists() else 0,
-                lmdb=self._metadata.usage())
+                lmdb=self._metadata.usage(), **_effort_stats(self._vectors))
 
     def verify(self) -> list[str]:
         """Problems found (empty = consistent): FAISS vs LMDB ids, versions, counts, links."""
@@ -469,6 +483,11 @@ class IndexStore:
             raise IndexStoreError(f"index at {self.root} is closed")
         if self._lock_fd is None:
             raise IndexStoreError(f"index at {self.root} was opened read-only")
+
+
+def _effort_stats(vectors: VectorIndex) -> dict[str, int]:
+    kind, value = vectors.search_effort
+    return {"ef_search": value if kind == "efSearch" else 0, "nprobe": value if kind == "nprobe" else 0}
 
 
 @dataclass(frozen=True)

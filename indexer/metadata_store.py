@@ -314,6 +314,44 @@ class MetadataStore:
         self._write(write)
         return removed, generation
 
+    def delete_segments(self, segment_ids: Sequence[int]) -> tuple[list[int], int]:
+        """Delete single segments in ONE transaction, removing each from its image's
+        `segment_ids` (the image record stays, with its other segments).
+
+        Returns `(removed segment ids, new generation)`. Unknown ids raise IndexStoreError
+        listing them, and then nothing is deleted.
+        """
+        self._check_writable()
+        removed: list[int] = []
+        generation = 0
+
+        def write(txn: lmdb.Transaction) -> None:
+            nonlocal generation
+            wanted = list(dict.fromkeys(int(s) for s in segment_ids))
+            raws = {sid: txn.get(segment_key(sid), db=self._dbs["segments"]) for sid in wanted}
+            unknown = [sid for sid, raw in raws.items() if raw is None]
+            if unknown:
+                raise IndexStoreError(f"unknown segment id(s), nothing deleted: {', '.join(map(str, unknown))}")
+            by_image: dict[str, set[int]] = {}
+            for sid, raw in raws.items():
+                by_image.setdefault(decode_segment(raw).image_id, set()).add(sid)
+                txn.delete(segment_key(sid), db=self._dbs["segments"])
+                removed.append(sid)
+            for image_id, gone in by_image.items():
+                raw = txn.get(_image_key(image_id), db=self._dbs["images"])
+                if raw is not None:
+                    image = decode_image(raw)
+                    image = dataclasses.replace(image, segment_ids=[s for s in image.segment_ids if s not in gone])
+                    txn.put(_image_key(image_id), encode_image(image), db=self._dbs["images"])
+            meta = decode_meta(txn.get(_META_KEY, db=self._dbs["meta"]))
+            meta.num_segments -= len(removed)
+            meta.generation += 1
+            generation = meta.generation
+            txn.put(_META_KEY, encode_meta(meta), db=self._dbs["meta"])
+
+        self._write(write)
+        return removed, generation
+
     # ---- helpers ---------------------------------------------------------------------
 
     def _skip_reason(self, txn: lmdb.Transaction, image: ImageRecord) -> str:

@@ -95,11 +95,11 @@ class ShardedStore:
                          generation=sum(m.generation for m in metas), format_version=first.format_version,
                          next_segment_id=max(m.next_segment_id for m in metas))
 
-    def search(self, vectors: np.ndarray, k: int) -> list[list[SearchHit]]:
+    def search(self, vectors: np.ndarray, k: int, effort: int | None = None) -> list[list[SearchHit]]:
         """Nearest segments of each query `(Q, D)` (or one `(D,)`) over all shards, best first
-        (equal scores by segment id), at most k each."""
+        (equal scores by segment id), at most k each; `effort` as in `IndexStore.search`."""
         queries = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
-        per_shard = [store.search(queries, k) for store in self.shards]
+        per_shard = [store.search(queries, k, effort) for store in self.shards]
         return [merge_hits([rows[q] for rows in per_shard], k) for q in range(len(queries))]
 
     def get_segment(self, segment_id: int) -> SegmentRecord:
@@ -159,6 +159,9 @@ class ShardedStore:
         raise IndexStoreError(read_only_message(self.root))
 
     def delete_images(self, image_ids) -> None:
+        raise IndexStoreError(read_only_message(self.root))
+
+    def delete_segments(self, segment_ids) -> None:
         raise IndexStoreError(read_only_message(self.root))
 
 

@@ -37,6 +37,8 @@ class StoreStats:
     generation: int
     format_version: int
     faiss_file_bytes: int = 0
+    ef_search: int = 0  # the default HNSW efSearch of searches (0: no HNSW index)
+    nprobe: int = 0  # the default IVF nprobe of searches (0: no IVF index)
     lmdb: dict[str, int] = field(default_factory=dict)
     shards: tuple[StoreStats, ...] = ()
 
@@ -60,7 +62,9 @@ class StoreStats:
                    faiss_vectors=sum(s.faiss_vectors for s in shards),
                    faiss_tombstones=sum(s.faiss_tombstones for s in shards),
                    generation=meta.generation, format_version=meta.format_version,
-                   faiss_file_bytes=sum(s.faiss_file_bytes for s in shards), shards=shards)
+                   faiss_file_bytes=sum(s.faiss_file_bytes for s in shards),
+                   ef_search=max((s.ef_search for s in shards), default=0),
+                   nprobe=max((s.nprobe for s in shards), default=0), shards=shards)
 
 
 @runtime_checkable
@@ -72,9 +76,10 @@ class ReadableStore(Protocol):
     @property
     def meta(self) -> IndexMeta: ...
 
-    def search(self, vectors: np.ndarray, k: int) -> list:
+    def search(self, vectors: np.ndarray, k: int, effort: int | None = None) -> list:
         """`(Q, D)` or `(D,)` unit-norm queries -> per query at most k `SearchHit`s, best first
-        (equal scores by segment id)."""
+        (equal scores by segment id). `effort`: HNSW efSearch / IVF nprobe of this call only
+        (None: the index's own)."""
 
     def get_segment(self, segment_id: int) -> SegmentRecord: ...
 

@@ -107,20 +107,34 @@ class VectorIndex:
             raw = raw[~np.isin(raw, self._tombstones)]
         return raw
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, effort: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: queries `(Q, D)` -> `(scores (Q, k) float32, ids (Q, k) int64)`.
 
-        Slots with no result (fewer than k live vectors) have id -1 and score -inf.
+        `effort`: this call's HNSW efSearch / IVF nprobe (None: the index's own; ignored by
+        exact indexes). It is passed to FAISS as per-call `SearchParameters`, so concurrent
+        searches with different efforts do not interfere. Slots with no result (fewer than k
+        live vectors) have id -1 and score -inf.
         """
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
+        if effort is not None and effort < 1:
+            raise ValueError(f"effort must be >= 1, got {effort}")
         queries = self._as_matrix(queries, "queries")
         if len(self) == 0:
             return (np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64))
-        scores, ids = self._index.search(queries, k, params=self._search_params(k))
+        scores, ids = self._index.search(queries, k, params=self._search_params(k, effort))
         scores = scores.astype(np.float32, copy=True)
         scores[ids < 0] = -np.inf
         return scores, ids.astype(np.int64, copy=False)
+
+    @property
+    def search_effort(self) -> tuple[str, int]:
+        """`("efSearch", n)`, `("nprobe", n)` or `("", 0)` (exact): what `effort` sets, and its default."""
+        if self._kind == "hnsw":
+            return "efSearch", self.ef_search
+        if self._kind == "ivf":
+            return "nprobe", int(self._index.nprobe)
+        return "", 0
 
     def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
         """Change HNSW efSearch / IVF nprobe (saved with the index)."""
@@ -253,11 +267,17 @@ class VectorIndex:
         elif self._kind == "hnsw":
             inner.hnsw.efSearch = self.ef_search
 
-    def _search_params(self, k: int) -> faiss.SearchParameters | None:
+    def _search_params(self, k: int, effort: int | None = None) -> faiss.SearchParameters | None:
+        if self._kind == "ivf":
+            if effort is None:
+                return None
+            params = faiss.SearchParametersIVF()
+            params.nprobe = min(int(effort), int(self._index.nlist))
+            return params
         if self._kind != "hnsw":
             return None
         params = faiss.SearchParametersHNSW()
-        params.efSearch = max(self.ef_search, k)
+        params.efSearch = max(self.ef_search if effort is None else int(effort), k)
         if self._tombstones.size:
             if self._selector is None:  # built once per tombstone set, not per search
                 batch = faiss.IDSelectorBatch(self._tombstones)

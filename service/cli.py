@@ -150,6 +150,15 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--decode-budget-pixels", type=int, default=limits.decode_budget_pixels,
                    help="pixels decoded at once across requests, bounding their memory; a request "
                         "waits for room, then gets RESOURCE_EXHAUSTED (default: %(default)s)")
+    p.add_argument("--max-batch-queries", type=int, default=limits.max_batch_queries,
+                   help="most queries in one SearchSimilarBatch call; more is INVALID_ARGUMENT "
+                        "(default: %(default)s)")
+    p.add_argument("--search-effort", type=int, default=limits.search_effort,
+                   help="HNSW efSearch / IVF nprobe of a request that sets no search_effort; 0 = the "
+                        "index's own setting (default: %(default)s)")
+    p.add_argument("--max-search-effort", type=int, default=limits.max_search_effort,
+                   help="largest search_effort a request may ask for; more is INVALID_ARGUMENT "
+                        "(default: %(default)s)")
     _add_token_flags(p, f"require this bearer token (else ${TOKEN_ENV}, if set)")
     p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", help="PEM private key")
@@ -184,7 +193,9 @@ def run_serve(args) -> int:
         limits=ServiceLimits(max_top_k=args.max_top_k, max_image_pixels=args.max_image_pixels,
                              decode_budget_pixels=args.decode_budget_pixels,
                              stream_idle_seconds=args.stream_idle_seconds,
-                             embedding_cache_bytes=args.embedding_cache_mib * MiB),
+                             embedding_cache_bytes=args.embedding_cache_mib * MiB,
+                             max_batch_queries=args.max_batch_queries, search_effort=args.search_effort,
+                             max_search_effort=args.max_search_effort),
         tls_cert=args.tls_cert, tls_key=args.tls_key, read_only=args.read_only, device=args.device,
         image_uris=args.image_uris, save_every=args.save_every, faiss_threads=args.faiss_threads,
         batching=BatchConfig(args.batch_max, args.batch_wait_ms) if args.batch_max else None,
@@ -200,7 +211,8 @@ def add_route_parser(subparsers) -> None:
                               description="A read-only gRPC segsearch.v1.SegmentSearch (+ health, reflection) "
                               "that fans each search out to every backend (each a `segsearch serve` of some "
                               "shards of one layout) and merges the hits by score. The backends must serve "
-                              "one model version. IndexImages/DeleteImages answer FAILED_PRECONDITION.")
+                              "one model version. IndexImages and DeleteImages by image id answer FAILED_PRECONDITION; "
+                              "DeleteImages by segment id goes to the backend holding each.")
     p.add_argument("--backend", action="append", required=True, metavar="HOST:PORT",
                    help="a backend server (repeat for each)")
     _add_frontend_flags(p, d)
@@ -252,6 +264,8 @@ def add_query_parser(subparsers) -> None:
     p.add_argument("--exclude-image", action="append", default=[], help="image id to leave out (repeatable)")
     p.add_argument("--min-area", type=float, default=0.0, help="minimum area fraction of a hit")
     p.add_argument("--min-score", type=float, default=0.0, help="drop hits scoring below it")
+    p.add_argument("--search-effort", type=int, default=0,
+                   help="HNSW efSearch / IVF nprobe of this search; 0 = the server's default")
     p.add_argument("--out", help="write a contact sheet PNG: the query, then the hits")
     p.add_argument("--images-root", metavar="DIR",
                    help="with --out: the corpus folder, to draw hits whose image_uri is relative to it")
@@ -271,7 +285,7 @@ def run_query(args) -> int:
     _picture_path(args.out, "--out")
     options = dict(top_k=args.top_k, labels=[v for v in args.labels.split(",") if v],
                    exclude_image_ids=args.exclude_image, min_area_fraction=args.min_area,
-                   min_score=args.min_score, include_masks=bool(args.out))
+                   min_score=args.min_score, include_masks=bool(args.out), search_effort=args.search_effort)
     image = _read_bytes(args.image, "the image") if args.image else None
     with _client(args) as client:
         try:

@@ -78,6 +78,18 @@ class SegsearchClient:
         """Mask PNG of the image's size, non-zero inside."""
         return self._region(image, pb.Region(mask_png=mask_png), options)
 
+    def search_embedding(self, vector: Iterable[float], **options) -> pb.SearchResponse:
+        """Segments near a raw query vector of the index's embedding_dim (see `info()`): finite,
+        not all zero; the server normalises it to unit length (INVALID_ARGUMENT otherwise)."""
+        timeout = options.pop("timeout", None)
+        return self.search(search_request(embedding=vector, **options), timeout)
+
+    def search_batch(self, requests: Iterable[pb.SearchRequest], timeout: float | None = None) -> list[pb.SearchResponse]:
+        """Several SearchRequests (see `search_request`) in one SearchSimilarBatch call; one
+        response per request, in order. At most `info().max_batch_queries` per call."""
+        batch = pb.SearchBatchRequest(queries=list(requests))
+        return list(self._call(self.stub.SearchSimilarBatch, batch, timeout).results)
+
     def _region(self, image: bytes, region: pb.Region, options: dict) -> pb.SearchResponse:
         timeout = options.pop("timeout", None)
         query = pb.RegionQuery(image=pb.Image(data=image), region=region)
@@ -106,6 +118,10 @@ class SegsearchClient:
     def delete_images(self, image_ids: Iterable[str], timeout: float | None = None) -> pb.DeleteImagesResponse:
         return self._call(self.stub.DeleteImages, pb.DeleteImagesRequest(image_ids=list(image_ids)), timeout)
 
+    def delete_segments(self, segment_ids: Iterable[int], timeout: float | None = None) -> pb.DeleteImagesResponse:
+        """Delete single segments (their images stay, without them); NOT_FOUND if one is unknown."""
+        return self._call(self.stub.DeleteImages, pb.DeleteImagesRequest(segment_ids=list(segment_ids)), timeout)
+
     def info(self, timeout: float | None = None) -> pb.InfoResponse:
         return self._call(self.stub.GetInfo, pb.GetInfoRequest(), timeout)
 
@@ -129,19 +145,24 @@ class SegsearchClient:
             time.sleep(0.1)
 
 
-def search_request(*, segment_id: int | None = None, region: pb.RegionQuery | None = None, top_k: int = 0,
+def search_request(*, segment_id: int | None = None, region: pb.RegionQuery | None = None,
+                   embedding: Iterable[float] | None = None, top_k: int = 0,
                    labels: Iterable[str] = (), exclude_image_ids: Iterable[str] = (),
                    min_area_fraction: float = 0.0, include_masks: bool = False, min_score: float = 0.0,
-                   model_version: str = "") -> pb.SearchRequest:
-    """A SearchRequest from keyword options (exactly one of segment_id, region)."""
-    if (segment_id is None) == (region is None):
-        raise ValueError("give exactly one of segment_id or region")
+                   model_version: str = "", search_effort: int = 0) -> pb.SearchRequest:
+    """A SearchRequest from keyword options (exactly one of segment_id, region, embedding).
+    search_effort: HNSW efSearch / IVF nprobe of this request (0: the server's default)."""
+    if sum(query is not None for query in (segment_id, region, embedding)) != 1:
+        raise ValueError("give exactly one of segment_id, region or embedding")
     request = pb.SearchRequest(
         top_k=top_k, include_masks=include_masks, min_score=min_score, model_version=model_version,
+        search_effort=search_effort,
         filter=pb.Filter(labels=list(labels), exclude_image_ids=list(exclude_image_ids),
                          min_area_fraction=min_area_fraction))
     if segment_id is not None:
         request.segment_id = segment_id
-    else:
+    elif region is not None:
         request.region.CopyFrom(region)
+    else:
+        request.embedding.values.extend(float(v) for v in embedding)
     return request

@@ -12,6 +12,10 @@ DEFAULT_METRICS_PORT = 9464
 
 
 DEFAULT_MAX_TOP_K = 100
+DEFAULT_MAX_BATCH_QUERIES = 64
+# efSearch / nprobe a request may ask for: 8x the HNSW default (192) and far above the IVF
+# default; a search costs about linearly in it, so the bound caps one request's CPU time.
+DEFAULT_MAX_SEARCH_EFFORT = 2048
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,9 @@ class ServiceLimits:
     decode_budget_pixels: int = 2 * DEFAULT_MAX_PIXELS
     stream_idle_seconds: float = 10.0  # an IndexImages stream silent this long is closed
     embedding_cache_bytes: int = 64 * MiB  # query images' embedding maps kept for their next region
+    max_batch_queries: int = DEFAULT_MAX_BATCH_QUERIES  # queries in one SearchSimilarBatch
+    search_effort: int = 0  # efSearch / nprobe of a request that sets none; 0: the index's own
+    max_search_effort: int = DEFAULT_MAX_SEARCH_EFFORT  # the largest SearchRequest.search_effort
 
     def __post_init__(self):
         if self.max_top_k < 1 or self.max_image_pixels < 1 or self.decode_budget_pixels < 1:
@@ -35,6 +42,11 @@ class ServiceLimits:
             raise ValueError("stream_idle_seconds must be > 0")
         if self.embedding_cache_bytes < 0:
             raise ValueError("embedding_cache_bytes must be >= 0")
+        if self.max_batch_queries < 1 or self.max_search_effort < 1:
+            raise ValueError("max_batch_queries and max_search_effort must be >= 1")
+        if not 0 <= self.search_effort <= self.max_search_effort:
+            raise ValueError(f"search_effort must lie in [0, max_search_effort={self.max_search_effort}] "
+                             f"(0: the index's own), got {self.search_effort}")
 
 
 @dataclass(frozen=True)

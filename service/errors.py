@@ -68,3 +68,14 @@ class Unavailable(ServiceError):
 
 class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
+
+
+def at_position(number: int, function, *args):
+    """`function(*args)` for the query at `number` of a batch: a ServiceError keeps its status,
+    its message prefixed with `queries[number]: ` so the caller knows which query to fix."""
+    try:
+        return function(*args)
+    except ServiceError as error:
+        prefixed = type(error)(f"queries[{number}]: {error.message}")
+        prefixed.code = error.code
+        raise prefixed from None

@@ -13,6 +13,14 @@ subset of the shards and this router makes them look like one read-only server.
   backend searches with that vector (`SearchRequest.embedding`), which a backend uses as
   sent when it is unit norm, so scores equal a segment-id query's bit for bit. The query
   segment itself is not excluded, as on a single server (it comes back first).
+- **SearchSimilarBatch**: segment-id queries become vector queries as above, then the whole
+  batch goes to every backend as one SearchSimilarBatch and is merged query by query; the
+  batch bound is the smallest of the backends' max_batch_queries.
+- **DeleteImages by segment_ids**: each id goes to the backend that holds it (found with
+  GetSegment); an id no backend holds is NOT_FOUND before anything is deleted. Backends
+  must be writable (not --read-only). Each backend commits its share on its own, so a
+  backend failing mid-way can leave the other backends' shares deleted (the error names
+  it; retrying with the remaining ids is safe). Image ids and IndexImages stay refused.
 - **GetSegment**: the backend that has it; NOT_FOUND when none does. **GetInfo**: counts
   summed, the shared model version, the smallest limits. **Segment**: one backend, round
   robin (the next one when it is unavailable).
@@ -36,7 +44,7 @@ from segsearch.service.config import MiB, RouterConfig
 from segsearch.indexer.sharded_store import merge_hits
 from segsearch.service._generated import segment_search_pb2 as pb
 from segsearch.service._generated import segment_search_pb2_grpc as pb_grpc
-from segsearch.service.errors import echo
+from segsearch.service.errors import at_position, echo
 from segsearch.service.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -45,7 +53,7 @@ from segsearch.service.errors import (
     ServiceError,
     Unavailable,
 )
-from segsearch.service.search import validate_top_k
+from segsearch.service.search import validate_batch_size, validate_top_k
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +105,7 @@ class Router:
         self._turn_lock = threading.Lock()
         self.model_version = ""
         self.max_top_k = 0
+        self.max_batch_queries = 0
 
     @classmethod
     def connect(cls, addresses: Sequence[str], timeout: float = CONNECT_TIMEOUT, **options) -> Router:
@@ -126,6 +135,7 @@ class Router:
                                   "all must serve shards of one index built with one checkpoint")
         self.model_version = infos[0].model_version
         self.max_top_k = min(info.max_top_k for info in infos)
+        self.max_batch_queries = min(info.max_batch_queries for info in infos)
         log.info("routing over %d backends (model %s)", len(self.backends), self.model_version)
 
     def unhealthy_backends(self, timeout: float) -> list[str]:
@@ -169,24 +179,83 @@ class Router:
 
     def search(self, request: pb.SearchRequest, timeout: float) -> pb.SearchResponse:
         """Every backend's answer to the same (region or vector) query, merged to top_k."""
+        top_k = self._check(request)
+        request = self._as_vector_query(request, timeout)
+        responses = self._all(lambda b: b.stub.SearchSimilar, request, timeout)
+        return self._merge(responses, top_k)
+
+    def search_batch(self, request: pb.SearchBatchRequest, timeout: float) -> pb.SearchBatchResponse:
+        """The whole batch to every backend at once (one SearchSimilarBatch each, so each
+        searches its vectors in one FAISS call), merged query by query as `search` merges."""
+        validate_batch_size(len(request.queries), self.max_batch_queries)
+        top_ks = [at_position(n, self._check, query) for n, query in enumerate(request.queries)]
+        forwarded = pb.SearchBatchRequest(queries=[at_position(n, self._as_vector_query, query, timeout)
+                                                   for n, query in enumerate(request.queries)])
+        answers = self._all(lambda b: b.stub.SearchSimilarBatch, forwarded, timeout)
+        return pb.SearchBatchResponse(results=[
+            self._merge([answer.results[n] for answer in answers], top_k) for n, top_k in enumerate(top_ks)])
+
+    def _check(self, request: pb.SearchRequest) -> int:
+        """The request's top_k, after the checks the router can make without a backend."""
         if request.model_version and request.model_version != self.model_version:
             raise FailedPrecondition(f"the request expects model {echo(request.model_version)} but the "
                                      f"backends run model {self.model_version!r}")
         top_k = validate_top_k(request.top_k, self.max_top_k)
-        kind = request.WhichOneof("query")
-        if kind is None:
+        if request.WhichOneof("query") is None:
             raise InvalidArgument("the request has no query: set region (image + region), segment_id or embedding")
-        if kind == "segment_id":
-            record = self.get_segment(pb.GetSegmentRequest(segment_id=request.segment_id, include_prototype=True),
-                                      timeout)
-            vector_request = pb.SearchRequest()
-            vector_request.CopyFrom(request)
-            vector_request.embedding.values.extend(record.prototype)  # replaces segment_id (oneof)
-            request = vector_request
-        responses = self._all(lambda b: b.stub.SearchSimilar, request, timeout)
+        return top_k
+
+    def _as_vector_query(self, request: pb.SearchRequest, timeout: float) -> pb.SearchRequest:
+        """A segment-id query becomes a query by the segment's prototype (module docstring)."""
+        if request.WhichOneof("query") != "segment_id":
+            return request
+        record = self.get_segment(pb.GetSegmentRequest(segment_id=request.segment_id, include_prototype=True),
+                                  timeout)
+        vector_request = pb.SearchRequest()
+        vector_request.CopyFrom(request)
+        vector_request.embedding.values.extend(record.prototype)  # replaces segment_id (oneof)
+        return vector_request
+
+    def _merge(self, responses: Sequence[pb.SearchResponse], top_k: int) -> pb.SearchResponse:
         hits = merge_hits([list(response.hits) for response in responses], top_k)
         return pb.SearchResponse(hits=hits, model_version=self.model_version,
                                  query_mask_png=responses[0].query_mask_png)
+
+    def delete_segments(self, request: pb.DeleteImagesRequest, timeout: float) -> pb.DeleteImagesResponse:
+        """Each segment id to the backend that holds it (found by GetSegment, as `get_segment`);
+        NOT_FOUND before anything is deleted when a backend holds none of them. Image ids are
+        refused: the router cannot tell which backend holds an image."""
+        if request.image_ids:
+            raise refuse_write("DeleteImages by image_ids")
+        if not request.segment_ids:
+            raise InvalidArgument("segment_ids is empty; name the segments to delete")
+        owned: dict[int, list[int]] = {}
+        for segment_id in dict.fromkeys(request.segment_ids):
+            owner = self._owner(segment_id, timeout)
+            owned.setdefault(owner, []).append(segment_id)
+        removed: list[int] = []
+        for number, segment_ids in owned.items():  # one commit per backend, in backend order
+            backend = self.backends[number]
+            try:
+                answer = backend.stub.DeleteImages(pb.DeleteImagesRequest(segment_ids=segment_ids), timeout=timeout,
+                                                   metadata=self._metadata)
+            except grpc.RpcError as error:
+                raise backend_error(backend.address, error) from None
+            removed.extend(answer.deleted_segment_ids)
+        return pb.DeleteImagesResponse(deleted_segment_ids=removed, num_images=0)
+
+    def _owner(self, segment_id: int, timeout: float) -> int:
+        """The number of the backend holding `segment_id`; NOT_FOUND when none does."""
+        def not_found(error: grpc.RpcError) -> bool:
+            return error.code() == grpc.StatusCode.NOT_FOUND
+
+        answers = self._all(lambda b: b.stub.GetSegment, pb.GetSegmentRequest(segment_id=segment_id), timeout,
+                            accept=not_found)
+        for number, answer in enumerate(answers):
+            if answer is not None:
+                return number
+        raise NotFound(f"segment id {segment_id} is in none of the {len(self.backends)} backends, nothing "
+                       "deleted; ids come from search results")
 
     def get_segment(self, request: pb.GetSegmentRequest, timeout: float) -> pb.SegmentRecord:
         """The record from the backend that holds the id (each id lives in one shard)."""
@@ -210,7 +279,9 @@ class Router:
             label_names=first.label_names, index_type=first.index_type,
             faiss_index=f"{len(infos)} backends: {'; '.join(faiss)}",
             max_top_k=min(i.max_top_k for i in infos), max_image_pixels=min(i.max_image_pixels for i in infos),
-            read_only=True)
+            read_only=True, ef_search=max(i.ef_search for i in infos), nprobe=max(i.nprobe for i in infos),
+            max_search_effort=min(i.max_search_effort for i in infos),
+            max_batch_queries=min(i.max_batch_queries for i in infos))
 
     def segment(self, request: pb.SegmentRequest, timeout: float) -> pb.SegmentResponse:
         """One backend, round robin; an unavailable one passes the call to the next."""
@@ -231,4 +302,5 @@ class Router:
 def refuse_write(method: str) -> FailedPrecondition:
     return FailedPrecondition(f"{method}: the router serves its backends read-only (a sharded index); to add or "
                               "delete images, re-run the distributed indexing job (`segsearch index CORPUS --out "
-                              "DIR --dask ...`) and restart the backends on its shards")
+                              "DIR --dask ...`) and restart the backends on its shards (single segments can be "
+                              "deleted through the router: DeleteImages with segment_ids)")

@@ -2,8 +2,8 @@
 
 The same service, health and reflection as `segsearch serve` (and the same interceptors:
 metrics, optional bearer token, concurrency limit, error mapping), answering from the
-backends through `router.Router`. It is read-only: IndexImages and DeleteImages answer
-FAILED_PRECONDITION. Health says SERVING once every backend answered GetInfo with one model.
+backends through `router.Router`. IndexImages and DeleteImages by image id answer
+FAILED_PRECONDITION; DeleteImages by segment id is forwarded to the backend holding each. Health says SERVING once every backend answered GetInfo with one model.
 """
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ class RouterServicer(pb_grpc.SegmentSearchServicer):
     def SearchSimilar(self, request, context):
         return self._router().search(request, call_timeout(context))
 
+    def SearchSimilarBatch(self, request, context):
+        return self._router().search_batch(request, call_timeout(context))
+
     def GetSegment(self, request, context):
         return self._router().get_segment(request, call_timeout(context))
 
@@ -56,7 +59,7 @@ class RouterServicer(pb_grpc.SegmentSearchServicer):
         raise refuse_write("IndexImages")
 
     def DeleteImages(self, request, context):
-        raise refuse_write("DeleteImages")
+        return self._router().delete_segments(request, call_timeout(context))
 
 
 class RouterServer(GrpcFrontend):

@@ -45,9 +45,12 @@ class SearchFilter:
 
 @dataclass(frozen=True)
 class SearchOptions:
+    """effort: HNSW efSearch / IVF nprobe of this search (None: the index's own setting)."""
+
     top_k: int = DEFAULT_TOP_K
     min_score: float = -math.inf
     filter: SearchFilter = field(default_factory=SearchFilter)
+    effort: int | None = None
 
 
 @dataclass
@@ -69,9 +72,39 @@ def validate_top_k(top_k: int, max_top_k: int) -> int:
     return top_k
 
 
+def validate_effort(effort: int, default_effort: int, max_effort: int) -> int | None:
+    """A request's search_effort -> the efSearch / nprobe to search with (None: the index's
+    own). 0 means the server's default (`default_effort`, itself 0 for the index's own);
+    above `max_effort` is INVALID_ARGUMENT, not clamped, so a caller never gets less
+    recall than asked for without knowing."""
+    if effort < 0 or effort > max_effort:
+        raise InvalidArgument(f"search_effort must be between 1 and the server's max_search_effort "
+                              f"{max_effort} (0 means the server's default), got {effort}")
+    chosen = effort or default_effort
+    return chosen or None
+
+
+def default_effort(index_value: int, server_default: int) -> int:
+    """The efSearch (or nprobe) a request without search_effort gets from an index whose own
+    setting is `index_value` (0: the index has no such parameter, e.g. exact)."""
+    return (server_default or index_value) if index_value else 0
+
+
+def validate_batch_size(count: int, max_batch_queries: int) -> None:
+    """A SearchSimilarBatch holds 1..max_batch_queries queries, else INVALID_ARGUMENT."""
+    if count == 0:
+        raise InvalidArgument("the batch has no queries; put 1 to "
+                              f"{max_batch_queries} SearchRequests in queries")
+    if count > max_batch_queries:
+        raise InvalidArgument(f"the batch has {count} queries but the server takes at most "
+                              f"{max_batch_queries} per call (max_batch_queries, see GetInfo); "
+                              "split it into several calls")
+
+
 def validate_options(top_k: int, max_top_k: int, min_score: float, labels, exclude_image_ids,
-                     min_area_fraction: float) -> SearchOptions:
-    """Raw request fields -> SearchOptions, with INVALID_ARGUMENT for values out of range."""
+                     min_area_fraction: float, effort: int | None = None) -> SearchOptions:
+    """Raw request fields -> SearchOptions, with INVALID_ARGUMENT for values out of range;
+    `effort` as returned by `validate_effort`."""
     if math.isnan(min_score):
         raise InvalidArgument("min_score is NaN")
     if math.isnan(min_area_fraction) or not 0.0 <= min_area_fraction <= 1.0:
@@ -80,6 +113,7 @@ def validate_options(top_k: int, max_top_k: int, min_score: float, labels, exclu
         top_k=validate_top_k(top_k, max_top_k),
         min_score=float(min_score) if min_score != 0.0 else -math.inf,
         filter=SearchFilter(frozenset(labels), frozenset(exclude_image_ids), float(min_area_fraction)),
+        effort=effort,
     )
 
 
@@ -104,23 +138,52 @@ def get_segment(store: ReadableStore, segment_id: int, model_version: str) -> Se
 
 def search(store: ReadableStore, vector: np.ndarray, options: SearchOptions) -> list[Hit]:
     """Up to top_k hits for the unit-norm query `vector` (D,), best first, filters applied."""
+    return search_many(store, [vector], [options])[0]
+
+
+def search_many(store: ReadableStore, vectors, options: list[SearchOptions]) -> list[list[Hit]]:
+    """`search` of several queries (unit-norm `(D,)` vectors, one SearchOptions each), with
+    the first FAISS round of all queries that ask for the same number of candidates and the
+    same effort in ONE call: each query's hits equal those of its own `search`, since a
+    query gets exactly the candidates (k and efSearch/nprobe) it would get alone. Only a
+    query whose filters leave too few hits continues alone, with doubled requests."""
+    if len(vectors) != len(options):
+        raise ValueError(f"{len(vectors)} vectors for {len(options)} options")
     total = store.meta.num_segments
     if total == 0:
-        return []
+        return [[] for _ in vectors]
+    groups: dict[tuple[int | None, int], list[int]] = {}
+    for number, option in enumerate(options):
+        groups.setdefault((option.effort, min(total, _first_fetch(option))), []).append(number)
+    results: list[list | None] = [None] * len(vectors)
+    with stage("search"):
+        for (effort, fetch), members in groups.items():
+            rows = store.search(np.stack([vectors[n] for n in members]), fetch, effort)
+            for number, candidates in zip(members, rows):
+                results[number] = _filtered(store, vectors[number], options[number], fetch, candidates, total)
+    return [_with_images(store, hits) for hits in results]
+
+
+def _first_fetch(options: SearchOptions) -> int:
     # Hits come best first, so without filters the first top_k candidates are the answer (a
     # min_score only cuts that list short): no over-fetching, no extra records decoded.
-    first = options.top_k if options.filter.empty else max(MIN_FETCH, OVERFETCH * options.top_k)
-    fetch = min(total, first)
-    with stage("search"):
-        while True:
-            candidates = store.search(vector, fetch)[0]
-            hits = [c for c in candidates if c.score >= options.min_score and options.filter.accepts(c.segment)]
-            exhausted = fetch >= total or len(candidates) < fetch
-            below_threshold = bool(candidates) and candidates[-1].score < options.min_score
-            if len(hits) >= options.top_k or exhausted or below_threshold:
-                break
-            fetch = min(total, fetch * 2)
-    hits = hits[: options.top_k]
+    return options.top_k if options.filter.empty else max(MIN_FETCH, OVERFETCH * options.top_k)
+
+
+def _filtered(store: ReadableStore, vector: np.ndarray, options: SearchOptions, fetch: int, candidates: list,
+              total: int) -> list:
+    """The first top_k of `candidates` that pass, fetching twice as many while too few pass."""
+    while True:
+        hits = [c for c in candidates if c.score >= options.min_score and options.filter.accepts(c.segment)]
+        exhausted = fetch >= total or len(candidates) < fetch
+        below_threshold = bool(candidates) and candidates[-1].score < options.min_score
+        if len(hits) >= options.top_k or exhausted or below_threshold:
+            return hits[: options.top_k]
+        fetch = min(total, fetch * 2)
+        candidates = store.search(vector, fetch, options.effort)[0]
+
+
+def _with_images(store: ReadableStore, hits: list) -> list[Hit]:
     images = _images(store, {hit.segment.image_id for hit in hits})
     return [Hit(h.segment_id, h.score, h.segment, images.get(h.segment.image_id)) for h in hits]
 

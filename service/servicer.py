@@ -12,10 +12,25 @@ from segsearch.service import convert
 from segsearch.service._generated import segment_search_pb2 as pb
 from segsearch.service._generated import segment_search_pb2_grpc as pb_grpc
 from segsearch.service.app import ServiceApp
-from segsearch.service.errors import echo
+from segsearch.service.errors import at_position, echo
 from segsearch.service.errors import FailedPrecondition, InvalidArgument, Unavailable
-from segsearch.service.queries import RegionSpec, embedding_query, region_query, segment_id_query
-from segsearch.service.search import get_segment, search, validate_options
+from segsearch.service.queries import (
+    QueryVector,
+    RegionSpec,
+    embedding_query,
+    region_query,
+    segment_id_query,
+)
+from segsearch.service.search import (
+    SearchOptions,
+    default_effort,
+    get_segment,
+    search,
+    search_many,
+    validate_batch_size,
+    validate_effort,
+    validate_options,
+)
 from segsearch.service.streams import idle_limited
 from segsearch.service.segment_rpc import segment_request
 from segsearch.service.updates import NewImage
@@ -34,23 +49,18 @@ class SegmentSearchServicer(pb_grpc.SegmentSearchServicer):
 
     def SearchSimilar(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
         app = self._loaded()
-        if request.model_version and request.model_version != app.model_version:
-            raise FailedPrecondition(f"the request expects model {echo(request.model_version)} but the server "
-                                     f"runs model {app.model_version!r}")
-        f = request.filter
-        options = validate_options(request.top_k, app.limits.max_top_k, request.min_score, f.labels,
-                                   f.exclude_image_ids, f.min_area_fraction)
-        kind = request.WhichOneof("query")
-        if kind == "segment_id":
-            query = segment_id_query(app.store, request.segment_id, app.model_version)
-        elif kind == "region":
-            query = region_query(app.analyzer, request.region.image.data, _region_spec(request.region.region))
-        elif kind == "embedding":
-            query = embedding_query(request.embedding.values, app.store.meta.embedding_dim)
-        else:
-            raise InvalidArgument("the request has no query: set region (image + region), segment_id or embedding")
+        query, options = _prepare(app, request)
         hits = search(app.store, query.vector, options)
         return convert.search_response(hits, request.include_masks, query.mask, app.model_version, app.image_uris)
+
+    def SearchSimilarBatch(self, request: pb.SearchBatchRequest, context) -> pb.SearchBatchResponse:
+        app = self._loaded()
+        validate_batch_size(len(request.queries), app.limits.max_batch_queries)
+        prepared = [at_position(number, _prepare, app, query) for number, query in enumerate(request.queries)]
+        found = search_many(app.store, [q.vector for q, _ in prepared], [o for _, o in prepared])
+        return pb.SearchBatchResponse(results=[
+            convert.search_response(hits, query.include_masks, q.mask, app.model_version, app.image_uris)
+            for query, (q, _), hits in zip(request.queries, prepared, found)])
 
     def Segment(self, request: pb.SegmentRequest, context) -> pb.SegmentResponse:
         app = self._loaded()
@@ -78,7 +88,7 @@ class SegmentSearchServicer(pb_grpc.SegmentSearchServicer):
 
     def DeleteImages(self, request: pb.DeleteImagesRequest, context) -> pb.DeleteImagesResponse:
         app = self._loaded()
-        removed = app.updater.delete(list(request.image_ids))
+        removed = app.updater.delete(list(request.image_ids), list(request.segment_ids))
         return pb.DeleteImagesResponse(deleted_segment_ids=removed, num_images=len(set(request.image_ids)))
 
     def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.InfoResponse:
@@ -89,7 +99,31 @@ class SegmentSearchServicer(pb_grpc.SegmentSearchServicer):
             embedding_dim=stats.embedding_dim, label_names=app.analyzer.class_names,
             index_type=stats.index_spec, faiss_index=stats.faiss_index, max_top_k=app.limits.max_top_k,
             max_image_pixels=app.limits.max_image_pixels, read_only=app.read_only,
+            ef_search=default_effort(stats.ef_search, app.limits.search_effort),
+            nprobe=default_effort(stats.nprobe, app.limits.search_effort),
+            max_search_effort=app.limits.max_search_effort, max_batch_queries=app.limits.max_batch_queries,
         )
+
+
+def _prepare(app: ServiceApp, request: pb.SearchRequest) -> tuple[QueryVector, SearchOptions]:
+    """A SearchRequest -> its query vector (embedding a region) and validated options."""
+    if request.model_version and request.model_version != app.model_version:
+        raise FailedPrecondition(f"the request expects model {echo(request.model_version)} but the server "
+                                 f"runs model {app.model_version!r}")
+    f, limits = request.filter, app.limits
+    effort = validate_effort(request.search_effort, limits.search_effort, limits.max_search_effort)
+    options = validate_options(request.top_k, limits.max_top_k, request.min_score, f.labels,
+                               f.exclude_image_ids, f.min_area_fraction, effort)
+    kind = request.WhichOneof("query")
+    if kind == "segment_id":
+        query = segment_id_query(app.store, request.segment_id, app.model_version)
+    elif kind == "region":
+        query = region_query(app.analyzer, request.region.image.data, _region_spec(request.region.region))
+    elif kind == "embedding":
+        query = embedding_query(request.embedding.values, app.store.meta.embedding_dim)
+    else:
+        raise InvalidArgument("the request has no query: set region (image + region), segment_id or embedding")
+    return query, options
 
 
 def _region_spec(region: pb.Region) -> RegionSpec:

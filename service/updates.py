@@ -1,4 +1,4 @@
-"""Live index updates (IndexImages, DeleteImages) through the indexer's code path.
+"""Live index updates (IndexImages, DeleteImages of images or single segments) through the indexer's code path.
 
 An added image goes through the same steps as in `segsearch index`: `indexer.decode` (pixel
 guard, EXIF, bounded size, the index's decode settings), the index's `Segmenter`, the
@@ -137,22 +137,41 @@ class IndexUpdater:
                 outcome.indexed.append((image.image_id, list(stored.segment_ids)))
         outcome.skipped.extend(result.skipped)
 
-    def delete(self, image_ids: Sequence[str]) -> list[int]:
-        """Remove images and their segments from both stores; NOT_FOUND names unknown ids."""
+    def delete(self, image_ids: Sequence[str], segment_ids: Sequence[int] = ()) -> list[int]:
+        """Remove images (with all their segments) and single segments from both stores;
+        returns the removed segment ids. NOT_FOUND names unknown ids, and then nothing is
+        deleted. Segments are deleted first, in their own commit, after checking that every
+        image id exists; a segment of an image also named is simply deleted with it."""
         self._check_writable()
-        if not image_ids:
-            raise InvalidArgument("image_ids is empty; name the images to delete")
+        if not image_ids and not segment_ids:
+            raise InvalidArgument("image_ids and segment_ids are empty; name the images or segments to delete")
         for image_id in image_ids:  # a malformed id is the caller's mistake, not an unknown image
             if not 1 <= len(image_id.encode()) <= MAX_IMAGE_ID_BYTES:
                 raise InvalidArgument(f"image id {image_id[:60]!r} has {len(image_id.encode())} bytes; "
                                       f"image ids are 1..{MAX_IMAGE_ID_BYTES} bytes of UTF-8")
+        images = list(dict.fromkeys(image_ids))
         with self._write_lock, stage("store"), storage_errors():
             try:
-                return self.store.delete_images(list(dict.fromkeys(image_ids)))
+                unknown = [i for i in images if not self.store.has_image(i)]
+                if unknown:  # checked before any commit: all or nothing across the two commits
+                    raise NotFound(f"unknown image id(s), nothing deleted: {', '.join(map(echo, unknown[:20]))}")
+                segments = [s for s in dict.fromkeys(int(s) for s in segment_ids)
+                            if not self._segment_of(s, images)]
+                removed = self.store.delete_segments(segments) if segments else []
+                return removed + (self.store.delete_images(images) if images else [])
             except (IndexFullError, StorageFailedError):
                 raise
             except IndexStoreError as error:
-                raise NotFound(str(error)) from None
+                raise NotFound(f"{error}; segment ids come from search results") from None
+
+    def _segment_of(self, segment_id: int, image_ids: list[str]) -> bool:
+        """Whether `segment_id` belongs to one of `image_ids` (deleted with its image)."""
+        if not image_ids:
+            return False
+        try:
+            return self.store.get_segment(segment_id).image_id in image_ids
+        except IndexStoreError:
+            return False
 
 
 @contextmanager

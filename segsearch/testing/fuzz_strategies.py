@@ -5,19 +5,21 @@ bombs, 1x1 / 100000x1, 16-bit, palette, CMYK, EXIF-rotated, truncated, not image
 generated images in every mode and format; mutated files; random bytes), mask PNGs (right
 and wrong sizes, empty, other modes, not PNG, truncated, bombs), boxes and points (in and out
 of bounds, int32 extremes), filters, top_k, min_score (NaN, inf), model_version, segment ids
-(0 .. 2^64-1), image ids (unicode, 500/501 bytes, paths, NUL), IndexImages streams (pool
-images, hostile ones, hostile ids and uris), DeleteImages id lists, and raw wire bytes that
-are not a valid message at all.
+(0 .. 2^64-1), search_effort (negative, int32 extremes), SearchSimilarBatch batches of such
+requests (empty too), image ids (unicode, 500/501 bytes, paths, NUL), IndexImages streams (pool
+images, hostile ones, hostile ids and uris), DeleteImages image and segment id lists, and raw
+wire bytes that are not a valid message at all.
 
 `FuzzClient` sends a `Call` (serialized messages, so that raw bytes go out as they are) with a
 deadline and returns an `Outcome`; `violations` says what in an outcome breaks the contract:
 a status the method may not answer (INTERNAL, UNKNOWN, DEADLINE_EXCEEDED = a hang, ...),
-or, for SearchSimilar, a status or a response that contradicts the request.
+or, for SearchSimilar (and each query of a batch), a status or a response that contradicts
+the request.
 
 IndexImages only ever sends images of a fixed pool (plus undecodable ones), so that the
 index grows by a bounded amount however long a run is: pool images are deduplicated by
 content after their first addition. DeleteImages names pool ids and random ids, never the
-test index's own images.
+test index's own images, and segment ids from 2^50 up (no index in a test holds those).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ METHODS = {method.name: method for method in SERVICE.methods}
 # Every status each method may answer to any input (no token, no TLS, no load beyond its limit).
 ALLOWED_CODES = {
     "SearchSimilar": {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION"},
+    "SearchSimilarBatch": {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION"},
     "Segment": {"OK", "INVALID_ARGUMENT"},
     "GetSegment": {"OK", "NOT_FOUND", "INVALID_ARGUMENT"},
     "IndexImages": {"OK", "INVALID_ARGUMENT"},
@@ -356,7 +359,8 @@ class Target:
 
 @st.composite
 def search_calls(draw, target: Target) -> Call:
-    request = pb.SearchRequest(top_k=draw(top_ks()), min_score=draw(scores()), include_masks=draw(st.booleans()))
+    request = pb.SearchRequest(top_k=draw(top_ks()), min_score=draw(scores()), include_masks=draw(st.booleans()),
+                               search_effort=draw(st.sampled_from((0,) * 6 + (INT32_MIN, -1, 1, 64, INT32_MAX))))
     if draw(st.booleans()):
         request.filter.CopyFrom(draw(filters(target.labels)))
     request.model_version = draw(st.sampled_from(("",) * 8 + (target.model_version, "0123456789abcdef", "\x00")))
@@ -370,6 +374,14 @@ def search_calls(draw, target: Target) -> Call:
         request.region.region.CopyFrom(draw(regions(image.size)))
         note = image.name
     return Call.of("SearchSimilar", request, note)
+
+
+@st.composite
+def batch_calls(draw, target: Target) -> Call:
+    """0..3 search requests in one SearchSimilarBatch (0: an empty batch, INVALID_ARGUMENT)."""
+    queries = [draw(search_calls(target)) for _ in range(draw(st.integers(0, 3)))]
+    request = pb.SearchBatchRequest(queries=[call.request for call in queries])
+    return Call.of("SearchSimilarBatch", request, "; ".join(call.note for call in queries))
 
 
 @st.composite
@@ -398,8 +410,9 @@ def index_calls(draw) -> Call:
 
 
 def delete_calls() -> st.SearchStrategy[Call]:
-    return st.lists(image_ids(), max_size=6).map(
-        lambda ids: Call.of("DeleteImages", pb.DeleteImagesRequest(image_ids=ids)))
+    unheld = st.one_of(st.sampled_from((2 ** 50, 2 ** 63, UINT64_MAX)), st.integers(2 ** 50, UINT64_MAX))
+    return st.tuples(st.lists(image_ids(), max_size=6), st.lists(unheld, max_size=3)).map(
+        lambda ids: Call.of("DeleteImages", pb.DeleteImagesRequest(image_ids=ids[0], segment_ids=ids[1])))
 
 
 def get_segment_calls() -> st.SearchStrategy[Call]:
@@ -425,10 +438,11 @@ def raw_calls(draw, target: Target) -> Call:
 
 def calls(target: Target) -> st.SearchStrategy[Call]:
     """Any call, weighted towards the methods with the most to decode."""
-    kinds = {"search": search_calls(target), "segment": segment_calls(), "get": get_segment_calls(),
+    kinds = {"search": search_calls(target), "batch": batch_calls(target), "segment": segment_calls(),
+             "get": get_segment_calls(),
              "index": index_calls(), "delete": delete_calls(),
              "info": st.just(Call.of("GetInfo", pb.GetInfoRequest())), "raw": raw_calls(target)}
-    weighted = ["search"] * 7 + ["segment"] * 3 + ["get", "get", "index", "index", "delete", "delete", "info"] \
+    weighted = ["search"] * 7 + ["batch"] * 2 + ["segment"] * 3 + ["get", "get", "index", "index", "delete", "delete", "info"] \
         + ["raw"] * 3
     return st.sampled_from(weighted).flatmap(kinds.__getitem__)
 
@@ -480,7 +494,23 @@ def violations(call: Call, outcome: Outcome, max_top_k: int = 100) -> list[str]:
         return [f"{call.method} ({call.note}) answered {outcome.code}: {outcome.details[:300]}"]
     if call.method == "SearchSimilar" and call.request is not None:
         return _search_violations(call.request, outcome, max_top_k)
+    if call.method == "SearchSimilarBatch" and call.request is not None:
+        return _batch_violations(call.request, outcome, max_top_k)
     return []
+
+
+def _batch_violations(request: pb.SearchBatchRequest, outcome: Outcome, max_top_k: int) -> list[str]:
+    """An empty batch is INVALID_ARGUMENT; an OK batch answers each query as SearchSimilar would."""
+    queries = list(request.queries)
+    if not queries:
+        return [] if outcome.code == "INVALID_ARGUMENT" else [f"an empty batch answered {outcome.code}"]
+    if outcome.code != "OK":
+        return []  # which query failed first decides the code; each query's own check is below
+    results = list(outcome.response.results)
+    if len(results) != len(queries):
+        return [f"{len(results)} results for {len(queries)} queries"]
+    return [f"queries[{n}]: {problem}" for n, (query, result) in enumerate(zip(queries, results))
+            for problem in _search_violations(query, Outcome("OK", "", result, 0.0), max_top_k)]
 
 
 def _search_violations(request: pb.SearchRequest, outcome: Outcome, max_top_k: int) -> list[str]:
@@ -489,7 +519,7 @@ def _search_violations(request: pb.SearchRequest, outcome: Outcome, max_top_k: i
     if request.model_version:
         expected = None  # the version check comes first; its outcome depends on the server's version
     elif not 0 <= request.top_k <= max_top_k or math.isnan(request.min_score) \
-            or not 0.0 <= f.min_area_fraction <= 1.0:  # NaN fails the range check too
+            or not 0.0 <= f.min_area_fraction <= 1.0 or request.search_effort < 0:  # NaN fails the range check too
         expected = "INVALID_ARGUMENT"
     else:
         expected = None

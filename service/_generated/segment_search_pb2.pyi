@@ -69,7 +69,7 @@ class Embedding(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("region", "segment_id", "embedding", "top_k", "filter", "include_masks", "min_score", "model_version")
+    __slots__ = ("region", "segment_id", "embedding", "top_k", "filter", "include_masks", "min_score", "model_version", "search_effort")
     REGION_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class SearchRequest(_message.Message):
     INCLUDE_MASKS_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_EFFORT_FIELD_NUMBER: _ClassVar[int]
     region: RegionQuery
     segment_id: int
     embedding: Embedding
@@ -86,7 +87,20 @@ class SearchRequest(_message.Message):
     include_masks: bool
     min_score: float
     model_version: str
-    def __init__(self, region: _Optional[_Union[RegionQuery, _Mapping]] = ..., segment_id: _Optional[int] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., include_masks: _Optional[bool] = ..., min_score: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...
+    search_effort: int
+    def __init__(self, region: _Optional[_Union[RegionQuery, _Mapping]] = ..., segment_id: _Optional[int] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., include_masks: _Optional[bool] = ..., min_score: _Optional[float] = ..., model_version: _Optional[str] = ..., search_effort: _Optional[int] = ...) -> None: ...
+
+class SearchBatchRequest(_message.Message):
+    __slots__ = ("queries",)
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    queries: _containers.RepeatedCompositeFieldContainer[SearchRequest]
+    def __init__(self, queries: _Optional[_Iterable[_Union[SearchRequest, _Mapping]]] = ...) -> None: ...
+
+class SearchBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SearchResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[SearchResponse, _Mapping]]] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("segment_id", "image_id", "image_uri", "score", "box", "label", "label_score", "area_fraction", "mask_png", "image_width", "image_height")
@@ -235,10 +249,12 @@ class IndexImagesResponse(_message.Message):
     def __init__(self, indexed: _Optional[_Iterable[_Union[IndexedImage, _Mapping]]] = ..., skipped: _Optional[_Iterable[_Union[SkippedImage, _Mapping]]] = ..., num_segments: _Optional[int] = ...) -> None: ...
 
 class DeleteImagesRequest(_message.Message):
-    __slots__ = ("image_ids",)
+    __slots__ = ("image_ids", "segment_ids")
     IMAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_IDS_FIELD_NUMBER: _ClassVar[int]
     image_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, image_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    segment_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, image_ids: _Optional[_Iterable[str]] = ..., segment_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DeleteImagesResponse(_message.Message):
     __slots__ = ("deleted_segment_ids", "num_images")
@@ -253,7 +269,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_version", "num_segments", "num_images", "embedding_dim", "label_names", "index_type", "faiss_index", "max_top_k", "max_image_pixels", "read_only")
+    __slots__ = ("model_version", "num_segments", "num_images", "embedding_dim", "label_names", "index_type", "faiss_index", "max_top_k", "max_image_pixels", "read_only", "ef_search", "nprobe", "max_search_effort", "max_batch_queries")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -264,6 +280,10 @@ class InfoResponse(_message.Message):
     MAX_TOP_K_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEARCH_EFFORT_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_QUERIES_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     num_segments: int
     num_images: int
@@ -274,4 +294,8 @@ class InfoResponse(_message.Message):
     max_top_k: int
     max_image_pixels: int
     read_only: bool
-    def __init__(self, model_version: _Optional[str] = ..., num_segments: _Optional[int] = ..., num_images: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., label_names: _Optional[_Iterable[str]] = ..., index_type: _Optional[str] = ..., faiss_index: _Optional[str] = ..., max_top_k: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., read_only: _Optional[bool] = ...) -> None: ...
+    ef_search: int
+    nprobe: int
+    max_search_effort: int
+    max_batch_queries: int
+    def __init__(self, model_version: _Optional[str] = ..., num_segments: _Optional[int] = ..., num_images: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., label_names: _Optional[_Iterable[str]] = ..., index_type: _Optional[str] = ..., faiss_index: _Optional[str] = ..., max_top_k: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., read_only: _Optional[bool] = ..., ef_search: _Optional[int] = ..., nprobe: _Optional[int] = ..., max_search_effort: _Optional[int] = ..., max_batch_queries: _Optional[int] = ...) -> None: ...

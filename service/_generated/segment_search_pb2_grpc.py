@@ -39,6 +39,11 @@ class SegmentSearchStub:
                 request_serializer=segsearch_dot_v1_dot_segment__search__pb2.SearchRequest.SerializeToString,
                 response_deserializer=segsearch_dot_v1_dot_segment__search__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.SearchSimilarBatch = channel.unary_unary(
+                '/segsearch.v1.SegmentSearch/SearchSimilarBatch',
+                request_serializer=segsearch_dot_v1_dot_segment__search__pb2.SearchBatchRequest.SerializeToString,
+                response_deserializer=segsearch_dot_v1_dot_segment__search__pb2.SearchBatchResponse.FromString,
+                _registered_method=True)
         self.Segment = channel.unary_unary(
                 '/segsearch.v1.SegmentSearch/Segment',
                 request_serializer=segsearch_dot_v1_dot_segment__search__pb2.SegmentRequest.SerializeToString,
@@ -76,6 +81,16 @@ class SegmentSearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchSimilarBatch(self, request, context):
+        """Several searches in one call, one response per query in request order. Vector queries
+        (segment ids, embeddings, regions once embedded) are searched in one FAISS call. The
+        batch holds 1..max_batch_queries queries (see GetInfo), else INVALID_ARGUMENT; any
+        query's error fails the whole call, its message naming the query's position.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Segment(self, request, context):
         """Over-segment an image and label each segment by k-NN vote over the model's label bank.
         """
@@ -98,7 +113,7 @@ class SegmentSearchServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteImages(self, request, context):
-        """Remove images and all their segments from the index.
+        """Remove images and all their segments, and/or single segments, from the index.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,6 +133,11 @@ def add_SegmentSearchServicer_to_server(servicer, server):
                     servicer.SearchSimilar,
                     request_deserializer=segsearch_dot_v1_dot_segment__search__pb2.SearchRequest.FromString,
                     response_serializer=segsearch_dot_v1_dot_segment__search__pb2.SearchResponse.SerializeToString,
+            ),
+            'SearchSimilarBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchSimilarBatch,
+                    request_deserializer=segsearch_dot_v1_dot_segment__search__pb2.SearchBatchRequest.FromString,
+                    response_serializer=segsearch_dot_v1_dot_segment__search__pb2.SearchBatchResponse.SerializeToString,
             ),
             'Segment': grpc.unary_unary_rpc_method_handler(
                     servicer.Segment,
@@ -172,6 +192,33 @@ class SegmentSearch:
             '/segsearch.v1.SegmentSearch/SearchSimilar',
             segsearch_dot_v1_dot_segment__search__pb2.SearchRequest.SerializeToString,
             segsearch_dot_v1_dot_segment__search__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchSimilarBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/segsearch.v1.SegmentSearch/SearchSimilarBatch',
+            segsearch_dot_v1_dot_segment__search__pb2.SearchBatchRequest.SerializeToString,
+            segsearch_dot_v1_dot_segment__search__pb2.SearchBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

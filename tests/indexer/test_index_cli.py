@@ -171,6 +171,15 @@ def test_delete_then_add_back(built, corpus, checkpoint, tmp_path, capsys):
     assert code == 0 and "indexed 2 images" in out
     with IndexStore.open(index, read_only=True) as store:
         assert (store.meta.num_images, store.meta.num_segments) == (before.num_images, before.num_segments)
+        kept = next(store.iter_images())
+    single = kept.segment_ids[0]
+    code, _, err = _run_cli(capsys, ["index", "delete", str(index), "--segment-id", str(single), "--image-id", "gone"])
+    assert code == 2 and "unknown image id" in err  # checked before anything is deleted
+    code, out, _ = _run_cli(capsys, ["index", "delete", str(index), "--segment-id", str(single)])
+    assert code == 0 and "deleted 0 images and 1 segments" in out
+    with IndexStore.open(index, read_only=True) as store:
+        assert store.get_image(kept.image_id).segment_ids == kept.segment_ids[1:] and store.verify() == []
+        assert (store.meta.num_images, store.meta.num_segments) == (before.num_images, before.num_segments - 1)
 
 
 def test_add_refuses_other_content_under_a_taken_image_id_with_a_reason(built, corpus, checkpoint, tmp_path,

@@ -57,7 +57,7 @@ def test_other_invalid_requests(served, corpus_dir):
     _expect(INVALID, "has no query", served.client.search, pb.SearchRequest(top_k=3))
     _expect(INVALID, "min_area_fraction must lie in [0, 1]", served.client.search_segment, 1, min_area_fraction=2.0)
     _expect(INVALID, "num_segments must be between 1 and", served.client.segment, _photo(corpus_dir), num_segments=-3)
-    _expect(INVALID, "image_ids is empty", served.client.delete_images, [])
+    _expect(INVALID, "image_ids and segment_ids are empty", served.client.delete_images, [])
 
 
 def test_unknown_ids_are_not_found(served):

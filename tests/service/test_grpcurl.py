@@ -52,7 +52,8 @@ def test_list_shows_the_services(served):
     assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= set(services)
     methods = grpcurl(served.address, "list", SERVICE).stdout.split()
     assert sorted(methods) == sorted(f"{SERVICE}.{name}" for name in
-                                     ("SearchSimilar", "Segment", "GetSegment", "IndexImages", "DeleteImages", "GetInfo"))
+                                     ("SearchSimilar", "SearchSimilarBatch", "Segment", "GetSegment", "IndexImages",
+                                      "DeleteImages", "GetInfo"))
 
 
 def test_describe_names_the_service_and_its_rpcs(served):

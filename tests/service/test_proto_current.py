@@ -21,12 +21,17 @@ def test_contract_names():
     methods = {m.name: (m.input_type.name, m.output_type.name, m.client_streaming) for m in service.methods}
     assert methods == {
         "SearchSimilar": ("SearchRequest", "SearchResponse", False),
+        "SearchSimilarBatch": ("SearchBatchRequest", "SearchBatchResponse", False),
         "Segment": ("SegmentRequest", "SegmentResponse", False),
         "GetSegment": ("GetSegmentRequest", "SegmentRecord", False),
         "IndexImages": ("IndexImageRequest", "IndexImagesResponse", True),
         "DeleteImages": ("DeleteImagesRequest", "DeleteImagesResponse", False),
         "GetInfo": ("GetInfoRequest", "InfoResponse", False),
     }
+    assert {"search_effort"} <= {f.name for f in pb.SearchRequest.DESCRIPTOR.fields}
+    assert {"image_ids", "segment_ids"} == {f.name for f in pb.DeleteImagesRequest.DESCRIPTOR.fields}
+    assert {"ef_search", "nprobe", "max_search_effort", "max_batch_queries"} <= \
+        {f.name for f in pb.InfoResponse.DESCRIPTOR.fields}
     query = pb.SearchRequest.DESCRIPTOR.oneofs_by_name["query"]
     assert [f.name for f in query.fields] == ["region", "segment_id", "embedding"]
     assert [f.name for f in pb.Region.DESCRIPTOR.oneofs_by_name["shape"].fields] == ["mask_png", "box", "point"]
