@@ -41,39 +41,58 @@ def region_query(analyzer: ImageAnalyzer, image_data: bytes, region: RegionSpec)
         raise InvalidArgument("region must set exactly one of mask_png, box or point")
     if region.box is not None:
         regions.check_box_not_empty(region.box)
-    cached = analyzer.cached_embedding(image_data) if region.point is None else None
+    if region.box is not None or region.point is not None:  # both pick a region of the segmentation
+        image = analyzer.decode(image_data)
+        if region.point is not None:
+            return _point_query(analyzer, image, region.point)
+        return _box_query(analyzer, image, region.box)
+    cached = analyzer.cached_embedding(image_data)
     if cached is not None:  # a further region of an image embedded lately: no decode, no forward
         size, embeddings = cached.original_size, cached.embeddings
     else:
         image = analyzer.decode(image_data)
         size = image.original_size
-        if region.point is not None:
-            return _point_query(analyzer, image, region.point)
         embeddings = None
-    if region.box is not None:
-        mask = regions.box_mask(region.box, size)
-    else:
-        mask = decode_mask_png(region.mask_png, size)
-        regions.check_mask(mask)
+    mask = decode_mask_png(region.mask_png, size)
+    regions.check_mask(mask)
     if embeddings is None:
         embeddings = analyzer.embed(image)
+    return _mask_query(analyzer, embeddings, mask)
+
+
+def _mask_query(analyzer: ImageAnalyzer, embeddings, mask: np.ndarray) -> QueryVector:
     model_size = (analyzer.embed_size, analyzer.embed_size)
     return QueryVector(regions.region_vector(embeddings, mask, model_size), mask)
 
 
 def _point_query(analyzer: ImageAnalyzer, image, point: tuple[int, int]) -> QueryVector:
-    """The prototype of the over-segment containing the point (the indexer's segmentation)."""
+    """The prototype of the region (the server's region level) containing the point."""
     x, y = point
     regions.check_point(x, y, image.original_size)
-    segments = analyzer.segment(image)
+    level = analyzer.segment(image).regions
     row, col = regions.point_in_model(x, y, image.original_size, image.pixels.shape[:2])
-    index = int(segments.label_map[row, col])
+    index = int(level.label_map[row, col])
     if index < 0:
         raise InvalidArgument(f"the point ({x},{y}) lies in no segment (its segment was too small "
                               "and dropped); pick a point inside a larger region")
-    segment = segments.segments[index]
-    mask = to_original_size(segments.label_map == index, image.original_size)
-    return QueryVector(segment.prototype.astype(np.float32), mask)
+    return _region_vector(level, index, image.original_size)
+
+
+def _box_query(analyzer: ImageAnalyzer, image, box: regions.Box) -> QueryVector:
+    """The region the box frames (`regions.box_region`), else the box's pixels as a mask."""
+    mask = regions.box_mask(box, image.original_size)
+    level = analyzer.segment(image).regions
+    in_model = regions.coverage_at(mask, image.pixels.shape[:2]) >= 0.5
+    index = regions.box_region(level.label_map, in_model)
+    if index is None:
+        return _mask_query(analyzer, analyzer.embed(image), mask)
+    return _region_vector(level, index, image.original_size)
+
+
+def _region_vector(level, index: int, size: tuple[int, int]) -> QueryVector:
+    """Region `index` of a region level: its prototype and its mask at the image as sent."""
+    mask = to_original_size(level.label_map == index, size)
+    return QueryVector(level.segments[index].prototype.astype(np.float32), mask)
 
 
 def segment_id_query(store: ReadableStore, segment_id: int, model_version: str) -> QueryVector:

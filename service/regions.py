@@ -3,12 +3,18 @@
 Embeddings are computed over the whole query image (so a region's vector carries its
 context), then:
 
-- a box or a mask queries with the re-normalised mean embedding of its pixels. The
-  embedding grid is coarser than the image (output stride 4), so each grid cell is weighted
-  by how many of the region's pixels it covers (`grid_weights`): exactly the mean over the
-  region's pixels of the embedding map upsampled by nearest neighbour, and a thin or tiny
-  region still gets a vector;
-- a point queries with the prototype of the over-segment that contains it (`segment_at`).
+- a mask queries with the re-normalised mean embedding of its pixels. The embedding grid is
+  coarser than the image (output stride 4), so each grid cell is weighted by how many of the
+  region's pixels it covers (`grid_weights`): exactly the mean over the region's pixels of the
+  embedding map upsampled by nearest neighbour, and a thin or tiny region still gets a vector;
+- a box means "the thing in this box", as a box prompt does in SAM: the region of the image's
+  region level (`spml.hierarchy`) that the box frames (`box_region`: of the regions lying
+  mostly inside the box, the one with the most pixels in it) queries with its prototype. The
+  box's own pixels take in the neighbours around the thing, which pulls the query towards
+  them; when no region lies mostly inside the box (a box inside one large region), its pixels
+  query as a mask does;
+- a point queries with the prototype of the region (same level) that contains it: a click
+  means the thing under it, not a sliver of it.
 
 Coordinates. Regions are given in pixels of the image as sent (after EXIF orientation),
 `size = (W, H)`; the model sees it resized so that the longest side is bounded
@@ -132,6 +138,23 @@ def point_in_model(x: int, y: int, size: tuple[int, int], model_size: tuple[int,
     row = min(model_h - 1, int((y + 0.5) * model_h / height))
     col = min(model_w - 1, int((x + 0.5) * model_w / width))
     return row, col
+
+
+def box_region(label_map: np.ndarray, box: np.ndarray, min_inside: float = 0.5) -> int | None:
+    """The region a box frames: label_map (H', W') region index (-1: none), box (H', W') bool.
+
+    Candidates are regions with at least `min_inside` of their pixels inside the box; the one
+    with the most pixels inside wins. None when no region qualifies.
+    """
+    labels = label_map[label_map >= 0]
+    if labels.size == 0:
+        return None
+    areas = np.bincount(labels)
+    inside = np.bincount(label_map[box & (label_map >= 0)], minlength=areas.size)
+    candidates = np.flatnonzero((areas > 0) & (inside >= min_inside * areas))
+    if candidates.size == 0:
+        return None
+    return int(candidates[np.argmax(inside[candidates])])
 
 
 def segment_at(segment_masks: list[np.ndarray], row: int, col: int) -> int:

@@ -66,8 +66,9 @@ def test_box_query_on_an_indexed_image_finds_its_own_overlapping_segment(served,
     box_region = np.zeros_like(mask)
     box_region[seg.box[1]:seg.box[3], seg.box[0]:seg.box[2]] = True
     assert (top_mask & box_region).any()
-    query_mask = _mask_at(response.query_mask_png)
-    assert query_mask.shape == (192, 256) and query_mask.sum() == (x1 - x0) * (y1 - y0)
+    query_mask = _mask_at(response.query_mask_png)  # the region the box frames: mostly inside it
+    assert query_mask.shape == (192, 256) and query_mask.any()
+    assert query_mask[y0:y1, x0:x1].sum() >= 0.5 * query_mask.sum()
 
 
 def test_mask_query_with_a_stored_segment_mask_returns_that_segment(served, stored, corpus_dir):
@@ -80,7 +81,7 @@ def test_mask_query_with_a_stored_segment_mask_returns_that_segment(served, stor
     assert response.hits[0].score > 0.99
 
 
-def test_point_query_uses_the_segment_containing_the_point(served, stored, corpus_dir):
+def test_point_query_uses_the_region_containing_the_point(served, stored, corpus_dir):
     images, segments = stored
     seg = segments[PHOTO][5]
     mask = decode_mask(seg.mask_rle, seg.mask_shape)
@@ -89,10 +90,12 @@ def test_point_query_uses_the_segment_containing_the_point(served, stored, corpu
     scale = images[PHOTO].width / seg.mask_shape[1]  # the point is given in the 256x192 photo
     point = (int(col * scale + scale / 2), int(row * scale + scale / 2))
     response = served.client.search_point((corpus_dir / PHOTO).read_bytes(), point, top_k=2, include_masks=True)
-    assert response.hits[0].segment_id == seg.segment_id
-    assert response.hits[0].score == pytest.approx(1.0, abs=1e-4)
-    query_mask = _mask_at(response.query_mask_png)
+    query_mask = _mask_at(response.query_mask_png)  # the region under the point, a union of segments
     assert query_mask.shape == (192, 256) and query_mask[point[1], point[0]]
+    top = response.hits[0]  # the best hit is a segment of that region in the indexed photo
+    assert top.image_id == PHOTO and top.score > 0.8
+    top_mask = np.asarray(Image.fromarray(_mask_at(top.mask_png)).resize((256, 192), Image.Resampling.NEAREST))
+    assert (top_mask & query_mask).sum() >= 0.5 * top_mask.sum()
 
 
 def test_filters_and_thresholds_hold_and_top_k_is_filled(served, stored):

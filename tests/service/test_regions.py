@@ -77,3 +77,20 @@ def test_points_map_pixel_centres_and_reject_outside():
 def test_empty_mask_is_refused():
     with pytest.raises(InvalidArgument, match="selects no pixel"):
         region_vector(_embeddings(), np.zeros((24, 24), bool), (24, 24))
+
+
+def test_box_region_is_the_largest_region_mostly_inside_the_box():
+    from segsearch.service.regions import box_region
+
+    label_map = np.full((10, 10), 0)
+    label_map[2:8, 2:6] = 1  # 24 px, all inside the box below
+    label_map[2:8, 6:8] = 2  # 12 px, all inside
+    label_map[0, 0] = -1
+    box = np.zeros((10, 10), dtype=bool)
+    box[1:9, 1:9] = True  # also holds 28 px of region 0, but region 0 is mostly outside
+    assert box_region(label_map, box) == 1
+    assert box_region(label_map, box, min_inside=0.9) == 1
+    small = np.zeros_like(box)
+    small[3:5, 3:5] = True  # inside region 1 only: no region lies mostly inside
+    assert box_region(label_map, small) is None
+    assert box_region(np.full((4, 4), -1), np.ones((4, 4), dtype=bool)) is None

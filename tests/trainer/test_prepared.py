@@ -25,3 +25,15 @@ def test_majority_label_wins_and_ignore_does_not_count():
 def test_sample_centres_picks_cell_centres():
     maps = torch.arange(64).view(1, 8, 8)
     assert sample_centres(maps).tolist() == [[[18, 22], [50, 54]]]
+
+
+def test_downsampling_in_chunks_equals_all_at_once():
+    """Hundreds of classes: the one-hot is built a chunk of images at a time, same result."""
+    import torch
+
+    from segsearch.trainer.prepared import downsample_labels
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 40, (7, 12, 12), generator=generator)
+    labels[:, ::3] = 255
+    assert torch.equal(downsample_labels(labels, 40, chunk=2), downsample_labels(labels, 40, chunk=100))
