@@ -10,6 +10,12 @@ winning class's vote share. Each threshold is the `quantile` of its held-out dis
 about 1 - quantile of in-distribution segments pass each test and at least 1 - 2 * quantile
 pass both (the fraction actually kept is logged).
 
+What it does not measure: the held-out segments are the trainer's (k-means on the training
+image size, as the bank's own), not the indexer's (refined, tiny ones merged, and regions that
+merge several), and the shares are counted with the indexer's default k
+(`SegmenterConfig.knn_k`); an index built with another k or on other images keeps a somewhat
+different fraction of its in-distribution segments labelled.
+
 Cost: one backbone pass over the held-out images (the evaluation reads the same feature
 cache afterwards), one k-means and one (S, M) matmul: seconds on two CPU cores for the demo.
 """
