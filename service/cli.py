@@ -317,9 +317,16 @@ def print_hits(hits, as_json: bool = False) -> None:
                               "area_fraction": round(hit.area_fraction, 5),
                               "box": [hit.box.x0, hit.box.y0, hit.box.x1, hit.box.y1], "image_uri": hit.image_uri}))
         return
-    print(f"{'rank':>4}  {'score':>6}  {'segment':>8}  {'label':<16} image")
+    print(f"{'rank':>4}  {'score':>6}  {'segment':>8}  {'label (score)':<16} image")
     for rank, hit in enumerate(hits, start=1):
-        print(f"{rank:>4}  {hit.score:6.3f}  {hit.segment_id:>8}  {hit.label:<16} {hit.image_id}")
+        print(f"{rank:>4}  {hit.score:6.3f}  {hit.segment_id:>8}  {label_text(hit.label, hit.label_score):<16} "
+              f"{hit.image_id}")
+
+
+def label_text(label: str, label_score: float) -> str:
+    """`label (score)`, or "(no label)" where the label bank does not cover the segment (the
+    service then sends an empty label and label_score 0)."""
+    return f"{label} ({label_score:.2f})" if label else "(no label)"
 
 
 def add_segment_parser(subparsers) -> None:
@@ -348,7 +355,7 @@ def run_segment(args) -> int:
             raise SegsearchError(f"{error.code().name}: {error.details()}") from None
     print(f"{len(response.segments)} segments ({response.width}x{response.height})")
     for info in response.segments:
-        print(f"  {info.index:>3}  {info.label:<16} {info.label_score:.2f}  area {info.area_fraction:.3f}")
+        print(f"  {info.index:>3}  {label_text(info.label, info.label_score):<22} area {info.area_fraction:.3f}")
     if args.maps:
         Path(f"{args.maps}_segments.png").write_bytes(response.segment_map_png)
         Path(f"{args.maps}_labels.png").write_bytes(response.label_map_png)

@@ -170,7 +170,9 @@ def segmentation_overlay(image: np.ndarray, segment_map: np.ndarray, label_map: 
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
     count = len(np.unique(segment_map[segment_map != 65535]))
-    draw.text((4, picture.height + 4), f"{count} segments | labels by k-NN vote", fill="black", font=font)
+    unlabelled = bool(((label_map >= len(labels)) & (segment_map != 65535)).any())
+    note = " (uncoloured: no label)" if unlabelled else ""
+    draw.text((4, picture.height + 4), f"{count} segments | labels by k-NN vote{note}", fill="black", font=font)
     column = picture.width // 3
     for number, index in enumerate(present):
         x, y = 4 + (number % 3) * column, picture.height + 24 + 20 * (number // 3)

@@ -34,14 +34,28 @@ DEFAULT_MODEL_NAME = "the shipped general model"
 
 @dataclass
 class LabelBank:
-    """Labelled training prototypes for k-NN labelling: (M, D) unit-norm and (M,) class ids."""
+    """Labelled training prototypes for k-NN labelling: (M, D) unit-norm and (M,) class ids.
+
+    The two thresholds say where the bank stops covering a segment (`spml.label_vote.
+    open_set_vote` then gives it no label): `min_similarity`, the cosine of the segment's
+    nearest labelled prototype, and `min_share`, the winning class's share of the k votes.
+    Training calibrates them on held-out images (`trainer.label_calibration`). The defaults
+    (-1 and 0) cover every segment: a bank written before the thresholds existed labels as
+    it always did.
+    """
 
     prototypes: torch.Tensor
     labels: torch.Tensor
+    min_similarity: float = -1.0
+    min_share: float = 0.0
 
     def __post_init__(self):
         if self.prototypes.ndim != 2 or self.labels.shape != (self.prototypes.shape[0],):
             raise ValueError("label bank needs prototypes (M, D) and labels (M,)")
+        self.min_similarity, self.min_share = float(self.min_similarity), float(self.min_share)
+        if not (-1.0 <= self.min_similarity <= 1.0 and 0.0 <= self.min_share <= 1.0):
+            raise ValueError(f"label bank thresholds out of range: min_similarity={self.min_similarity} "
+                             f"(a cosine, in [-1, 1]), min_share={self.min_share} (in [0, 1])")
 
 
 @dataclass
@@ -116,6 +130,9 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> str:
         else {
             "prototypes": checkpoint.label_bank.prototypes.cpu(),
             "labels": checkpoint.label_bank.labels.cpu(),
+            # optional keys within format 1: a reader that predates them labels every segment
+            "min_similarity": checkpoint.label_bank.min_similarity,
+            "min_share": checkpoint.label_bank.min_share,
         },
         "train_state": checkpoint.train_state,
     }
@@ -163,7 +180,9 @@ def load_checkpoint(path: str | Path, expected: ModelConfig | None = None) -> Ch
     checkpoint = Checkpoint(
         config=config,
         state_dict=state_dict,
-        label_bank=None if bank is None else LabelBank(bank["prototypes"], bank["labels"]),
+        label_bank=None if bank is None else LabelBank(
+            bank["prototypes"], bank["labels"],
+            **{name: bank[name] for name in ("min_similarity", "min_share") if name in bank}),
         method=payload.get("method", "spml"),
         train_state=payload.get("train_state") or {},
     )

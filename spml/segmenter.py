@@ -29,7 +29,10 @@ One batch of `B` images of any sizes goes through:
    the embedding map (so a merge height means the same at every image size); the default cut at `region_height` is the **region level**, and
    `Segmenter.regions_at` gives the cut at any count.
 6. **label** every fine segment and region by k-NN vote among the checkpoint's labelled
-   training prototypes (`spml.label_vote.knn_vote`); `label_score` is the vote share in (0, 1].
+   training prototypes (`spml.label_vote.open_set_vote`): `label_score` is the winning class's
+   share of the k votes, in (0, 1]; a segment the bank does not cover (nearest labelled
+   prototype below the bank's calibrated `min_similarity`, or a share below its `min_share`)
+   gets the empty label and `label_score` 0.
 
 Steps 1-2 (with the edge map), the k-means and the finer assignment of steps 3-4 run on the
 model's device (CUDA when the model is there; the same code on CPU) in `Segmenter.cluster`,
@@ -48,7 +51,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -61,7 +64,7 @@ from segsearch.spml.edges import edge_function, resize_edges
 from segsearch.spml.embedding import EmbeddingNet
 from segsearch.spml.hierarchy import RegionTree, build_hierarchy, cut_by_count, cut_by_height, region_sums
 from segsearch.spml.kmeans import spherical_kmeans
-from segsearch.spml.label_vote import knn_vote
+from segsearch.spml.label_vote import NO_LABEL, open_set_vote
 from segsearch.spml.prototypes import NORM_EPS, segment_sums
 from segsearch.spml.refine import assign_finer, finer_size
 
@@ -101,7 +104,8 @@ class Segment:
     """One segment of one image, in that image's pixels.
 
     box: `(x0, y0, x1, y1)` end-exclusive; area_fraction: its pixels / all pixels;
-    prototype: unit-norm `(D,)` float32; label / label_score: k-NN vote and its share.
+    prototype: unit-norm `(D,)` float32; label / label_score: k-NN vote and its share, or
+    "" and 0 where the label bank does not cover the segment (`spml.label_vote.open_set_vote`).
     `index` is its value in the image's `label_map`; `mask` is computed from it on demand.
     """
 
@@ -190,7 +194,8 @@ class Segmenter:
         self.bank = None
         self.num_classes = len(self.class_names)
         if label_bank is not None and label_bank.prototypes.shape[0] > 0:
-            self.bank = LabelBank(label_bank.prototypes.to(self.device).float(), label_bank.labels.to(self.device))
+            self.bank = replace(label_bank, prototypes=label_bank.prototypes.to(self.device).float(),
+                                labels=label_bank.labels.to(self.device))
             self.num_classes = max(self.num_classes, int(label_bank.labels.max()) + 1)
         hed = model.config.backbone == "vgg16" and model.config.pretrained
         self._edges = edge_function(model.backbone, hed_weights=hed)
@@ -313,9 +318,15 @@ class Segmenter:
         if prototypes.shape[0] == 0 or self.bank is None:
             return [""] * prototypes.shape[0], [0.0] * prototypes.shape[0]
         queries = torch.from_numpy(prototypes).to(self.device)
-        labels, shares = knn_vote(queries, self.bank, self.num_classes, k=self.config.knn_k)
-        names = [self.class_names[i] if i < len(self.class_names) else str(i) for i in labels.tolist()]
+        labels, shares = open_set_vote(queries, self.bank, self.num_classes, k=self.config.knn_k)
+        names = [self._class_name(i) for i in labels.tolist()]
         return names, shares.float().cpu().tolist()
+
+    def _class_name(self, class_id: int) -> str:
+        """The empty string for `NO_LABEL` (the bank does not cover the segment), else the name."""
+        if class_id == NO_LABEL:
+            return ""
+        return self.class_names[class_id] if class_id < len(self.class_names) else str(class_id)
 
 
 def segment_images(model: EmbeddingNet, label_bank: LabelBank | None, images: Sequence[np.ndarray],

@@ -15,7 +15,12 @@ SEGMENTER = SegmenterConfig(embed_size=64, grid=(4, 4), iterations=5, min_area_f
 # ---- helpers shared with test_segmenter.py and test_index_cli.py -------------------------
 
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A 5-second checkpoint (small backbone, 16-d), trained once per pytest session."""
+    """A 5-second checkpoint (small backbone, 16-d), trained once per pytest session.
+
+    Its label bank is left uncalibrated (label_quantile=0: every segment gets a label): the
+    suites that use it index photographs, far outside the mosaic it learns, and test retrieval
+    and label filters, which need labels; open-set labels are tested in test_label_vote.py and
+    test_segmenter.py with explicit thresholds."""
     from segsearch.trainer.config import TrainConfig
     from segsearch.trainer.datasets import DataConfig
     from segsearch.trainer.train import train
@@ -26,7 +31,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
         torch.manual_seed(0)
         train(TrainConfig(out_dir=str(root), backbone="small", pretrained=False, edge_source="sobel",
                           steps=2, batch_size=4, data=DataConfig("mosaic", 32, 8, 2), embedding_dim=16,
-                          hidden_dim=32, progress=False, device="cpu"))
+                          hidden_dim=32, progress=False, device="cpu", label_quantile=0.0))
     return path
 
 

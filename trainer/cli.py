@@ -112,6 +112,10 @@ def add_train_parser(subparsers) -> None:
                         "least this (default: %(default)s)")
     s.add_argument("--memory-batches", type=int, default=d.memory_batches,
                    help="batches of prototypes kept as extra negatives (default: %(default)s)")
+    s.add_argument("--label-quantile", type=float, default=d.label_quantile,
+                   help="open-set labels: a segment whose nearest labelled prototype (or vote share) "
+                        "is below this quantile of the held-out split's gets no label; 0 = every "
+                        "segment gets one (default: %(default)s)")
     s.add_argument("--no-gather-prototypes", action="store_true",
                    help="under torchrun: contrast each process's pixels with its own segments only, "
                         "not the whole global batch's (less communication; not SPML's loss)")
@@ -148,6 +152,7 @@ def train_config(args) -> TrainConfig:
         box_labels=args.box_labels, box_cam_window=args.box_cam_window,
         affinity_weight=args.affinity_weight, affinity_top_k=args.affinity_top_k,
         affinity_threshold=args.affinity_threshold, memory_batches=args.memory_batches,
+        label_quantile=args.label_quantile,
         gather_prototypes=not args.no_gather_prototypes, seed=args.seed,
         device=args.device, checkpoint_every=args.checkpoint_every, resume=args.resume,
         progress=not args.no_progress,

@@ -50,6 +50,10 @@ class TrainConfig:
     affinity_top_k: int = 3  # A: labelled neighbours an unlabelled segment borrows labels from
     affinity_threshold: float = 0.95  # A: minimum cosine similarity of such a neighbour (SPML)
     memory_batches: int = 2
+    # the label bank's open-set thresholds sit at this quantile of the held-out split's nearest
+    # similarity and vote share (trainer/label_calibration.py); 0 = no thresholds, every
+    # segment gets a label
+    label_quantile: float = 0.05
     # under torchrun: contrast against every rank's segments (False: each rank's own only)
     gather_prototypes: bool = True
     seed: int = 0
@@ -66,6 +70,8 @@ class TrainConfig:
                              f"got {self.loss_pixel_sampling!r}")
         if self.box_labels not in BOX_LABELS:
             raise ValueError(f"box_labels must be one of {BOX_LABELS}, got {self.box_labels!r}")
+        if not 0.0 <= self.label_quantile < 1.0:
+            raise ValueError(f"label_quantile must lie in [0, 1), got {self.label_quantile}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be positive")
 

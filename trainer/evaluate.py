@@ -7,6 +7,11 @@ chance (a random class per segment), a colour-histogram descriptor and the untra
 backbone's mean-pooled features, each with its own bank built from the same training
 segments and weak labels. Cross-entropy baselines are additionally scored by their own
 classifier (their natural prediction).
+
+The vote here is the closed-set `knn_vote`: the test images hold only the training classes and
+mIoU scores a class for every pixel, so every segment is labelled as before the label bank had
+open-set thresholds (the indexer and the service use `open_set_vote`, which leaves segments
+the bank does not cover unlabelled; `trainer.label_calibration` sets its thresholds).
 """
 from __future__ import annotations
 

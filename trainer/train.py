@@ -37,6 +37,7 @@ from segsearch.trainer.ddp import (
     process_group, rank_batch, rank_pixels, share_from_main,
 )
 from segsearch.trainer.label_bank import build_label_bank
+from segsearch.trainer.label_calibration import calibrate_on_test_split
 from segsearch.trainer.loss import PixelSum
 from segsearch.trainer.pixel_sampling import pick_loss_pixels
 from segsearch.trainer.prepared import (
@@ -171,13 +172,21 @@ def _train(config: TrainConfig, prepared, class_names, world: World, device) -> 
     images_per_second = steps_run * config.batch_size * world.size / elapsed if elapsed > 0 else 0.0
     path, version = out_dir / CHECKPOINT_NAME, None
     if world.is_main:
-        bank_result = build_label_bank(model, prepared, config, device)
+        bank_result = _calibrated_label_bank(config, model, prepared, device)
         path, version = _save(config, model, optimizer, bank, config.steps, out_dir, bank_result)
         plot_loss_curves(metrics_path, out_dir / "loss_curve.png")
         logger.info("trained %d steps at %.1f images/s; checkpoint %s (model version %s)",
                     steps_run, images_per_second, path, version)
     version = share_from_main(version, world)
     return TrainResult(path, version, last_loss, images_per_second, steps_run, world.rank)
+
+
+def _calibrated_label_bank(config: TrainConfig, model: EmbeddingNet, prepared: PreparedSet, device):
+    """The labelled training prototypes, with open-set thresholds from the held-out split."""
+    bank = build_label_bank(model, prepared, config, device)
+    kmeans = KMeansConfig(grid=tuple(config.inference_grid), iterations=config.kmeans_iterations)
+    return calibrate_on_test_split(model, bank, config.data, kmeans, config.label_quantile, device,
+                                   progress=config.progress)
 
 
 def _build(config: TrainConfig, device: torch.device, prepared=None, class_names=None):

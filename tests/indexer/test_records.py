@@ -42,6 +42,13 @@ def test_segment_round_trip_is_exact():
     assert np.array_equal(decode_segment_prototype(encode_segment(seg)), seg.prototype)
 
 
+def test_an_unlabelled_segment_round_trips_with_its_empty_label_and_zero_score():
+    seg = _segment()
+    seg.label, seg.label_score = "", 0.0  # the label bank did not cover it (spml.label_vote)
+    back = decode_segment(encode_segment(seg))
+    assert (back.label, back.label_score) == ("", 0.0) and back == seg
+
+
 def test_segment_equality_sees_prototype_changes():
     seg, other = _segment(), _segment()
     other.prototype = other.prototype.copy()

@@ -12,6 +12,7 @@ from segsearch.indexer.rle import decode_mask
 from segsearch.indexer.index_store import IndexStore
 from segsearch.service._generated import segment_search_pb2 as pb
 from segsearch.service.pngs import decode_png_array
+from segsearch.service.segment_rpc import NO_LABEL
 from service_helpers import PHOTO, metric_value, png_bytes
 
 
@@ -152,7 +153,10 @@ def test_segment_returns_16_bit_segment_map_and_labels(served, corpus_dir):
         ys, xs = np.nonzero(where)
         assert (info.box.x0, info.box.y0, info.box.x1, info.box.y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
         assert where.mean() == pytest.approx(info.area_fraction, abs=0.01)
-        assert set(np.unique(label_map[where]).tolist()) == {list(response.labels).index(info.label)}
+        # a segment the checkpoint's label bank does not cover: empty label, score 0, 255 in the map
+        expected = list(response.labels).index(info.label) if info.label else NO_LABEL
+        assert set(np.unique(label_map[where]).tolist()) == {expected}
+        assert 0 < info.label_score <= 1 if info.label else info.label_score == 0
     # num_segments cuts the region hierarchy: two regions, or every fine segment (the default
     # level merges some of them)
     assert len(served.client.segment(data, num_segments=2).segments) == 2

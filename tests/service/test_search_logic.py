@@ -54,6 +54,20 @@ def test_a_selective_filter_still_gets_top_k_by_over_fetching(store):
     assert hits[0].image.uri == "/data/img19.png"
 
 
+def test_the_empty_label_filter_selects_unlabelled_segments():
+    labelled, unlabelled = _record("big"), _record("")
+    only_unlabelled = SearchFilter(labels=frozenset({""}))
+    assert only_unlabelled.accepts(unlabelled) and not only_unlabelled.accepts(labelled)
+    assert SearchFilter(labels=frozenset({"big"})).accepts(labelled) and not SearchFilter(
+        labels=frozenset({"big"})).accepts(unlabelled)
+
+
+def _record(label: str) -> SegmentRecord:
+    mask = np.ones((2, 2), bool)
+    return SegmentRecord(0, "img", (0, 0, 2, 2), 1.0, encode_mask(mask), (2, 2), label,
+                         0.9 if label else 0.0, VERSION, QUERY)
+
+
 def test_filters_combine(store):
     options = SearchOptions(top_k=50, filter=SearchFilter(exclude_image_ids=frozenset({"img0", "img1"}),
                                                           min_area_fraction=0.1))

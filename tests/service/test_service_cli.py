@@ -120,3 +120,9 @@ def test_a_token_on_the_command_line_is_refused_without_echoing_it(command, caps
             main(command + form)
         err = capsys.readouterr().err
         assert exited.value.code == 2 and "--token-file" in err and "SECRET-VALUE-1" not in err
+
+
+def test_an_unlabelled_segment_prints_as_no_label_not_as_a_blank():
+    from segsearch.service.cli import label_text
+
+    assert label_text("cat", 0.75) == "cat (0.75)" and label_text("", 0.0) == "(no label)"

@@ -95,3 +95,26 @@ def test_no_backbone_weights_and_no_pretrained_backbone_is_refused(tmp_path):
     save_checkpoint(Checkpoint(checkpoint.config, state), tmp_path / "headless.pt")
     with pytest.raises(CheckpointError, match="no backbone weights"):
         load_checkpoint(tmp_path / "headless.pt").build_model()
+
+
+def test_label_bank_thresholds_survive_save_and_load(tmp_path):
+    checkpoint = _checkpoint()
+    checkpoint.label_bank.min_similarity, checkpoint.label_bank.min_share = 0.625, 0.35
+    save_checkpoint(checkpoint, tmp_path / "c.pt")
+    bank = load_checkpoint(tmp_path / "c.pt").label_bank
+    assert (bank.min_similarity, bank.min_share) == (0.625, 0.35)
+
+
+def test_a_checkpoint_written_before_thresholds_loads_with_a_bank_covering_everything(tmp_path):
+    save_checkpoint(_checkpoint(), tmp_path / "c.pt")
+    payload = torch.load(tmp_path / "c.pt", weights_only=True)
+    del payload["label_bank"]["min_similarity"], payload["label_bank"]["min_share"]
+    torch.save(payload, tmp_path / "c.pt")  # what format 1 looked like before the thresholds
+    bank = load_checkpoint(tmp_path / "c.pt").label_bank
+    assert (bank.min_similarity, bank.min_share) == (-1.0, 0.0)
+    assert torch.equal(bank.labels, torch.tensor([0, 1, 1, 0]))
+
+
+def test_thresholds_out_of_range_are_refused():
+    with pytest.raises(ValueError, match="min_similarity"):
+        LabelBank(torch.eye(2), torch.tensor([0, 1]), min_similarity=1.5)

@@ -19,7 +19,7 @@ from segsearch.spml.segmenter import (
     upsample_nearest,
 )
 from segsearch.spml.checkpoint import load_checkpoint
-from segsearch.spml.label_vote import knn_vote
+from segsearch.spml.label_vote import knn_vote, vote_details
 
 from model_helpers import SEGMENTER, photo, tiny_checkpoint
 
@@ -131,6 +131,38 @@ def test_labels_are_the_knn_vote_over_the_checkpoint_bank(model, checkpoint, ima
     labels, shares = knn_vote(protos, checkpoint.label_bank, len(names), k=SEGMENTER.knn_k)
     assert [s.label for r in results for s in r.segments] == [names[i] for i in labels.tolist()]
     np.testing.assert_allclose([s.label_score for r in results for s in r.segments], shares.numpy(), atol=1e-6)
+
+
+def _nearest_similarity(results, bank, num_classes) -> np.ndarray:
+    protos = torch.from_numpy(np.stack([s.prototype for r in results for s in r.segments]))
+    return vote_details(protos, bank, num_classes, k=SEGMENTER.knn_k).nearest_similarity.numpy()
+
+
+def test_a_bank_that_covers_no_segment_gives_empty_labels_and_score_zero(model, checkpoint, images):
+    bank, num_classes = checkpoint.label_bank, len(checkpoint.config.class_names)
+    nearest = _nearest_similarity(segment_images(model, bank, images, SEGMENTER), bank, num_classes)
+    assert nearest.max() < 0.999
+    far = dataclasses.replace(bank, min_similarity=float(nearest.max()) + 1e-3)  # no segment is that near
+    segmenter = Segmenter(model, far, SEGMENTER)
+    for result in segmenter(images):
+        for level in (result.segments, result.regions.segments, segmenter.regions_at(result, 2).segments):
+            assert level and all(s.label == "" and s.label_score == 0.0 for s in level)
+
+
+def test_segments_below_the_bank_s_min_similarity_lose_their_label_and_only_those(model, checkpoint, images):
+    bank, names = checkpoint.label_bank, checkpoint.config.class_names
+    closed = segment_images(model, bank, images, SEGMENTER)
+    nearest = _nearest_similarity(closed, bank, len(names))
+    threshold = float(np.median(nearest))
+    segments = [s for r in segment_images(model, dataclasses.replace(bank, min_similarity=threshold), images,
+                                          SEGMENTER) for s in r.segments]
+    before = [s for r in closed for s in r.segments]
+    assert 0 < sum(s.label == "" for s in segments) < len(segments)
+    for segment, was, similarity in zip(segments, before, nearest):
+        if similarity >= threshold:
+            assert (segment.label, segment.label_score) == (was.label, was.label_score) and segment.label
+        else:
+            assert (segment.label, segment.label_score) == ("", 0.0)
 
 
 def test_batched_equals_one_image_at_a_time(model, checkpoint, images):

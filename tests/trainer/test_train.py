@@ -3,8 +3,17 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
+from segsearch.spml.checkpoint import load_checkpoint
+from segsearch.spml.config import SegmenterConfig
+from segsearch.spml.kmeans import KMeansConfig
+from segsearch.spml.label_vote import covered
 from segsearch.trainer.config import TrainConfig
+from segsearch.trainer.datasets import load_split
+from segsearch.trainer.label_calibration import held_out_votes
+from segsearch.trainer.prepared import prepare_set
+from segsearch.trainer.weak_labels import WeakLabelConfig
 from segsearch.trainer.datasets import DataConfig
 from segsearch.trainer.evaluate import EvalConfig, evaluate_checkpoint
 from segsearch.trainer import train as train_module
@@ -44,6 +53,18 @@ def test_beats_chance_and_writes_overlays(trained):
     assert spml > chance + 0.10, (spml, chance)
     for name in ("eval_overlays.png", "eval_confusion.png", "eval.json"):
         assert (out_dir / name).stat().st_size > 100
+
+
+def test_label_bank_is_calibrated_on_the_held_out_split(trained):
+    result, _ = trained
+    checkpoint = load_checkpoint(result.checkpoint_path)
+    bank, model = checkpoint.label_bank, checkpoint.build_model()
+    assert -1.0 < bank.min_similarity < 1.0 and 0.0 < bank.min_share <= 1.0
+    test = prepare_set(load_split(DATA, "test").samples, len(checkpoint.config.class_names),
+                       WeakLabelConfig(kind="full"), model, edge_source="none", progress=False)
+    kmeans = KMeansConfig(grid=(6, 6), iterations=TrainConfig().kmeans_iterations)
+    details = held_out_votes(model, test, bank, kmeans, SegmenterConfig.knn_k, torch.device("cpu"))
+    assert covered(details, bank).float().mean() >= 1 - 2 * TrainConfig().label_quantile
 
 
 def test_resume_replays_an_interrupted_run_exactly(tmp_path, monkeypatch):
