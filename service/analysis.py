@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -106,6 +107,21 @@ class ImageAnalyzer:
         """The embedding map and size of these exact image bytes, if embedded lately."""
         return self.embedding_cache.get((hashlib.sha256(data).hexdigest(), self.embed_size))
 
+    def cached_regions(self, data: bytes) -> CachedRegions | None:
+        """The region level of these exact image bytes, if a box or point query segmented them lately."""
+        return self.embedding_cache.get((REGIONS_KEY, hashlib.sha256(data).hexdigest(), self.embed_size))
+
+    def region_level(self, image: DecodedImage) -> CachedRegions:
+        """Segment the image and keep its region level in the cache (`cached_regions`), so that
+        the next box or point on the same image costs a lookup, not a segmentation."""
+        level = self.segment(image).regions
+        dim = self.segmenter.model.config.output_dim
+        prototypes = (np.stack([segment.prototype for segment in level.segments]).astype(np.float32)
+                      if level.segments else np.zeros((0, dim), np.float32))
+        value = CachedRegions(level.label_map, prototypes, image.original_size)
+        self.embedding_cache.put((REGIONS_KEY, image.sha256, self.embed_size), value)
+        return value
+
     def embed(self, image: DecodedImage) -> torch.Tensor:
         """Unit-norm embeddings (D, E/4, E/4) of the whole image, resized to E x E like the
         indexer; kept in the cache for the image's next region (`cached_embedding`)."""
@@ -149,6 +165,24 @@ def _segment_with(segmenter: Segmenter, images: list[np.ndarray]) -> list[tuple[
     results = segmenter(images, timings=timings)
     seconds = timings.as_dict()
     return [(result, seconds) for result in results]
+
+
+REGIONS_KEY = "regions"
+
+
+@dataclass(frozen=True)
+class CachedRegions:
+    """An image's region level as box and point queries need it: `label_map` (H', W') int32
+    region index at the decoded size (-1: none), `prototypes` (R, D) unit-norm float32,
+    `original_size` (W, H) of the image as sent."""
+
+    label_map: np.ndarray
+    prototypes: np.ndarray
+    original_size: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return self.label_map.nbytes + self.prototypes.nbytes
 
 
 def _deadline() -> float | None:

@@ -11,7 +11,7 @@ import numpy as np
 
 from segsearch.indexer.store_api import ReadableStore
 from segsearch.service import regions
-from segsearch.service.analysis import ImageAnalyzer, to_original_size
+from segsearch.service.analysis import CachedRegions, ImageAnalyzer, to_original_size
 from segsearch.service.errors import InvalidArgument
 from segsearch.service.pngs import decode_mask_png
 from segsearch.service.search import get_segment
@@ -42,10 +42,7 @@ def region_query(analyzer: ImageAnalyzer, image_data: bytes, region: RegionSpec)
     if region.box is not None:
         regions.check_box_not_empty(region.box)
     if region.box is not None or region.point is not None:  # both pick a region of the segmentation
-        image = analyzer.decode(image_data)
-        if region.point is not None:
-            return _point_query(analyzer, image, region.point)
-        return _box_query(analyzer, image, region.box)
+        return _region_pick_query(analyzer, image_data, region)
     cached = analyzer.cached_embedding(image_data)
     if cached is not None:  # a further region of an image embedded lately: no decode, no forward
         size, embeddings = cached.original_size, cached.embeddings
@@ -65,34 +62,40 @@ def _mask_query(analyzer: ImageAnalyzer, embeddings, mask: np.ndarray) -> QueryV
     return QueryVector(regions.region_vector(embeddings, mask, model_size), mask)
 
 
-def _point_query(analyzer: ImageAnalyzer, image, point: tuple[int, int]) -> QueryVector:
-    """The prototype of the region (the server's region level) containing the point."""
+def _region_pick_query(analyzer: ImageAnalyzer, image_data: bytes, region: RegionSpec) -> QueryVector:
+    """A point or a box: a region of the image's region level (cached per image bytes)."""
+    level = analyzer.cached_regions(image_data)
+    image = None
+    if level is None:
+        image = analyzer.decode(image_data)
+        level = analyzer.region_level(image)
+    if region.point is not None:
+        return _point_query(level, region.point)
+    box_pixels = regions.box_mask(region.box, level.original_size)
+    index = regions.box_region(level.label_map, regions.coverage_at(box_pixels, level.label_map.shape) >= 0.5)
+    if index is not None:
+        return _region_vector(level, index)
+    cached = analyzer.cached_embedding(image_data)  # no region lies mostly inside: the box's pixels
+    embeddings = cached.embeddings if cached is not None else analyzer.embed(image or analyzer.decode(image_data))
+    return _mask_query(analyzer, embeddings, box_pixels)
+
+
+def _point_query(level: CachedRegions, point: tuple[int, int]) -> QueryVector:
+    """The prototype of the region containing the point."""
     x, y = point
-    regions.check_point(x, y, image.original_size)
-    level = analyzer.segment(image).regions
-    row, col = regions.point_in_model(x, y, image.original_size, image.pixels.shape[:2])
+    regions.check_point(x, y, level.original_size)
+    row, col = regions.point_in_model(x, y, level.original_size, level.label_map.shape)
     index = int(level.label_map[row, col])
     if index < 0:
         raise InvalidArgument(f"the point ({x},{y}) lies in no segment (its segment was too small "
                               "and dropped); pick a point inside a larger region")
-    return _region_vector(level, index, image.original_size)
+    return _region_vector(level, index)
 
 
-def _box_query(analyzer: ImageAnalyzer, image, box: regions.Box) -> QueryVector:
-    """The region the box frames (`regions.box_region`), else the box's pixels as a mask."""
-    mask = regions.box_mask(box, image.original_size)
-    level = analyzer.segment(image).regions
-    in_model = regions.coverage_at(mask, image.pixels.shape[:2]) >= 0.5
-    index = regions.box_region(level.label_map, in_model)
-    if index is None:
-        return _mask_query(analyzer, analyzer.embed(image), mask)
-    return _region_vector(level, index, image.original_size)
-
-
-def _region_vector(level, index: int, size: tuple[int, int]) -> QueryVector:
-    """Region `index` of a region level: its prototype and its mask at the image as sent."""
-    mask = to_original_size(level.label_map == index, size)
-    return QueryVector(level.segments[index].prototype.astype(np.float32), mask)
+def _region_vector(level: CachedRegions, index: int) -> QueryVector:
+    """Region `index`: its prototype and its mask at the image as sent."""
+    mask = to_original_size(level.label_map == index, level.original_size)
+    return QueryVector(level.prototypes[index].astype(np.float32), mask)
 
 
 def segment_id_query(store: ReadableStore, segment_id: int, model_version: str) -> QueryVector:

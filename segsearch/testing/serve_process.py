@@ -22,14 +22,15 @@ READY = re.compile(r"segsearch serving .* on (127\.0\.0\.1:\d+)")
 
 
 class ServeProcess:
-    """`segsearch [-v] serve INDEX --model CKPT --port 0 --no-metrics [extra...]` as a child."""
+    """`segsearch [-v] serve INDEX --model CKPT --port 0 --no-metrics [extra...]` as a child
+    (checkpoint None: no --model, the shipped general model)."""
 
-    def __init__(self, index_dir: Path, checkpoint: Path, log_dir: Path, extra: list[str] = (),
+    def __init__(self, index_dir: Path, checkpoint: Path | None, log_dir: Path, extra: list[str] = (),
                  verbose: bool = False, env: dict[str, str] | None = None, start_timeout: float = 120.0):
         log_dir.mkdir(parents=True, exist_ok=True)
         self.stdout_path, self.stderr_path = log_dir / "serve.stdout", log_dir / "serve.stderr"
         argv = [sys.executable, "-m", "segsearch.cli", *(["-v"] if verbose else []), "serve", str(index_dir),
-                "--model", str(checkpoint), "--port", "0", "--no-metrics", *extra]
+                *(["--model", str(checkpoint)] if checkpoint else []), "--port", "0", "--no-metrics", *extra]
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.process = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                             env={**os.environ, **(env or {})})

@@ -1,5 +1,9 @@
 """The embedding cache: bounded by bytes, LRU, and invisible in the answers."""
+import io
+
+import numpy as np
 import torch
+from PIL import Image
 
 from segsearch.service.embedding_cache import CachedEmbedding, EmbeddingCache
 from service_helpers import metric_value, mosaic_images, png_bytes
@@ -27,15 +31,39 @@ def test_off_and_oversized_entries_are_not_kept():
     assert len(small) == 0 and small.bytes == 0
 
 
+def _square_mask_png(side: int, x0: int, y0: int, x1: int, y1: int) -> bytes:
+    mask = np.zeros((side, side), dtype=np.uint8)
+    mask[y0:y1, x0:x1] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(mask).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_a_second_region_of_an_image_reuses_its_embedding_with_the_same_hits(served):
     cache = served.server.servicer.app.analyzer.embedding_cache
-    image = png_bytes(mosaic_images(1, seed=21)[0])
+    pixels = mosaic_images(1, seed=21)[0]
+    image, side = png_bytes(pixels), pixels.shape[0]
     hits_before, misses_before = cache.hits, cache.misses
-    first = served.client.search_box(image, (0, 0, 48, 48), top_k=5)
-    second = served.client.search_box(image, (48, 48, 96, 96), top_k=5)
-    again = served.client.search_box(image, (0, 0, 48, 48), top_k=5)
+    first = served.client.search_mask(image, _square_mask_png(side, 0, 0, 48, 48), top_k=5)
+    second = served.client.search_mask(image, _square_mask_png(side, 48, 48, 96, 96), top_k=5)
+    again = served.client.search_mask(image, _square_mask_png(side, 0, 0, 48, 48), top_k=5)
     assert (cache.misses - misses_before, cache.hits - hits_before) == (1, 2)
     assert [(h.segment_id, round(h.score, 5)) for h in again.hits] == \
            [(h.segment_id, round(h.score, 5)) for h in first.hits]
     assert second.hits
     assert metric_value(served.metrics_text(), "segsearch_embedding_cache_hits") == cache.hits
+
+
+def test_a_second_box_or_point_of_an_image_reuses_its_region_level_with_the_same_hits(served):
+    """Boxes and points pick a region of the image's segmentation: the region level is cached,
+    so the next box or point on the same image segments nothing."""
+    analyzer = served.server.servicer.app.analyzer
+    image = png_bytes(mosaic_images(1, seed=22)[0])
+    first = served.client.search_point(image, (20, 20), top_k=5)
+    assert analyzer.cached_regions(image) is not None
+    hits_before = analyzer.embedding_cache.hits
+    again = served.client.search_point(image, (20, 20), top_k=5)
+    served.client.search_box(image, (0, 0, 60, 60), top_k=5)
+    assert analyzer.embedding_cache.hits - hits_before >= 2
+    assert [(h.segment_id, round(h.score, 5)) for h in again.hits] == \
+           [(h.segment_id, round(h.score, 5)) for h in first.hits]
