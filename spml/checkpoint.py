@@ -108,11 +108,25 @@ def load_weights(model: EmbeddingNet, state_dict: dict) -> None:
 
 def model_version(config: ModelConfig, state_dict: dict) -> str:
     """Content hash (16 hex digits) of the config and every weight tensor, in key order."""
-    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(_hashed_config(config), sort_keys=True).encode())
     for name in sorted(state_dict):
         digest.update(name.encode())
         digest.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+# ModelConfig fields added after checkpoint format 1: hashed only when they differ from their
+# defaults, so that a checkpoint written before they existed keeps its model version (and every
+# index built with it stays servable).
+LATER_FIELDS = ("block_norm", "colour_bins", "colour_weight", "texture_blocks", "texture_weight")
+
+
+def _hashed_config(config: ModelConfig) -> dict:
+    values, defaults = config.to_dict(), ModelConfig().to_dict()
+    for name in LATER_FIELDS:
+        if values[name] == defaults[name]:
+            del values[name]
+    return values
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> str:
@@ -192,7 +206,7 @@ def load_checkpoint(path: str | Path, expected: ModelConfig | None = None) -> Ch
 
 
 ARCHITECTURE_FIELDS = ("backbone", "feature_blocks", "hidden_dim", "embedding_dim", "num_classes",
-                       "block_norm", "colour_bins", "colour_weight")
+                       "block_norm", "colour_bins", "colour_weight", "texture_blocks", "texture_weight")
 
 
 def _check_compatible(path: Path, found: ModelConfig, expected: ModelConfig) -> None:

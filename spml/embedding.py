@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segsearch.spml.colour import pooled_lab_code
-from segsearch.spml.vgg import build_backbone
+from segsearch.spml.vgg import block_channels, build_backbone
 
 OUTPUT_STRIDE = 4
 
@@ -44,10 +44,18 @@ class ModelConfig:
     block_norm: bool = False  # L2-normalise each block per pixel before concatenating
     colour_bins: int = 0  # > 0 appends a soft Lab code of colour_bins^3 bins (spml/colour.py)
     colour_weight: float = 0.0  # share of a pixel embedding's squared norm held by the colour code
+    texture_blocks: tuple[int, ...] = ()  # untrained backbone blocks appended as a fixed part
+    texture_weight: float = 0.0  # share of the squared norm held by that fixed texture part
 
     def __post_init__(self) -> None:
+        self.texture_blocks = tuple(self.texture_blocks)
         if self.colour_bins and not 0.0 < self.colour_weight < 1.0:
             raise ValueError(f"colour_weight must lie in (0, 1) with a colour code, got {self.colour_weight}")
+        if self.texture_blocks and not 0.0 < self.texture_weight < 1.0:
+            raise ValueError(f"texture_weight must lie in (0, 1) with texture blocks, got {self.texture_weight}")
+        if self.head_weight <= 0.0:
+            raise ValueError(f"colour_weight + texture_weight must stay below 1, got "
+                             f"{self.colour_weight} + {self.texture_weight}")
         if self.colour_bins and self.num_classes:
             raise ValueError("the cross-entropy baselines (num_classes > 0) take no colour code")
 
@@ -56,9 +64,21 @@ class ModelConfig:
         return self.colour_bins ** 3 if self.colour_bins else 0
 
     @property
+    def head_weight(self) -> float:
+        """Share of a pixel embedding's squared norm held by the learned head's part."""
+        return 1.0 - (self.colour_weight if self.colour_bins else 0.0) - (
+            self.texture_weight if self.texture_blocks else 0.0)
+
+    @property
+    def texture_dim(self) -> int:
+        channels = block_channels(self.backbone)
+        return sum(channels[b - 1] for b in self.texture_blocks)
+
+    @property
     def output_dim(self) -> int:
-        """Length of a pixel embedding and of a prototype: the head's D plus the colour code."""
-        return self.embedding_dim + self.colour_dim
+        """Length of a pixel embedding and of a prototype: the head's D, the fixed texture
+        part and the colour code, in that order."""
+        return self.embedding_dim + self.texture_dim + self.colour_dim
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +87,7 @@ class ModelConfig:
     def from_dict(cls, values: dict) -> "ModelConfig":
         values = dict(values)
         values["feature_blocks"] = tuple(values.get("feature_blocks", (3, 4, 5)))
+        values["texture_blocks"] = tuple(values.get("texture_blocks", ()))
         known = {name for name in cls.__dataclass_fields__}
         unknown = set(values) - known
         if unknown:
@@ -99,7 +120,7 @@ class EmbeddingNet(nn.Module):
     def __init__(self, config: ModelConfig, cache_dir=None):
         super().__init__()
         self.config = config
-        num_blocks = max(config.feature_blocks)
+        num_blocks = max(config.feature_blocks + config.texture_blocks)
         self.backbone = build_backbone(
             config.backbone, config.pretrained, num_blocks=num_blocks, cache_dir=cache_dir
         )
@@ -111,17 +132,21 @@ class EmbeddingNet(nn.Module):
         )
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> features (B, C + K, ceil(H/4), ceil(W/4)): the hypercolumn (C channels)
-        and, with a colour code, its K = colour_bins^3 channels. This is what the trainer caches."""
+        """(B, 3, H, W) -> features (B, C + T + K, ceil(H/4), ceil(W/4)): the hypercolumn (C
+        channels), then the fixed texture part (T: `texture_blocks` raw, unit per pixel) and the
+        colour code (K = colour_bins^3), when configured. This is what the trainer caches."""
         return self.hypercolumn(self.backbone(images), images)
 
     def hypercolumn(self, blocks: list[torch.Tensor], images: torch.Tensor) -> torch.Tensor:
         """The backbone's per-block features of `images` (B, 3, H, W) -> features
-        (B, C + K, ceil(H/4), ceil(W/4)) as `features` returns them."""
+        (B, C + T + K, ceil(H/4), ceil(W/4)) as `features` returns them."""
         size = (-(-images.shape[-2] // OUTPUT_STRIDE), -(-images.shape[-1] // OUTPUT_STRIDE))
         resampled = [_resample(blocks[b - 1], size) for b in self.config.feature_blocks]
         if self.config.block_norm:
             resampled = [F.normalize(block, dim=1) for block in resampled]
+        if self.config.texture_blocks:
+            texture = torch.cat([_resample(blocks[b - 1], size) for b in self.config.texture_blocks], dim=1)
+            resampled.append(F.normalize(texture, dim=1))
         if self.config.colour_bins:
             resampled.append(pooled_lab_code(images, self.config.colour_bins, OUTPUT_STRIDE))
         return torch.cat(resampled, dim=1)
@@ -133,19 +158,24 @@ class EmbeddingNet(nn.Module):
         return self.embed_features(self.hypercolumn(blocks, images)), blocks
 
     def raw_embeddings(self, features: torch.Tensor) -> torch.Tensor:
-        """Features (B, C + K, h, w) -> un-normalised embeddings (B, output_dim, h, w).
+        """Features (B, C + T + K, h, w) -> un-normalised embeddings (B, output_dim, h, w).
 
-        With a colour code the head's part is normalised here, so that the colour code holds
-        exactly `colour_weight` of the (then unit) norm."""
+        With fixed parts (texture T, colour K) the head's part is normalised here, so that each
+        part holds exactly its weight of the (then unit) squared norm."""
+        config = self.config
         head = self.head(features[:, : self.head_channels])
-        if not self.config.colour_bins:
+        if not (config.colour_bins or config.texture_blocks):
             return head
-        colour = features[:, self.head_channels:]
-        weight = self.config.colour_weight
-        return torch.cat([(1 - weight) ** 0.5 * F.normalize(head, dim=1), weight ** 0.5 * colour], dim=1)
+        parts = [config.head_weight ** 0.5 * F.normalize(head, dim=1)]
+        fixed = features[:, self.head_channels:]  # (texture_dim + colour_dim) channels, each part unit
+        if config.texture_blocks:
+            parts.append(config.texture_weight ** 0.5 * fixed[:, : config.texture_dim])
+        if config.colour_bins:
+            parts.append(config.colour_weight ** 0.5 * fixed[:, config.texture_dim:])
+        return torch.cat(parts, dim=1)
 
     def embed_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Features (B, C + K, h, w) -> unit-norm embeddings (B, output_dim, h, w)."""
+        """Features (B, C + T + K, h, w) -> unit-norm embeddings (B, output_dim, h, w)."""
         return F.normalize(self.raw_embeddings(features), dim=1)
 
     def logits(self, raw_embeddings: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,12 @@ IMAGENET_RGB_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_RGB_STD = (0.229, 0.224, 0.225)
 VGG16_CONVS_PER_BLOCK = (2, 2, 3, 3, 3)
 VGG16_CHANNELS = (64, 128, 256, 512, 512)
+SMALL_CHANNELS = (16, 32, 64, 64, 64)
+
+
+def block_channels(name: str) -> tuple[int, ...]:
+    """Channels of blocks 1..5 of a backbone, without building it."""
+    return VGG16_CHANNELS if name == "vgg16" else SMALL_CHANNELS
 BACKBONE_CHOICES = ("vgg16", "small")
 
 
@@ -106,7 +112,7 @@ class SmallBackbone(nn.Module):
     GroupNorm, not BatchNorm: it works for batch 1 and 1x1 deep maps in training mode.
     """
 
-    def __init__(self, num_blocks: int = 5, widths: tuple[int, ...] = (16, 32, 64, 64, 64)):
+    def __init__(self, num_blocks: int = 5, widths: tuple[int, ...] = SMALL_CHANNELS):
         super().__init__()
         _check_num_blocks(num_blocks)
         if len(widths) < num_blocks:

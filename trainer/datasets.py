@@ -53,7 +53,8 @@ def load_split(config: DataConfig, split: str) -> LoadedSplit:
         mosaic_config = MosaicConfig(size=config.image_size, num_images=count, seed=config.seed, split=split)
         if config.dataset.startswith(TEXTURES_PREFIX):
             sources = load_texture_folder(Path(config.dataset[len(TEXTURES_PREFIX):]))
-            mosaic_config = replace(mosaic_config, textures=tuple(sources))
+            mosaic_config = replace(mosaic_config, textures=tuple(sources),
+                                    max_regions=min(mosaic_config.max_regions, len(sources)))
         mosaic = TextureMosaic(mosaic_config, sources)
         samples = [mosaic[i] for i in range(len(mosaic))]
         names, background = list(mosaic.class_names), None
@@ -80,6 +81,9 @@ def load_texture_folder(folder: Path) -> dict[str, np.ndarray]:
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in TEXTURE_SUFFIXES)
     if len(paths) < 2:
         raise DatasetError(f"texture folder {folder} holds {len(paths)} images; a mosaic needs at least 2")
+    if len(paths) >= IGNORE_INDEX:
+        raise DatasetError(f"texture folder {folder} holds {len(paths)} images, one class each; at most "
+                           f"{IGNORE_INDEX - 1} classes fit (label {IGNORE_INDEX} means unlabelled)")
     return {path.stem: np.asarray(Image.open(path).convert("RGB")) for path in paths}
 
 

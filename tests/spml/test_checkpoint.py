@@ -118,3 +118,25 @@ def test_a_checkpoint_written_before_thresholds_loads_with_a_bank_covering_every
 def test_thresholds_out_of_range_are_refused():
     with pytest.raises(ValueError, match="min_similarity"):
         LabelBank(torch.eye(2), torch.tensor([0, 1]), min_similarity=1.5)
+
+
+def test_fields_added_later_leave_the_version_of_an_older_checkpoint_alone(tmp_path):
+    """A checkpoint written before ModelConfig grew block_norm / colour / texture fields stores a
+    config without them; its model version must still check out, or every index built with it
+    would stop being servable."""
+    import hashlib
+    import json
+
+    from segsearch.spml.checkpoint import LATER_FIELDS
+
+    checkpoint = _checkpoint()
+    save_checkpoint(checkpoint, tmp_path / "c.pt")
+    payload = torch.load(tmp_path / "c.pt", weights_only=True)
+    old_config = {k: v for k, v in payload["config"].items() if k not in LATER_FIELDS}
+    digest = hashlib.sha256(json.dumps(old_config, sort_keys=True).encode())
+    for name in sorted(payload["state_dict"]):
+        digest.update(name.encode())
+        digest.update(payload["state_dict"][name].contiguous().numpy().tobytes())
+    payload["config"], payload["model_version"] = old_config, digest.hexdigest()[:16]
+    torch.save(payload, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt").model_version == payload["model_version"]

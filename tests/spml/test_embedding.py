@@ -70,3 +70,21 @@ def test_colour_settings_are_checked():
         ModelConfig(backbone="small", pretrained=False, colour_bins=4, colour_weight=0.0)
     with pytest.raises(ValueError, match="cross-entropy"):
         ModelConfig(backbone="small", pretrained=False, colour_bins=4, colour_weight=0.5, num_classes=3)
+
+
+def test_fixed_texture_and_colour_parts_hold_their_shares_in_order():
+    torch.manual_seed(0)
+    config = ModelConfig(backbone="small", pretrained=False, embedding_dim=8, feature_blocks=(2, 3),
+                         texture_blocks=(2,), texture_weight=0.25, colour_bins=2, colour_weight=0.35)
+    assert config.texture_dim == 32 and config.output_dim == 8 + 32 + 8
+    assert config.head_weight == pytest.approx(0.4)
+    model = EmbeddingNet(config).eval()
+    with torch.no_grad():
+        embeddings = model(torch.rand(1, 3, 16, 16) * 255)
+    assert embeddings.shape == (1, 48, 4, 4)
+    shares = [part.pow(2).sum(dim=1) for part in (embeddings[:, :8], embeddings[:, 8:40], embeddings[:, 40:])]
+    for share, expected in zip(shares, (0.4, 0.25, 0.35), strict=True):
+        assert torch.allclose(share, torch.full_like(share, expected), atol=1e-5)
+    with pytest.raises(ValueError, match="below 1"):
+        ModelConfig(backbone="small", pretrained=False, texture_blocks=(2,), texture_weight=0.6,
+                    colour_bins=2, colour_weight=0.4)
