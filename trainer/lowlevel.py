@@ -17,8 +17,8 @@ Two region kinds (`REGION_METHODS`, chosen by `TrainConfig.contour_method`):
 The fine watershed (both kinds):
 
 SPML treats pixels of the same contour region (HED edges -> UCM regions in the paper) as
-positives. We approximate HED+UCM with a *compact watershed* (Neubert & Protzel, 2014) on
-the HED edge map, flooded from a regular grid of markers:
+positives. Both kinds start from a *compact watershed* (Neubert & Protzel, 2014) on the HED
+edge map, flooded from a regular grid of markers (the "grid" kind stops there):
 
 - watershed on an edge map puts region boundaries on edge ridges, so segments follow strong
   edges (the property V needs: one segment should not straddle an object contour);

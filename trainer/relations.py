@@ -1,7 +1,8 @@
 """SPML's four relations as positive/negative sets for the SegSort+ loss.
 
 - V, low-level image similarity: within one image, segments of the same edge-aware (HED
-  contour) region are positives, other regions of that image negatives.
+  contour) region are positives, other regions of that image negatives; with location
+  (default), in the space of the embedding concatenated with the pixel's (y, x), as SPML.
 - C, semantic annotation: a weakly labelled pixel and segments with the same weak label
   (in the batch and the memory bank) are positives, other labels negatives.
 - O, semantic co-occurrence: segments of images that share an image tag with the pixel's
