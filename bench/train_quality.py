@@ -107,6 +107,8 @@ def main() -> None:
                         help="relation V's regions (see trainer/lowlevel.py)")
     parser.add_argument("--no-lowlevel-location", action="store_true",
                         help="relation V without SPML's (y, x) location features")
+    parser.add_argument("--seed", type=int, default=d.seed,
+                        help="seed of weights, batches and weak labels (TrainConfig.seed)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     size = SIZES["large" if args.large else args.size]
@@ -116,6 +118,7 @@ def main() -> None:
         steps=args.steps or size["steps"], progress=True, checkpoint_every=10**9,
         loss_pixel_sampling=args.loss_pixel_sampling, box_labels=args.box_labels,
         contour_method=args.contour_method, lowlevel_location=not args.no_lowlevel_location,
+        seed=args.seed,
     )
     out_root = Path(args.out)
     started = time.perf_counter()
