@@ -41,9 +41,10 @@ class TrainConfig:
     points_per_region: int = 1
     edge_source: str = "hed"  # hed | sobel
     contour_regions: int = 16  # V: at most this many contour regions per image (grid: about this many)
-    # V's regions: "hierarchy" = cut of the image's contour hierarchy (UCM-like, image-adaptive);
-    # "grid" = grid-seeded compact watershed cells (trainer/lowlevel.py)
-    contour_method: str = "hierarchy"
+    # V's regions: "grid" = grid-seeded compact watershed cells; "hierarchy" = cut of the image's
+    # contour hierarchy (UCM-like, image-adaptive; trainer/lowlevel.py). Grid stays the default:
+    # the hierarchy scored 0.8-0.9 mIoU lower on the mosaic (bench/RESULTS.md, "Relation V ...")
+    contour_method: str = "grid"
     contour_threshold: float = DEFAULT_THRESHOLD  # hierarchy: borders of mean edge strength above this stay
     # V on embeddings and prototypes concatenated with the pixel's (y, x), as SPML does
     lowlevel_location: bool = True

@@ -2,7 +2,7 @@
 
 Two region kinds (`REGION_METHODS`, chosen by `TrainConfig.contour_method`):
 
-- "hierarchy" (default, `contour_hierarchy_regions`): an ultrametric-contour-map-like cut of
+- "hierarchy" (`contour_hierarchy_regions`): an ultrametric-contour-map-like cut of
   the image's own contours. A fine compact watershed (below, `fine_segments` cells) is merged
   by `spml.hierarchy.build_hierarchy` -- the same merge machinery the segmenter uses at
   inference -- with the prototype term switched off (all leaves share one direction), so a
@@ -10,8 +10,8 @@ Two region kinds (`REGION_METHODS`, chosen by `TrainConfig.contour_method`):
   height. Cutting where that height exceeds `threshold` (then at most `max_regions`) gives
   regions that follow contours and whose number follows the image: one region for a flat
   image, more where strong contours close.
-- "grid": the compact watershed from `num_segments` grid markers itself (the earlier V
-  regions): a fixed number of cells whatever the image, so a large uniform texture is cut
+- "grid" (the default, as it measured better on the mosaic: bench/RESULTS.md, "Relation V
+  from the image's contours"): the compact watershed from `num_segments` grid markers itself: a fixed number of cells whatever the image, so a large uniform texture is cut
   into cells that V pushes apart.
 
 The fine watershed (both kinds):

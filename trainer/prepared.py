@@ -64,7 +64,7 @@ def prepare_set(
     contour_segments_per_image: int = 64,
     batch_size: int = 16,
     progress: bool = True,
-    contour_method: str = "hierarchy",
+    contour_method: str = "grid",
     contour_threshold: float = DEFAULT_THRESHOLD,
 ) -> PreparedSet:
     """Weak labels, contour regions and (when `model` is given) frozen backbone features.
