@@ -25,6 +25,7 @@ from segsearch.trainer.config import BOX_LABELS, TrainConfig
 from segsearch.trainer.datasets import DataConfig, load_split
 from segsearch.trainer.evaluate import EvalConfig, evaluate_prepared
 from segsearch.trainer.label_bank import build_label_banks
+from segsearch.trainer.lowlevel import REGION_METHODS
 from segsearch.spml.device import resolve_device
 from segsearch.trainer.pixel_sampling import SAMPLING_RULES
 from segsearch.trainer.prepared import prepare_set, weak_targets
@@ -47,7 +48,8 @@ def shared_data(base: TrainConfig, device):
     started = time.perf_counter()
     train_set = prepare_set(train_split.samples, len(train_split.class_names),
                             WeakLabelConfig(kind="full"), feature_model, edge_source=base.edge_source,
-                            contour_segments_per_image=base.contour_regions)
+                            contour_segments_per_image=base.contour_regions,
+                            contour_method=base.contour_method, contour_threshold=base.contour_threshold)
     test_set = prepare_set(test_split.samples, len(train_split.class_names), WeakLabelConfig(kind="full"),
                            feature_model, edge_source="none")
     logging.info("shared features and edges in %.0f s", time.perf_counter() - started)
@@ -101,6 +103,12 @@ def main() -> None:
                         help="which pixels enter the SPML loss (see trainer/pixel_sampling.py)")
     parser.add_argument("--box-labels", choices=BOX_LABELS, default=d.box_labels,
                         help="boxes: cam (SPML's in-box CAM >= 0.5) or dense (whole box painted)")
+    parser.add_argument("--contour-method", choices=REGION_METHODS, default=d.contour_method,
+                        help="relation V's regions (see trainer/lowlevel.py)")
+    parser.add_argument("--no-lowlevel-location", action="store_true",
+                        help="relation V without SPML's (y, x) location features")
+    parser.add_argument("--seed", type=int, default=d.seed,
+                        help="seed of weights, batches and weak labels (TrainConfig.seed)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     size = SIZES["large" if args.large else args.size]
@@ -109,6 +117,8 @@ def main() -> None:
         data=DataConfig(image_size=size["image_size"], num_train=size["num_train"], num_test=size["num_test"]),
         steps=args.steps or size["steps"], progress=True, checkpoint_every=10**9,
         loss_pixel_sampling=args.loss_pixel_sampling, box_labels=args.box_labels,
+        contour_method=args.contour_method, lowlevel_location=not args.no_lowlevel_location,
+        seed=args.seed,
     )
     out_root = Path(args.out)
     started = time.perf_counter()

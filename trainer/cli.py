@@ -6,6 +6,7 @@ import argparse
 from segsearch.errors import SegsearchError
 from segsearch.trainer.config import BOX_LABELS, METHODS, EvalConfig, TrainConfig
 from segsearch.trainer.datasets import DataConfig
+from segsearch.trainer.lowlevel import REGION_METHODS
 from segsearch.trainer.pixel_sampling import SAMPLING_RULES
 
 
@@ -90,6 +91,18 @@ def add_train_parser(subparsers) -> None:
     s.add_argument("--points-per-region", type=int, default=d.points_per_region, help="(default: %(default)s)")
     s.add_argument("--edge-source", choices=("hed", "sobel"), default=d.edge_source,
                    help="edges for relation V's contour regions (default: %(default)s)")
+    s.add_argument("--contour-method", choices=REGION_METHODS, default=d.contour_method,
+                   help="relation V's regions: hierarchy = cut of the image's contour hierarchy "
+                        "(UCM-like, image-adaptive); grid = grid-seeded watershed cells "
+                        "(default: %(default)s)")
+    s.add_argument("--contour-regions", type=int, default=d.contour_regions,
+                   help="V: at most this many contour regions per image (grid: about this many) "
+                        "(default: %(default)s)")
+    s.add_argument("--contour-threshold", type=float, default=d.contour_threshold,
+                   help="hierarchy: contours whose mean edge strength along a border exceeds this "
+                        "keep regions apart (default: %(default)s)")
+    s.add_argument("--no-lowlevel-location", action="store_true",
+                   help="relation V on the embedding alone, without SPML's (y, x) location features")
     s.add_argument("--loss-pixels", type=int, default=d.loss_pixels,
                    help="unlabelled pixels drawn per step for the loss, 0 = all (default: %(default)s)")
     s.add_argument("--loss-pixel-sampling", choices=SAMPLING_RULES, default=d.loss_pixel_sampling,
@@ -148,6 +161,8 @@ def train_config(args) -> TrainConfig:
         train_grid=args.train_grid, inference_grid=args.inference_grid,
         kmeans_iterations=args.kmeans_iterations, scribble_length=args.scribble_length,
         points_per_region=args.points_per_region, edge_source=args.edge_source,
+        contour_method=args.contour_method, contour_regions=args.contour_regions,
+        contour_threshold=args.contour_threshold, lowlevel_location=not args.no_lowlevel_location,
         loss_pixels=args.loss_pixels, loss_pixel_sampling=args.loss_pixel_sampling,
         box_labels=args.box_labels, box_cam_window=args.box_cam_window,
         affinity_weight=args.affinity_weight, affinity_top_k=args.affinity_top_k,

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from segsearch.spml.config import INFERENCE_GRID, TRAIN_GRID, KMeansConfig, SegmenterConfig
 from segsearch.trainer.datasets import DataConfig
+from segsearch.trainer.lowlevel import DEFAULT_THRESHOLD, REGION_METHODS
 from segsearch.trainer.pixel_sampling import SAMPLING_RULES
 
 METHODS = ("spml", "partial_ce", "full_ce")
@@ -39,7 +40,14 @@ class TrainConfig:
     scribble_length: float = 1.0
     points_per_region: int = 1
     edge_source: str = "hed"  # hed | sobel
-    contour_regions: int = 16  # edge-aware regions per image for relation V
+    contour_regions: int = 16  # V: at most this many contour regions per image (grid: about this many)
+    # V's regions: "grid" = grid-seeded compact watershed cells; "hierarchy" = cut of the image's
+    # contour hierarchy (UCM-like, image-adaptive; trainer/lowlevel.py). Grid stays the default:
+    # the hierarchy scored 0.8-0.9 mIoU lower on the mosaic (bench/RESULTS.md, "Relation V ...")
+    contour_method: str = "grid"
+    contour_threshold: float = DEFAULT_THRESHOLD  # hierarchy: borders of mean edge strength above this stay
+    # V on embeddings and prototypes concatenated with the pixel's (y, x), as SPML does
+    lowlevel_location: bool = True
     # unlabelled pixels drawn per step for the loss (0 = all); labelled pixels are all kept
     loss_pixels: int = 2048
     loss_pixel_sampling: str = "keep_labelled"  # keep_labelled | uniform (see pixel_sampling.py)
@@ -68,6 +76,8 @@ class TrainConfig:
         if self.loss_pixel_sampling not in SAMPLING_RULES:
             raise ValueError(f"loss_pixel_sampling must be one of {SAMPLING_RULES}, "
                              f"got {self.loss_pixel_sampling!r}")
+        if self.contour_method not in REGION_METHODS:
+            raise ValueError(f"contour_method must be one of {REGION_METHODS}, got {self.contour_method!r}")
         if self.box_labels not in BOX_LABELS:
             raise ValueError(f"box_labels must be one of {BOX_LABELS}, got {self.box_labels!r}")
         if not 0.0 <= self.label_quantile < 1.0:

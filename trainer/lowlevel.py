@@ -1,8 +1,24 @@
-"""Contour-based over-segmentation for SPML's low-level image similarity relation (V).
+"""Contour regions for SPML's low-level image similarity relation (V).
+
+Two region kinds (`REGION_METHODS`, chosen by `TrainConfig.contour_method`):
+
+- "hierarchy" (`contour_hierarchy_regions`): an ultrametric-contour-map-like cut of
+  the image's own contours. A fine compact watershed (below, `fine_segments` cells) is merged
+  by `spml.hierarchy.build_hierarchy` -- the same merge machinery the segmenter uses at
+  inference -- with the prototype term switched off (all leaves share one direction), so a
+  merge costs exactly the mean edge strength along the shared border, as a UCM's boundary
+  height. Cutting where that height exceeds `threshold` (then at most `max_regions`) gives
+  regions that follow contours and whose number follows the image: one region for a flat
+  image, more where strong contours close.
+- "grid" (the default, as it measured better on the mosaic: bench/RESULTS.md, "Relation V
+  from the image's contours"): the compact watershed from `num_segments` grid markers itself: a fixed number of cells whatever the image, so a large uniform texture is cut
+  into cells that V pushes apart.
+
+The fine watershed (both kinds):
 
 SPML treats pixels of the same contour region (HED edges -> UCM regions in the paper) as
-positives. We approximate HED+UCM with a *compact watershed* (Neubert & Protzel, 2014) on
-the HED edge map, flooded from a regular grid of markers:
+positives. Both kinds start from a *compact watershed* (Neubert & Protzel, 2014) on the HED
+edge map, flooded from a regular grid of markers (the "grid" kind stops there):
 
 - watershed on an edge map puts region boundaries on edge ridges, so segments follow strong
   edges (the property V needs: one segment should not straddle an object contour);
@@ -24,12 +40,20 @@ regions compact.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 from skimage.segmentation import watershed
 
+from segsearch.spml.hierarchy import build_hierarchy, cut_by_count, cut_by_height
+
+logger = logging.getLogger(__name__)
+
 DEFAULT_COMPACTNESS = 1e-3
+REGION_METHODS = ("hierarchy", "grid")
+DEFAULT_FINE_SEGMENTS = 144  # leaves of the hierarchy: a 12 x 12 grid of watershed cells
+DEFAULT_THRESHOLD = 0.5  # UCM height (mean border edge strength) above which regions stay apart
 
 
 def contour_segments(
@@ -99,3 +123,41 @@ def _lowest_near(edges: np.ndarray, cy: int, cx: int, ry: int, rx: int) -> tuple
     cost = window + 1e-6 * ((yy - cy) ** 2 + (xx - cx) ** 2)
     dy, dx = np.unravel_index(int(np.argmin(cost)), window.shape)
     return y0 + int(dy), x0 + int(dx)
+
+
+def contour_hierarchy_regions(
+    edges: np.ndarray,
+    threshold: float = DEFAULT_THRESHOLD,
+    max_regions: int = 16,
+    fine_segments: int = DEFAULT_FINE_SEGMENTS,
+    compactness: float = DEFAULT_COMPACTNESS,
+) -> np.ndarray:
+    """Image-adaptive contour regions: `(H, W)` float edge map in [0, 1] -> `(H, W)` int32 ids
+    `0..r-1`, `1 <= r <= max_regions`.
+
+    Why a hierarchy over a fine watershed: the watershed puts every leaf boundary on an edge
+    ridge (or, in flat areas, anywhere), and merging the pair with the weakest mean border
+    first (`spml.hierarchy` with a zero prototype term, i.e. a UCM height) removes the
+    arbitrary flat-area boundaries long before any real contour. Regions stay apart where the
+    border's mean edge strength exceeds `threshold`; `max_regions` bounds the count (the
+    strongest contours are kept), so a cluttered image does not turn V into a per-cell task.
+    """
+    edges = np.asarray(edges, dtype=np.float32)
+    leaves = contour_segments(edges, fine_segments, compactness)
+    num = int(leaves.max()) + 1
+    tree = build_hierarchy(leaves, np.ones((num, 1)), edges, contour_weight=1.0)
+    regions = cut_by_height(tree, threshold)
+    if int(regions.max()) + 1 > max_regions:
+        regions = cut_by_count(tree, max_regions)
+    return regions[leaves].astype(np.int32)
+
+
+def region_map(edges: np.ndarray, method: str, num_regions: int,
+               threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+    """`(H, W)` edges -> `(H, W)` int32 V regions by `method` ("hierarchy": at most
+    `num_regions` contour regions cut at `threshold`; "grid": ~`num_regions` watershed cells)."""
+    if method == "hierarchy":
+        return contour_hierarchy_regions(edges, threshold, max_regions=num_regions)
+    if method == "grid":
+        return contour_segments(edges, num_regions)
+    raise ValueError(f"unknown contour method {method!r}; choose from {REGION_METHODS}")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from segsearch.spml.embedding import OUTPUT_STRIDE, EmbeddingNet
 from segsearch.trainer.feature_cache import cached, key_for
 from segsearch.trainer.cam import box_cam_labels, cam_pseudo_labels
-from segsearch.trainer.lowlevel import contour_segments
+from segsearch.trainer.lowlevel import DEFAULT_THRESHOLD, region_map
 from segsearch.trainer.sample import IGNORE_INDEX, Sample
 from segsearch.trainer.weak_labels import WeakLabelConfig, make_weak_labels, rng_for_image
 
@@ -64,8 +64,14 @@ def prepare_set(
     contour_segments_per_image: int = 64,
     batch_size: int = 16,
     progress: bool = True,
+    contour_method: str = "grid",
+    contour_threshold: float = DEFAULT_THRESHOLD,
 ) -> PreparedSet:
-    """Weak labels, contour regions and (when `model` is given) frozen backbone features."""
+    """Weak labels, contour regions and (when `model` is given) frozen backbone features.
+
+    Contour regions (relation V) by `contour_method` (`trainer/lowlevel.py`): "hierarchy" =
+    at most `contour_segments_per_image` regions of the image's contour hierarchy, cut at
+    `contour_threshold`; "grid" = ~`contour_segments_per_image` grid-seeded watershed cells."""
     images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).contiguous()
     masks = torch.from_numpy(np.stack([s.mask for s in samples]))
     tags, weak_labels = weak_targets(samples, num_classes, weak_config)
@@ -73,7 +79,8 @@ def prepare_set(
         key_for("edges", images, edge_source),
         lambda: torch.from_numpy(compute_edges(images, edge_source, batch_size, progress))).numpy()
     contours = torch.from_numpy(np.stack([
-        contour_segments(e, contour_segments_per_image) if edge_source != "none"
+        region_map(e, contour_method, contour_segments_per_image, contour_threshold)
+        if edge_source != "none"
         else np.zeros(e.shape, dtype=np.int64) for e in edges
     ]).astype(np.int64))
     features = None if model is None else cached(

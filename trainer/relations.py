@@ -1,7 +1,8 @@
 """SPML's four relations as positive/negative sets for the SegSort+ loss.
 
 - V, low-level image similarity: within one image, segments of the same edge-aware (HED
-  contour) region are positives, other regions of that image negatives.
+  contour) region are positives, other regions of that image negatives; with location
+  (default), in the space of the embedding concatenated with the pixel's (y, x), as SPML.
 - C, semantic annotation: a weakly labelled pixel and segments with the same weak label
   (in the batch and the memory bank) are positives, other labels negatives.
 - O, semantic co-occurrence: segments of images that share an image tag with the pixel's
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from segsearch.trainer.loss import PixelSum, segsort_loss, segsort_plus_positives
-from segsearch.trainer.training_segments import IGNORE, TrainingSegments
+from segsearch.trainer.training_segments import IGNORE, TrainingSegments, with_location
 
 SUPERVISIONS = ("tags", "boxes", "scribbles", "points", "full")
 
@@ -174,15 +175,20 @@ def _contrast(embeddings, prototypes, same_group, own, candidates, concentration
 
 
 def _lowlevel(embeddings, segments, own, config, reduction):
+    """V within each image. With location (`segments.location_prototypes`), pixels and
+    prototypes are compared in SPML's embedding-with-location space (`with_location`)."""
     count = segments.num_segments
     own = own[:, :count]
+    prototypes = segments.prototypes
+    if segments.location_prototypes is not None:
+        embeddings = with_location(embeddings, segments.pixel_location)
+        prototypes = segments.location_prototypes
     same_image = segments.pixel_image.unsqueeze(1) == segments.segment_image.unsqueeze(0)
     same_region = same_image & (
         segments.pixel_contour.unsqueeze(1) == segments.segment_contour.unsqueeze(0)
     )
     return _contrast(
-        embeddings, segments.prototypes, same_region, own, same_image, config.lowlevel.concentration,
-        reduction,
+        embeddings, prototypes, same_region, own, same_image, config.lowlevel.concentration, reduction,
     )
 
 

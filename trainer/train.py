@@ -103,6 +103,8 @@ def prepare_training_data(config: TrainConfig, model: EmbeddingNet | None, conto
         edge_source=config.edge_source if config.method == "spml" and contours else "none",
         contour_segments_per_image=config.contour_regions,
         progress=config.progress,
+        contour_method=config.contour_method,
+        contour_threshold=config.contour_threshold,
     )
     prepared = with_weak_cam_labels(prepared, config, split)
     if config.method == "partial_ce" and not bool((prepared.weak_labels != IGNORE_INDEX).any()):
@@ -272,7 +274,7 @@ def _spml_losses(config, raw, prepared, index, global_batch, bank, loss_config, 
     tags = prepared.tags[index].to(device)
     segments = build_training_segments(
         embeddings, clusters, prepared.contours[index].to(device), prepared.weak_labels[index].to(device),
-        valid,
+        valid, location=config.lowlevel_location,
     )
     pixels = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])
     # the pick is made over the global batch (the same on every rank); each rank keeps its share

@@ -31,6 +31,9 @@ class TrainingSegments:
         (255 = none), contour-region id.
     segment_image, segment_label, segment_contour: (S,) the same per segment.
     prototypes: (S, D) unit-norm mean embeddings, differentiable w.r.t. the embeddings.
+    pixel_location: (N, 2) the pixel's (y, x) in [-0.5, 0.5] (`location_features`), or None.
+    location_prototypes: (S, D + 2) relation V's prototypes: unit-norm means of the pixels'
+        `with_location` embeddings, or None (V then uses `prototypes`).
     """
 
     pixel_segment: torch.Tensor
@@ -41,6 +44,8 @@ class TrainingSegments:
     segment_label: torch.Tensor
     segment_contour: torch.Tensor
     prototypes: torch.Tensor
+    pixel_location: torch.Tensor | None = None
+    location_prototypes: torch.Tensor | None = None
 
     @property
     def num_segments(self) -> int:
@@ -55,12 +60,35 @@ class TrainingSegments:
             pixel_image=self.pixel_image[index],
             pixel_label=self.pixel_label[index],
             pixel_contour=self.pixel_contour[index],
+            pixel_location=None if self.pixel_location is None else self.pixel_location[index],
         )
 
     @property
     def valid_pixels(self) -> torch.Tensor:
         """(N,) bool: pixels that belong to a segment (not padding)."""
         return self.pixel_segment >= 0
+
+
+def location_features(height: int, width: int, device=None) -> torch.Tensor:
+    """(h*w, 2) each pixel's (y, x), each axis spaced evenly over [-0.5, 0.5], row-major.
+
+    As SPML's `generate_location_features(..., 'float') - 0.5` (spml/utils/segsort/common.py;
+    `LocationColorNetwork(use_location=True)` in spml/models/embeddings/local_model.py), on the
+    embedding map of the (cropped) training image."""
+    ys = torch.linspace(0, 1, height, device=device) - 0.5
+    xs = torch.linspace(0, 1, width, device=device) - 0.5
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_y, grid_x], dim=-1).reshape(-1, 2)
+
+
+def with_location(embeddings: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
+    """(N, D) unit-norm embeddings, (N, 2) locations -> (N, D + 2) unit norm: SPML's
+    `cluster_embedding_with_loc` (spml/utils/segsort/common.py, `segment_by_kmeans`: concat
+    then L2-normalise), the space its relation V (`img_sim_loss`,
+    spml/models/predictions/segsort.py) contrasts pixels and prototypes in. Why: two
+    regions that look alike but lie apart in the image stay apart in this space, so V's
+    pull-apart of same-texture regions is partly carried by location, not by the embedding."""
+    return F.normalize(torch.cat([embeddings, locations.to(embeddings.dtype)], dim=1), dim=1)
 
 
 def masked_kmeans(embeddings: torch.Tensor, valid: torch.Tensor | None, config: KMeansConfig) -> torch.Tensor:
@@ -87,9 +115,11 @@ def build_training_segments(
     contours: torch.Tensor,
     pixel_labels: torch.Tensor,
     valid: torch.Tensor | None = None,
+    location: bool = False,
 ) -> TrainingSegments:
     """embeddings (B, D, h, w) unit norm; clusters, contours, pixel_labels (B, h, w) long;
-    valid (B, h, w) bool, False on padding (None: every pixel is image content).
+    valid (B, h, w) bool, False on padding (None: every pixel is image content);
+    location: also V's location features and prototypes (`with_location`).
 
     Segment key = (image, cluster, contour, label); `torch.unique` turns the keys of the
     valid pixels into contiguous global ids, and the key is decoded back into the segment's
@@ -111,6 +141,13 @@ def build_training_segments(
     flat_embeddings = embeddings.permute(0, 2, 3, 1).reshape(-1, dim)
     sums = torch.zeros(unique_keys.numel(), dim, dtype=embeddings.dtype, device=embeddings.device)
     sums = sums.index_add(0, inside_segment, flat_embeddings[inside])
+    pixel_location = location_prototypes = None
+    if location:
+        pixel_location = location_features(height, width, embeddings.device).repeat(batch, 1)
+        located = with_location(flat_embeddings[inside], pixel_location[inside])
+        location_prototypes = F.normalize(torch.zeros(
+            unique_keys.numel(), dim + 2, dtype=embeddings.dtype, device=embeddings.device,
+        ).index_add(0, inside_segment, located), dim=1)
     return TrainingSegments(
         pixel_segment=pixel_segment,
         pixel_image=images.reshape(-1),
@@ -120,4 +157,6 @@ def build_training_segments(
         segment_label=segment_label,
         segment_contour=segment_contour,
         prototypes=F.normalize(sums, dim=1),
+        pixel_location=pixel_location,
+        location_prototypes=location_prototypes,
     )

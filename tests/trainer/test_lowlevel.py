@@ -7,7 +7,12 @@ from skimage.filters import sobel
 from skimage.segmentation import find_boundaries
 from skimage.transform import resize
 
-from segsearch.trainer.lowlevel import batch_contour_segments, contour_segments
+from segsearch.trainer.lowlevel import (
+    batch_contour_segments,
+    contour_hierarchy_regions,
+    contour_segments,
+    region_map,
+)
 
 
 def _noisy_flat_edges(shape, seed=0):
@@ -105,3 +110,73 @@ def test_rejects_wrong_shapes():
         contour_segments(np.zeros((2, 8, 8), np.float32))
     with pytest.raises(ValueError, match=r"\(B, H, W\)"):
         batch_contour_segments(np.zeros((8, 8), np.float32))
+
+
+# --- contour hierarchy regions (the default V regions) ---------------------------------------
+
+
+def _circle(size=64, centre=(30.4, 33.6), radius=19.5):
+    """Noisy flat edges with a closed ring of full-strength edge: (edges, inside, ridge)."""
+    yy, xx = np.mgrid[:size, :size]
+    distance = np.hypot(yy - centre[0], xx - centre[1])
+    edges = _noisy_flat_edges((size, size), seed=5)
+    ridge = np.abs(distance - radius) < 1.0
+    edges[ridge] = 1.0
+    return edges, distance < radius, ridge
+
+
+def test_hierarchy_regions_of_a_circle_are_its_inside_and_outside():
+    """By hand: every border inside the disc or outside the ring runs through noise < 0.05,
+    so all those merges happen below the 0.5 cut; the border between inside and outside runs
+    along the ring (each pixel pair touches a ring pixel: strength 1.0), so it stays: exactly
+    two regions, neither straddling the ring."""
+    edges, inside, ridge = _circle()
+    regions = contour_hierarchy_regions(edges, threshold=0.5, max_regions=16)
+    _assert_partition(regions, edges.shape)
+    assert regions.max() + 1 == 2
+    assert _straddling_segments(regions, inside, off_ridge=~ridge) == 0
+    assert len(np.unique(regions[inside & ~ridge])) == 1
+
+
+def test_hierarchy_regions_follow_an_l_shaped_contour():
+    """An L-shaped ridge from the top edge down and then to the right edge splits the image
+    into the lower-left L region and the upper-right corner: two regions, none straddling."""
+    size = 60
+    edges = _noisy_flat_edges((size, size), seed=7)
+    ridge = np.zeros((size, size), dtype=bool)
+    ridge[:41, 22:24] = True  # vertical arm, columns 22-23, rows 0-40
+    ridge[39:41, 22:] = True  # horizontal arm, rows 39-40, to the right border
+    edges[ridge] = 0.9
+    yy, xx = np.mgrid[:size, :size]
+    corner = (yy < 39) & (xx > 23)  # the upper-right part the L cuts off
+    regions = contour_hierarchy_regions(edges, threshold=0.5, max_regions=16)
+    assert regions.max() + 1 == 2
+    assert _straddling_segments(regions, corner, off_ridge=~ridge) == 0
+
+
+def test_hierarchy_regions_of_a_flat_image_are_one_region():
+    """No contour anywhere: every border's mean strength is below 0.05 < 0.5, all merge."""
+    regions = contour_hierarchy_regions(_noisy_flat_edges((48, 64)), threshold=0.5)
+    assert regions.shape == (48, 64) and regions.dtype == np.int32
+    assert regions.max() == 0
+
+
+def test_hierarchy_regions_keep_the_strongest_contours_under_the_cap():
+    """Three vertical ridges of strength 0.6, 0.9 and 0.7: four strips at threshold 0.5;
+    capped at 2 regions, only the strongest ridge (0.9) still separates."""
+    edges = _noisy_flat_edges((40, 80), seed=11)
+    for column, strength in ((19, 0.6), (39, 0.9), (59, 0.7)):
+        edges[:, column:column + 2] = strength
+    assert contour_hierarchy_regions(edges, threshold=0.5, max_regions=16).max() + 1 == 4
+    capped = contour_hierarchy_regions(edges, threshold=0.5, max_regions=2)
+    assert capped.max() + 1 == 2
+    assert len(np.unique(capped[:, :38])) == 1 and len(np.unique(capped[:, 42:])) == 1
+    assert capped[0, 0] != capped[0, 79]
+
+
+def test_region_map_chooses_the_method():
+    edges = _noisy_flat_edges((48, 48))
+    np.testing.assert_array_equal(region_map(edges, "grid", 16), contour_segments(edges, 16))
+    assert region_map(edges, "hierarchy", 16).max() == 0
+    with pytest.raises(ValueError, match="contour method"):
+        region_map(edges, "ucm", 16)

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from segsearch.trainer.relations import (
     LossConfig, MemoryBank, Relation, default_loss_config, relation_losses,
 )
-from segsearch.trainer.training_segments import IGNORE, build_training_segments
+from segsearch.trainer.training_segments import IGNORE, build_training_segments, location_features
 
 
 def _tiny_batch():
@@ -161,3 +161,51 @@ def test_affinity_trains_only_the_pixels_that_borrowed_a_label():
     loss.backward()
     assert embeddings.grad[0, :, 0, 2].abs().sum() > 0  # U1
     assert embeddings.grad[0, :, 0, 3].abs().sum() == 0  # U2: below the threshold, no part
+
+
+def _two_region_toy(location: bool):
+    """1 image, 1x2 pixels, both embedded at (1, 0), one cluster, each pixel its own contour
+    region: two one-pixel segments with equal embeddings."""
+    embeddings = torch.tensor([[1.0, 1.0], [0.0, 0.0]]).view(1, 2, 1, 2)
+    clusters = torch.zeros(1, 1, 2, dtype=torch.long)
+    contours = torch.tensor([[[0, 1]]])
+    labels = torch.full((1, 1, 2), IGNORE)
+    segments = build_training_segments(embeddings, clusters, contours, labels, location=location)
+    pixels = embeddings.permute(0, 2, 3, 1).reshape(-1, 2)
+    config = LossConfig(annotation=Relation(0.0, 6.0), cooccurrence=Relation(0.0, 12.0),
+                        lowlevel=Relation(1.0, 3.0))
+    bank = MemoryBank(0).concat(2, 1, "cpu")
+    return relation_losses(pixels, segments, torch.ones(1, 1, dtype=torch.bool), bank, config)["V"]
+
+
+def test_location_features_separate_look_alike_regions_in_v():
+    """Worked by hand, kappa = 3. Without location both prototypes equal the pixels' (1, 0):
+    each pixel's own segment (positive) and the other (negative) score alike, V = log 2.
+    With location (SPML: (y, x) in [-0.5, 0.5], concatenated, L2-normalised) the 1x2 map puts
+    pixel 0 at (-0.5, -0.5) and pixel 1 at (-0.5, 0.5): e_0 = (1, 0, -.5, -.5) / sqrt(1.5),
+    e_1 = (1, 0, -.5, .5) / sqrt(1.5), each its own one-pixel prototype, so own . e = 1 and
+    other . e = (1 + .25 - .25) / 1.5 = 2/3: V = -log(e^3 / (e^3 + e^2)) = log(1 + e^-1)."""
+    without = _two_region_toy(location=False)
+    with_location = _two_region_toy(location=True)
+    assert torch.isclose(without, torch.tensor(2.0).log(), atol=1e-6)
+    assert torch.isclose(with_location, torch.tensor(1.0 + torch.e ** -1).log(), atol=1e-6)
+
+
+def test_location_prototypes_average_the_located_pixels():
+    """location_features on a 2x3 map: y in {-.5, .5}, x in {-.5, 0, .5}; a segment's location
+    prototype is the normalised sum of its pixels' normalised (embedding, y, x)."""
+    locations = location_features(2, 3)
+    torch.testing.assert_close(locations, torch.tensor(
+        [[-0.5, -0.5], [-0.5, 0.0], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.0], [0.5, 0.5]]))
+    embeddings = torch.zeros(1, 1, 2, 3)
+    embeddings[0, 0] = 1.0  # D = 1, every pixel at (1,)
+    clusters = torch.zeros(1, 2, 3, dtype=torch.long)
+    contours = torch.tensor([[[0, 0, 1], [0, 0, 1]]])  # segment 0: columns 0-1, segment 1: column 2
+    labels = torch.full((1, 2, 3), IGNORE)
+    segments = build_training_segments(embeddings, clusters, contours, labels, location=True)
+    # column 2: (1, -.5, .5) and (1, .5, .5), each / sqrt(1.5); sum (2, 0, 1) / sqrt(1.5) -> (2, 0, 1) / sqrt(5)
+    torch.testing.assert_close(segments.location_prototypes[1],
+                               torch.tensor([2.0, 0.0, 1.0]) / torch.tensor(5.0).sqrt())
+    assert segments.prototypes.shape == (2, 1)  # C, O and A keep the plain prototypes
+    seen = segments.select_pixels(torch.tensor([5, 0]))
+    torch.testing.assert_close(seen.pixel_location, torch.tensor([[0.5, 0.5], [-0.5, -0.5]]))
