@@ -17,8 +17,8 @@ What it does:
 4. every ground-truth region of every QUERY mosaic is asked for by mask, by box (the region's
    bounding box) and by point (its most interior pixel), top_k=10, through the public client;
 5. the same indexed segments (masks read back with GetSegment) are ranked by brute force
-   with the baselines, for the same query masks (for a point, the over-segment the server
-   used): colour histogram (8x8x8 RGB, L1, cosine), the untrained HED-VGG16's block 3 and
+   with the baselines, for the same query masks (for a box or a point, the region the server
+   picked): colour histogram (8x8x8 RGB, L1, cosine), the untrained HED-VGG16's block 3 and
    blocks 3-5 mean-pooled over the mask, chance, and the parts of the model alone (its learned
    part, its colour code) and its recipe with the untrained hypercolumn in place of the head;
 6. scores (`retrieval_scoring.py`): precision@10 (a hit counts when its segment's majority
@@ -334,23 +334,17 @@ class ServedQuery:
 
 
 def ask_server(client, image_png: bytes, query: Query, kind: str, top_k: int) -> ServedQuery:
-    """One timed SearchSimilar. Points ask for masks too (the over-segment comes back with them)."""
+    """One timed SearchSimilar. Boxes and points ask for masks too: the region the server picked
+    comes back with them, and the baselines query with that same region."""
     started = time.perf_counter()
     if kind == "mask":
         response = client.search_mask(image_png, mask_to_png(query.region), top_k=top_k)
     elif kind == "box":
-        response = client.search_box(image_png, query.box, top_k=top_k)
+        response = client.search_box(image_png, query.box, top_k=top_k, include_masks=True)
     else:
         response = client.search_point(image_png, query.point, top_k=top_k, include_masks=True)
     seconds = time.perf_counter() - started
-    if kind == "mask":
-        used = query.region
-    elif kind == "box":
-        x0, y0, x1, y1 = query.box
-        used = np.zeros_like(query.region)
-        used[y0:y1, x0:x1] = True
-    else:
-        used = png_to_mask(response.query_mask_png)
+    used = query.region if kind == "mask" else png_to_mask(response.query_mask_png)
     return ServedQuery([hit.segment_id for hit in response.hits], seconds, used)
 
 

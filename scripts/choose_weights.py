@@ -28,6 +28,9 @@ from segsearch.trainer.mosaic import MosaicConfig, TextureMosaic
 log = logging.getLogger("choose_weights")
 TEXTURE_BLOCKS = (3,)
 EMBED_SIZE = 320  # what the indexer embeds at (spml/config.py SegmenterConfig.embed_size)
+# ~3.5 regions a mosaic: with 30 pictures, ~11 index regions of each, so P@10 can reach 1 (with
+# 60 pictures and 64 mosaics a class had ~4 and P@10 could not pass ~0.4: every mix scored alike)
+INDEX_MOSAICS, QUERY_MOSAICS = 96, 32
 
 
 def part_means(checkpoint_path: Path, folder: Path, seed: int, count: int, split: str):
@@ -72,8 +75,8 @@ def mix(parts, weights) -> np.ndarray:
 
 
 def choose_weights(checkpoint_path: Path, folder: Path, seed: int, report: Path) -> dict:
-    index_parts, index_class = part_means(checkpoint_path, folder, seed, 64, "train")
-    query_parts, query_class = part_means(checkpoint_path, folder, seed, 32, "test")
+    index_parts, index_class = part_means(checkpoint_path, folder, seed, INDEX_MOSAICS, "train")
+    query_parts, query_class = part_means(checkpoint_path, folder, seed, QUERY_MOSAICS, "test")
     rows = []
     steps = [round(0.1 * n, 1) for n in range(11)]
     for head, texture in itertools.product(steps, steps):

@@ -14,7 +14,7 @@ colour code appended: see spml/embedding.py). The benchmark data (OpenArena's te
 bench/retrieval_data.py) comes from another game and is never used here.
 
 Then the weights of the embedding's parts are chosen on held-out pictures (`choose_weights`):
-`--validation` other pictures of the same package, never trained on, made into mosaics whose
+`--validation` (30) other pictures of the same package, never trained on, made into mosaics whose
 regions query each other (P@10, region against region); the grid of (head, texture, colour)
 weights that retrieves best is installed. The texture part is the untrained backbone's block 3,
 normalised per pixel, and the colour part the soft Lab code: fixed parts beside the learned
@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--install", default=str(REPO / "spml" / "models" / "general.pt"),
                    help="where the trained checkpoint is copied (default: the shipped model)")
-    p.add_argument("--validation", type=int, default=60,
+    p.add_argument("--validation", type=int, default=30,
                    help="held-out pictures for choosing the parts' weights (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="prepare the data and print the train command only")
     p.add_argument("train_args", nargs="*", help="extra `segsearch train` flags after --")
