@@ -121,6 +121,8 @@ class EmbeddingNet(nn.Module):
         super().__init__()
         self.config = config
         num_blocks = max(config.feature_blocks + config.texture_blocks)
+        if config.backbone == "vgg16" and config.pretrained:
+            num_blocks = 5  # all of HED's blocks: inference reads its contours from them (spml/edges.py)
         self.backbone = build_backbone(
             config.backbone, config.pretrained, num_blocks=num_blocks, cache_dir=cache_dir
         )
