@@ -31,6 +31,8 @@ EMBED_SIZE = 320  # what the indexer embeds at (spml/config.py SegmenterConfig.e
 # ~3.5 regions a mosaic: with 30 pictures, ~11 index regions of each, so P@10 can reach 1 (with
 # 60 pictures and 64 mosaics a class had ~4 and P@10 could not pass ~0.4: every mix scored alike)
 INDEX_MOSAICS, QUERY_MOSAICS = 96, 32
+# (head, texture, colour) shares the parts are measured at; `mix` rescales them to any other
+PROBE = (0.4, 0.3, 0.3)
 
 
 def part_means(checkpoint_path: Path, folder: Path, seed: int, count: int, split: str):
@@ -38,7 +40,7 @@ def part_means(checkpoint_path: Path, folder: Path, seed: int, count: int, split
     `count` mosaics of `split`, and (R,) their classes."""
     checkpoint = load_checkpoint(checkpoint_path)
     config = ModelConfig.from_dict({**checkpoint.config.to_dict(), "texture_blocks": TEXTURE_BLOCKS,
-                                    "texture_weight": 0.3, "colour_bins": 6, "colour_weight": 0.3})
+                                    "texture_weight": PROBE[1], "colour_bins": 6, "colour_weight": PROBE[2]})
     checkpoint.config = config
     model = checkpoint.build_model()
     sources = load_texture_folder(folder)
@@ -70,7 +72,7 @@ def precision_at_10(queries, candidates, query_class, candidate_class) -> float:
 
 def mix(parts, weights) -> np.ndarray:
     """Parts scaled as the model scales them: a pixel's part is unit norm times sqrt(weight)."""
-    scale = [np.sqrt(w / 0.4) if number == 0 else np.sqrt(w / 0.3) for number, w in enumerate(weights)]
+    scale = [np.sqrt(weight / probe) for weight, probe in zip(weights, PROBE, strict=True)]
     return np.concatenate([part * s for part, s in zip(parts, scale, strict=True)], axis=1)
 
 
