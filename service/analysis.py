@@ -105,11 +105,11 @@ class ImageAnalyzer:
 
     def cached_embedding(self, data: bytes) -> CachedEmbedding | None:
         """The embedding map and size of these exact image bytes, if embedded lately."""
-        return self.embedding_cache.get((hashlib.sha256(data).hexdigest(), self.embed_size))
+        return self.embedding_cache.get(self._key(EMBEDDING_KEY, hashlib.sha256(data).hexdigest()))
 
     def cached_regions(self, data: bytes) -> CachedRegions | None:
         """The region level of these exact image bytes, if a box or point query segmented them lately."""
-        return self.embedding_cache.get((REGIONS_KEY, hashlib.sha256(data).hexdigest(), self.embed_size))
+        return self.embedding_cache.get(self._key(REGIONS_KEY, hashlib.sha256(data).hexdigest()))
 
     def region_level(self, image: DecodedImage) -> CachedRegions:
         """Segment the image and keep its region level in the cache (`cached_regions`), so that
@@ -119,13 +119,17 @@ class ImageAnalyzer:
         prototypes = (np.stack([segment.prototype for segment in level.segments]).astype(np.float32)
                       if level.segments else np.zeros((0, dim), np.float32))
         value = CachedRegions(level.label_map, prototypes, image.original_size)
-        self.embedding_cache.put((REGIONS_KEY, image.sha256, self.embed_size), value)
+        self.embedding_cache.put(self._key(REGIONS_KEY, image.sha256), value)
         return value
+
+    def _key(self, kind: str, sha256: str) -> tuple[str, str, int]:
+        """Cache key of one kind of entry for an image's bytes (their sha256) at this embed size."""
+        return kind, sha256, self.embed_size
 
     def embed(self, image: DecodedImage) -> torch.Tensor:
         """Unit-norm embeddings (D, E/4, E/4) of the whole image, resized to E x E like the
         indexer; kept in the cache for the image's next region (`cached_embedding`)."""
-        key = (image.sha256, self.embed_size)
+        key = self._key(EMBEDDING_KEY, image.sha256)
         with stage("embed"):
             resized = resize_for_embedding(image.pixels, self.embed_size)
             if self._embed_batcher is not None:
@@ -167,7 +171,7 @@ def _segment_with(segmenter: Segmenter, images: list[np.ndarray]) -> list[tuple[
     return [(result, seconds) for result in results]
 
 
-REGIONS_KEY = "regions"
+EMBEDDING_KEY, REGIONS_KEY = "embedding", "regions"  # the two kinds of entry in the image cache
 
 
 @dataclass(frozen=True)

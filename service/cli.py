@@ -142,8 +142,9 @@ def add_serve_parser(subparsers) -> None:
                    help="larger images are refused from their header, before decoding; the indexer's "
                         "flag of the same name (default: %(default)s)")
     p.add_argument("--embedding-cache-mib", type=int, default=limits.embedding_cache_bytes // MiB,
-                   help="memory for the embedding maps of recent query images, so that a second region "
-                        "of the same image skips the forward pass; 0 = off (default: %(default)s)")
+                   help="memory for the embedding maps (mask queries) and region levels (box and point "
+                        "queries) of recent query images, so that a second region of the same image skips "
+                        "the forward pass and the segmentation; 0 = off (default: %(default)s)")
     p.add_argument("--stream-idle-seconds", type=float, default=limits.stream_idle_seconds,
                    help="an IndexImages stream whose next message takes longer is closed with "
                         "DEADLINE_EXCEEDED (default: %(default)s)")

@@ -1,4 +1,4 @@
-"""A small LRU cache of query images' embedding maps, bounded by bytes.
+"""A small LRU cache of query images' embedding maps (and region levels), bounded by bytes.
 
 Why: an interactive client asks about several regions of one image (a box, then another box,
 then a point). Each region query embeds the whole image first (~70 CPU ms, ~1 s on a loaded
@@ -7,7 +7,8 @@ then a point). Each region query embeds the whole image first (~70 CPU ms, ~1 s 
 search, not a forward pass (and not even a decode: the key is the hash of the bytes sent, and
 the entry keeps the image's size, all a box or mask query needs besides the map). Entries are
 the unit-norm maps `(D, E/4, E/4)` float32 on the model's device with the original `(W, H)`;
-they are never modified after insertion (callers only read them).
+they are never modified after insertion (callers only read them). Box and point queries keep
+the image's region level here too (`service.analysis.CachedRegions`, any value with `nbytes`).
 """
 from __future__ import annotations
 
