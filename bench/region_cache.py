@@ -6,8 +6,8 @@ default HED-VGG16 model at the default 320 px.
 
 A 1-step checkpoint on the pretrained backbone (the forward pass is what is timed, not the
 quality) indexes the tiny corpus; then for each of `--images` mosaic photos (not indexed) the
-first box query (decode + embed + pool + search) and `--regions` more boxes of the same image
-(decode + cached embedding + pool + search) are timed through `queries.region_query` and
+first box query (decode + segmentation, which embeds the image, + region pick + search) and
+`--regions` more boxes of the same image (hash + cached region level + pick + search) are timed through `queries.region_query` and
 `search.search`, the code the servicer runs. Prints p50/p90 of both and their ratio.
 """
 from __future__ import annotations
