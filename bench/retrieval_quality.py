@@ -57,6 +57,8 @@ from retrieval_scoring import (  # noqa: E402
 )
 
 from segsearch.spml.checkpoint import resolve_checkpoint  # noqa: E402
+from segsearch.service._generated import segment_search_pb2 as pb  # noqa: E402
+from segsearch.service.client import level_number  # noqa: E402
 
 log = logging.getLogger("retrieval_quality")
 BENCH_DIR = Path(__file__).resolve().parent
@@ -69,6 +71,9 @@ METHOD_NAMES = {"model": "ours (server)", "model_bruteforce": "ours, brute force
                 "backbone": "backbone b3 (untr.)", "backbone_345": "backbone b3-5 (untr.)",
                 "chance": "chance"}
 QUICK = dict(num_index=16, num_query=6, train_steps=20)
+# the layout of indexes this bench builds: fine segments and regions (a cached index of an older
+# layout is not reused)
+INDEX_LAYOUT = "levels"
 
 
 @dataclass
@@ -88,6 +93,7 @@ class BenchConfig:
     embed_threads: int = 2  # torch threads for the backbone baseline
     server_timeout_s: float = 300.0
     quick: bool = False
+    level: str = "default"  # which indexed segments the server returns and every method ranks
     mosaic: MosaicSetConfig = field(init=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +123,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--embed-threads", type=int, default=defaults.embed_threads,
                    help="torch threads of the backbone baseline")
     p.add_argument("--server-timeout-s", type=float, default=defaults.server_timeout_s)
+    p.add_argument("--level", choices=("default", "fine", "region"), default=defaults.level,
+                   help="the level of indexed segments searched (default: the server's, regions)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK['num_index']} index / {QUICK['num_query']} query mosaics and, "
                         f"with --model demo, a {QUICK['train_steps']}-step model (overrides those flags)")
@@ -272,8 +280,9 @@ def mask_to_png(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def read_candidates(client, data_dir: Path, num_classes: int) -> list[Candidate]:
-    """Every indexed segment with its mask (GetSegment) and its ground-truth class counts.
+def read_candidates(client, data_dir: Path, num_classes: int, level: int) -> list[Candidate]:
+    """Every indexed segment of `level` (a pb.Level) with its mask (GetSegment) and its
+    ground-truth class counts.
 
     Segment ids are allocated upwards from 1 and never reused; a fresh index has exactly
     ids 1..N, but absent ids are skipped, so this also works after deletions.
@@ -283,8 +292,8 @@ def read_candidates(client, data_dir: Path, num_classes: int) -> list[Candidate]
     expected = client.info().num_segments
     truths: dict[str, np.ndarray] = {}
     candidates: list[Candidate] = []
-    segment_id, misses = 0, 0
-    while len(candidates) < expected and misses < 10_000:
+    segment_id, misses, read = 0, 0, 0
+    while read < expected and misses < 10_000:
         segment_id += 1
         try:
             record = client.get_segment(segment_id, include_prototype=True)
@@ -292,6 +301,9 @@ def read_candidates(client, data_dir: Path, num_classes: int) -> list[Candidate]
             if error.code() != grpc.StatusCode.NOT_FOUND:
                 raise
             misses += 1
+            continue
+        read += 1
+        if record.level != level:
             continue
         if record.image_id not in truths:
             truths[record.image_id] = load_ground_truth(data_dir, "index", record.image_id)
@@ -303,7 +315,8 @@ def read_candidates(client, data_dir: Path, num_classes: int) -> list[Candidate]
         candidates.append(Candidate(segment_id, record.image_id, mask,
                                     np.bincount(truth[mask], minlength=num_classes),
                                     np.asarray(record.prototype, dtype=np.float32)))
-    log.info("read %d indexed segments of %d images", len(candidates), len(truths))
+    log.info("read %d indexed segments of %d images at level %s", len(candidates), len(truths),
+             pb.Level.Name(level))
     return candidates
 
 
@@ -333,16 +346,16 @@ class ServedQuery:
     query_mask: np.ndarray  # the region the server searched with (for a point: its over-segment)
 
 
-def ask_server(client, image_png: bytes, query: Query, kind: str, top_k: int) -> ServedQuery:
+def ask_server(client, image_png: bytes, query: Query, kind: str, top_k: int, level: int) -> ServedQuery:
     """One timed SearchSimilar. Boxes and points ask for masks too: the region the server picked
     comes back with them, and the baselines query with that same region."""
     started = time.perf_counter()
     if kind == "mask":
-        response = client.search_mask(image_png, mask_to_png(query.region), top_k=top_k)
+        response = client.search_mask(image_png, mask_to_png(query.region), top_k=top_k, level=level)
     elif kind == "box":
-        response = client.search_box(image_png, query.box, top_k=top_k, include_masks=True)
+        response = client.search_box(image_png, query.box, top_k=top_k, include_masks=True, level=level)
     else:
-        response = client.search_point(image_png, query.point, top_k=top_k, include_masks=True)
+        response = client.search_point(image_png, query.point, top_k=top_k, include_masks=True, level=level)
     seconds = time.perf_counter() - started
     used = query.region if kind == "mask" else png_to_mask(response.query_mask_png)
     return ServedQuery([hit.segment_id for hit in response.hits], seconds, used)
@@ -500,7 +513,7 @@ def run(config: BenchConfig) -> dict:
     checkpoint = demo_checkpoint(config, out_dir) if config.model == "demo" else resolve_checkpoint(config.model)
     # the folder names the exact data (its manifest's hash) and checkpoint, so a cached index is never stale
     data_tag = hashlib.sha256((data_dir / "dataset.json").read_bytes()).hexdigest()[:8]
-    run_dir = out_dir / "runs" / f"{config.data_name}-{data_tag}-{checkpoint_tag(checkpoint)}"
+    run_dir = out_dir / "runs" / f"{config.data_name}-{data_tag}-{checkpoint_tag(checkpoint)}-{INDEX_LAYOUT}"
     run_dir.mkdir(parents=True, exist_ok=True)
     index_dir, index_seconds = build_index(data_dir, checkpoint, run_dir)
 
@@ -510,13 +523,14 @@ def run(config: BenchConfig) -> dict:
     served: dict[str, list[ServedQuery]] = {kind: [] for kind in config.kinds}
     with ServedIndex(index_dir, checkpoint, run_dir / "serve.log", config.server_timeout_s) as server:
         info = server.client.info()
-        candidates = read_candidates(server.client, data_dir, len(class_names))
+        level = info.default_level if config.level == "default" else level_number(config.level)
+        candidates = read_candidates(server.client, data_dir, len(class_names), level)
         images_png = {image_id: (data_dir / "query" / image_id).read_bytes() for image_id in query_ids}
         for kind in config.kinds:
             started = time.perf_counter()
             for query in queries:
                 image_png = images_png[query.image_id]
-                served[kind].append(ask_server(server.client, image_png, query, kind, config.top_k))
+                served[kind].append(ask_server(server.client, image_png, query, kind, config.top_k, level))
             log.info("%s queries: %d in %.0f s", kind, len(queries), time.perf_counter() - started)
 
     scores = score_everything(config, data_dir, index_dir, checkpoint, candidates, queries, served)

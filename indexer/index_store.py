@@ -568,6 +568,19 @@ def _id_problems(faiss_ids: np.ndarray, lmdb_ids: np.ndarray) -> list[str]:
     return problems
 
 
+def _parent_problems(parents: dict, owner: dict, levels: dict, meta: IndexMeta) -> list[str]:
+    """A parent that exists is a coarser segment of the same image (a parent deleted by
+    segment id leaves its children, which are then parentless in effect)."""
+    problems = []
+    for segment_id, (parent_id, level, image_id) in parents.items():
+        if parent_id in owner and (owner[parent_id] != image_id or levels[parent_id] <= level):
+            problems.append(f"segment {segment_id} names segment {parent_id} as parent, which is not a "
+                            "coarser segment of its image")
+    if not meta.has_regions and any(levels.values()):
+        problems.append("region-level segments are stored but the meta record says there are none")
+    return problems
+
+
 def _record_problems(metadata: MetadataStore, meta: IndexMeta, lmdb_ids: np.ndarray) -> list[str]:
     """Counts, model versions, dimensions, and the image <-> segment <-> sha256 links."""
     problems = []
@@ -576,13 +589,19 @@ def _record_problems(metadata: MetadataStore, meta: IndexMeta, lmdb_ids: np.ndar
     if lmdb_ids.size and lmdb_ids.max() >= meta.next_segment_id:
         problems.append(f"segment id {lmdb_ids.max()} >= next id counter {meta.next_segment_id}")
     owner: dict[int, str] = {}
+    parents: dict[int, tuple[int, int, str]] = {}  # segment id -> (parent id, own level, image)
+    levels: dict[int, int] = {}
     for seg in metadata.iter_segments():
         owner[seg.segment_id] = seg.image_id
+        levels[seg.segment_id] = seg.level
+        if seg.parent_id:
+            parents[seg.segment_id] = (seg.parent_id, seg.level, seg.image_id)
         if seg.model_version != meta.model_version:
             problems.append(f"segment {seg.segment_id} has model version {seg.model_version!r}, "
                             f"the index {meta.model_version!r}")
         if seg.prototype.shape != (meta.embedding_dim,):
             problems.append(f"segment {seg.segment_id} prototype has shape {seg.prototype.shape}")
+    problems += _parent_problems(parents, owner, levels, meta)
     images = list(metadata.iter_images())
     if meta.num_images != len(images):
         problems.append(f"meta counts {meta.num_images} images, LMDB holds {len(images)}")

@@ -33,6 +33,7 @@ from segsearch.indexer.records import (
     FORMAT_VERSION,
     ImageRecord,
     IndexMeta,
+    LEVEL_REGION,
     SegmentRecord,
     decode_image,
     decode_meta,
@@ -258,7 +259,9 @@ class MetadataStore:
                 if reason:
                     result.skipped.append((image.image_id, reason))
                     continue
-                stored = [dataclasses.replace(s, segment_id=next_id + n) for n, s in enumerate(segments)]
+                stored = [dataclasses.replace(s, segment_id=next_id + n, parent_id=_parent_id(s, next_id))
+                          for n, s in enumerate(segments)]
+                meta.has_regions = meta.has_regions or any(s.level == LEVEL_REGION for s in stored)
                 next_id += len(stored)
                 image = dataclasses.replace(image, segment_ids=[s.segment_id for s in stored])
                 for seg in stored:
@@ -414,6 +417,24 @@ def _check_segments(items: Sequence[tuple[ImageRecord, Sequence[SegmentRecord]]]
                 )
             if seg.image_id != image.image_id:
                 raise ValueError(f"segment image_id {seg.image_id!r} != image {image.image_id!r}")
+        _check_parents(image, segments)
+
+
+def _parent_id(segment: SegmentRecord, first_id: int) -> int:
+    return first_id + segment.parent_index if segment.parent_index >= 0 else 0
+
+
+def _check_parents(image: ImageRecord, segments: Sequence[SegmentRecord]) -> None:
+    """A parent is another segment of the same list, of a coarser level."""
+    for position, seg in enumerate(segments):
+        if seg.parent_index < 0:
+            continue
+        if seg.parent_index >= len(segments) or seg.parent_index == position:
+            raise ValueError(f"segment {position} of image {image.image_id!r} names parent_index "
+                             f"{seg.parent_index}, not another of its {len(segments)} segments")
+        if segments[seg.parent_index].level <= seg.level:
+            raise ValueError(f"segment {position} of image {image.image_id!r}: its parent "
+                             f"{seg.parent_index} is not of a coarser level")
 
 
 def _image_key(image_id: str) -> bytes:

@@ -69,12 +69,13 @@ from segsearch.indexer.config import SETTINGS_FILE, IndexConfig, IndexSettings
 from segsearch.indexer.corpus import CorpusItem, read_corpus
 from segsearch.indexer.decode import DecodedImage, SkippedImage, SkipReason, decode_file
 from segsearch.indexer.index_store import LMDB_DIR, IndexStore
-from segsearch.indexer.records import ImageRecord, SegmentRecord
+from segsearch.indexer.records import LEVEL_FINE, LEVEL_REGION, ImageRecord, SegmentRecord
 from segsearch.spml.segmenter import (
     ClusteredBatch,
     ImageSegments,
     Segmenter,
     StageTimes,
+    label_map_rles,
     resize_for_embedding,
 )
 from segsearch.spml.device import resolve_device
@@ -424,13 +425,25 @@ class _Run:
 def image_records(image_id: str, uri: str, decoded: DecodedImage, segments: ImageSegments,
                   model_version: str) -> tuple[ImageRecord, list[SegmentRecord]]:
     """The store records of one segmented image; the service's live updates use it too, so
-    both write paths store identical records. Ids are assigned by the store (0 here)."""
+    both write paths store identical records. Ids are assigned by the store (0 here).
+
+    The fine segments come first (positions 0..n-1), then the regions of the default cut of
+    the image's hierarchy (n..n+r-1, `ImageSegments.regions`), each fine segment naming the
+    region it lies in as its parent."""
     shape = segments.shape
+    regions = segments.regions
+    fine_parents = (len(segments.segments) + regions.leaf_regions if regions is not None
+                    else np.full(len(segments.segments), -1))
     records = [
         SegmentRecord(0, image_id, seg.box, seg.area_fraction, rle, shape, seg.label,
-                      seg.label_score, model_version, seg.prototype)
-        for seg, rle in zip(segments.segments, segments.masks_rle())
+                      seg.label_score, model_version, seg.prototype, LEVEL_FINE, int(parent))
+        for seg, rle, parent in zip(segments.segments, segments.masks_rle(), fine_parents, strict=True)
     ]
+    if regions is not None:
+        rles = label_map_rles(regions.label_map, len(regions.segments))
+        records += [SegmentRecord(0, image_id, seg.box, seg.area_fraction, rle, shape, seg.label,
+                                  seg.label_score, model_version, seg.prototype, LEVEL_REGION)
+                    for seg, rle in zip(regions.segments, rles, strict=True)]
     width, height = decoded.original_size
     return ImageRecord(image_id, uri, width, height, decoded.sha256), records
 

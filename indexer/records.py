@@ -28,6 +28,8 @@ META_SCHEMA_VERSION = 1
 
 # Version of the index directory layout (LMDB sub-databases + FAISS file container).
 FORMAT_VERSION = 1
+LEVEL_FINE, LEVEL_REGION = 0, 1  # SegmentRecord.level
+LEVEL_NAMES = ("fine", "region")
 
 
 @dataclass(eq=False)
@@ -38,6 +40,12 @@ class SegmentRecord:
     `box` is `(x0, y0, x1, y1)` in pixels of the image as indexed, end-exclusive.
     `mask_rle` / `mask_shape` are the mask in `rle.encode_mask` format, shape `(H, W)`.
     `prototype` is the unit-norm embedding `(D,)`, float32.
+    `level`: LEVEL_FINE (a k-means segment) or LEVEL_REGION (a region of the image's hierarchy,
+    the union of its fine segments). A fine segment's parent is the region it lies in:
+    `parent_index` is that region's position in its image's list of segments as written
+    (-1: none), and `parent_id` its segment id (0: none), which the store fills in from
+    `parent_index` when it assigns ids. Records of indexes written before levels read as fine
+    segments without parent.
     """
 
     segment_id: int
@@ -50,9 +58,15 @@ class SegmentRecord:
     label_score: float
     model_version: str
     prototype: np.ndarray
+    level: int = 0
+    parent_index: int = -1
+    parent_id: int = 0
 
     def __post_init__(self) -> None:
         self.segment_id = int(self.segment_id)
+        self.level, self.parent_index, self.parent_id = int(self.level), int(self.parent_index), int(self.parent_id)
+        if self.level not in (LEVEL_FINE, LEVEL_REGION):
+            raise ValueError(f"level must be {LEVEL_FINE} (fine) or {LEVEL_REGION} (region), got {self.level}")
         self.box = tuple(int(v) for v in self.box)  # type: ignore[assignment]
         self.mask_shape = tuple(int(v) for v in self.mask_shape)  # type: ignore[assignment]
         self.mask_rle = [int(v) for v in self.mask_rle]
@@ -94,6 +108,8 @@ class IndexMeta:
     FAISS file records the generation it reflects, which is how a lagging file is detected.
     `next_segment_id` is the id counter: ids are allocated upwards and never reused, so a
     stale FAISS entry can never be mistaken for a newer segment.
+    `has_regions` tells a search whose level is left to the server that region-level segments
+    exist (indexes written before levels hold fine segments only).
     `index_type` is the index spec asked for at creation ("auto", "flat", "hnsw", "ivf" or a
     faiss factory string); the concrete FAISS type is in the FAISS file.
     """
@@ -106,6 +122,7 @@ class IndexMeta:
     generation: int = 0
     format_version: int = FORMAT_VERSION
     next_segment_id: int = 1
+    has_regions: bool = False  # set once a region-level segment is written (never cleared)
 
 
 def _pack(kind: str, version: int, payload: dict[str, Any]) -> bytes:

@@ -267,6 +267,9 @@ def add_query_parser(subparsers) -> None:
     p.add_argument("--min-score", type=float, default=0.0, help="drop hits scoring below it")
     p.add_argument("--search-effort", type=int, default=0,
                    help="HNSW efSearch / IVF nprobe of this search; 0 = the server's default")
+    p.add_argument("--level", choices=("default", "fine", "region", "any"), default="default",
+                   help="which segments to return: regions of the images' hierarchies (the default where "
+                        "the index holds them), fine segments, or any (never a region with a piece of it)")
     p.add_argument("--out", help="write a contact sheet PNG: the query, then the hits")
     p.add_argument("--images-root", metavar="DIR",
                    help="with --out: the corpus folder, to draw hits whose image_uri is relative to it")
@@ -286,7 +289,8 @@ def run_query(args) -> int:
     _picture_path(args.out, "--out")
     options = dict(top_k=args.top_k, labels=[v for v in args.labels.split(",") if v],
                    exclude_image_ids=args.exclude_image, min_area_fraction=args.min_area,
-                   min_score=args.min_score, include_masks=bool(args.out), search_effort=args.search_effort)
+                   min_score=args.min_score, include_masks=bool(args.out), search_effort=args.search_effort,
+                   level=args.level)
     image = _read_bytes(args.image, "the image") if args.image else None
     with _client(args) as client:
         try:
@@ -309,6 +313,12 @@ def run_query(args) -> int:
     return 0
 
 
+def pb_level_name(level: int) -> str:
+    from segsearch.service._generated import segment_search_pb2 as pb
+
+    return pb.Level.Name(level).removeprefix("LEVEL_").lower()
+
+
 def print_hits(hits, as_json: bool = False) -> None:
     """Hits as a table (or JSON lines), as `segsearch query` prints them."""
     if as_json:
@@ -316,6 +326,7 @@ def print_hits(hits, as_json: bool = False) -> None:
             print(json.dumps({"segment_id": hit.segment_id, "score": round(hit.score, 5), "image_id": hit.image_id,
                               "label": hit.label, "label_score": round(hit.label_score, 4),
                               "area_fraction": round(hit.area_fraction, 5),
+                              "level": pb_level_name(hit.level), "parent_segment_id": hit.parent_segment_id,
                               "box": [hit.box.x0, hit.box.y0, hit.box.x1, hit.box.y1], "image_uri": hit.image_uri}))
         return
     print(f"{'rank':>4}  {'score':>6}  {'segment':>8}  {'label (score)':<16} image")

@@ -145,18 +145,32 @@ class SegsearchClient:
             time.sleep(0.1)
 
 
+LEVELS = {"default": pb.LEVEL_DEFAULT, "fine": pb.LEVEL_FINE, "region": pb.LEVEL_REGION, "any": pb.LEVEL_ANY}
+
+
+def level_number(level: str | int) -> int:
+    """A level by name (LEVELS) or as a pb.Level number -> pb.Level."""
+    if isinstance(level, str):
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {sorted(LEVELS)}, got {level!r}")
+        return LEVELS[level]
+    return int(level)
+
+
 def search_request(*, segment_id: int | None = None, region: pb.RegionQuery | None = None,
                    embedding: Iterable[float] | None = None, top_k: int = 0,
                    labels: Iterable[str] = (), exclude_image_ids: Iterable[str] = (),
                    min_area_fraction: float = 0.0, include_masks: bool = False, min_score: float = 0.0,
-                   model_version: str = "", search_effort: int = 0) -> pb.SearchRequest:
+                   model_version: str = "", search_effort: int = 0,
+                   level: str | int = "default") -> pb.SearchRequest:
     """A SearchRequest from keyword options (exactly one of segment_id, region, embedding).
-    search_effort: HNSW efSearch / IVF nprobe of this request (0: the server's default)."""
+    search_effort: HNSW efSearch / IVF nprobe of this request (0: the server's default).
+    level: "default" (regions where indexed), "fine", "region", "any", or a pb.Level."""
     if sum(query is not None for query in (segment_id, region, embedding)) != 1:
         raise ValueError("give exactly one of segment_id, region or embedding")
     request = pb.SearchRequest(
         top_k=top_k, include_masks=include_masks, min_score=min_score, model_version=model_version,
-        search_effort=search_effort,
+        search_effort=search_effort, level=level_number(level),
         filter=pb.Filter(labels=list(labels), exclude_image_ids=list(exclude_image_ids),
                          min_area_fraction=min_area_fraction))
     if segment_id is not None:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from segsearch.indexer.records import ImageRecord, SegmentRecord
+from segsearch.indexer.records import LEVEL_FINE, LEVEL_REGION, ImageRecord, SegmentRecord
 from segsearch.service._generated import segment_search_pb2 as pb
 from segsearch.service.pngs import encode_label_map_png, encode_mask_png, encode_rle_mask_png, encode_segment_map_png
 from segsearch.service.regions import Box
-from segsearch.service.search import Hit
+from segsearch.service.errors import InvalidArgument
+from segsearch.service.search import ANY_LEVEL, Hit
 from segsearch.service.segment_rpc import Segmentation
 from segsearch.service.uris import shown_uri
 
@@ -21,6 +22,34 @@ def box_from_message(message: pb.Box) -> Box:
     return Box(message.x0, message.y0, message.x1, message.y1)
 
 
+_LEVEL_MESSAGES = {LEVEL_FINE: pb.LEVEL_FINE, LEVEL_REGION: pb.LEVEL_REGION}
+_REQUESTED_LEVELS = {pb.LEVEL_DEFAULT: None, pb.LEVEL_FINE: LEVEL_FINE, pb.LEVEL_REGION: LEVEL_REGION,
+                     pb.LEVEL_ANY: ANY_LEVEL}
+
+
+def level_message(level: int) -> int:
+    """A record's level (`indexer.records` LEVEL_*) -> pb.Level."""
+    return _LEVEL_MESSAGES[level]
+
+
+def requested_level(level: int) -> int | None:
+    """SearchRequest.level -> the `search.resolve_levels` argument; INVALID_ARGUMENT for a
+    number the contract does not define."""
+    if level not in _REQUESTED_LEVELS:
+        raise InvalidArgument(f"level {level} is not a Level (LEVEL_DEFAULT, LEVEL_FINE, LEVEL_REGION, LEVEL_ANY)")
+    return _REQUESTED_LEVELS[level]
+
+
+def index_levels(has_regions: bool) -> list[int]:
+    """GetInfo levels of an index (one written before levels holds fine segments only)."""
+    return [pb.LEVEL_FINE, pb.LEVEL_REGION] if has_regions else [pb.LEVEL_FINE]
+
+
+def default_level(has_regions: bool) -> int:
+    """What LEVEL_DEFAULT means on an index (`search.resolve_levels`)."""
+    return pb.LEVEL_REGION if has_regions else pb.LEVEL_FINE
+
+
 def hit_message(hit: Hit, include_mask: bool, image_uris: str) -> pb.Hit:
     segment, image = hit.segment, hit.image
     return pb.Hit(
@@ -29,6 +58,7 @@ def hit_message(hit: Hit, include_mask: bool, image_uris: str) -> pb.Hit:
         label_score=segment.label_score, area_fraction=segment.area_fraction,
         mask_png=encode_rle_mask_png(segment.mask_rle, segment.mask_shape) if include_mask else b"",
         image_width=segment.mask_shape[1], image_height=segment.mask_shape[0],
+        level=level_message(segment.level), parent_segment_id=segment.parent_id,
     )
 
 
@@ -46,7 +76,8 @@ def segment_record_message(segment: SegmentRecord, image: ImageRecord | None, im
         box=box_message(segment.box), area_fraction=segment.area_fraction, label=segment.label,
         label_score=segment.label_score, mask_png=encode_rle_mask_png(segment.mask_rle, segment.mask_shape),
         model_version=segment.model_version, image_width=segment.mask_shape[1],
-        image_height=segment.mask_shape[0],
+        image_height=segment.mask_shape[0], level=level_message(segment.level),
+        parent_segment_id=segment.parent_id,
     )
 
 

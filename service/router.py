@@ -281,7 +281,9 @@ class Router:
             max_top_k=min(i.max_top_k for i in infos), max_image_pixels=min(i.max_image_pixels for i in infos),
             read_only=True, ef_search=max(i.ef_search for i in infos), nprobe=max(i.nprobe for i in infos),
             max_search_effort=min(i.max_search_effort for i in infos),
-            max_batch_queries=min(i.max_batch_queries for i in infos))
+            max_batch_queries=min(i.max_batch_queries for i in infos),
+            levels=sorted({level for i in infos for level in i.levels}),
+            default_level=max(i.default_level for i in infos))
 
     def segment(self, request: pb.SegmentRequest, timeout: float) -> pb.SegmentResponse:
         """One backend, round robin; an unavailable one passes the call to the next."""

@@ -16,10 +16,11 @@ import numpy as np
 
 from segsearch.errors import IndexStoreError
 from segsearch.indexer.store_api import ReadableStore
-from segsearch.indexer.records import ImageRecord, SegmentRecord
+from segsearch.indexer.records import LEVEL_FINE, LEVEL_REGION, ImageRecord, SegmentRecord
 from segsearch.service.errors import FailedPrecondition, InvalidArgument, NotFound
 from segsearch.service.request_scope import stage
 
+ANY_LEVEL = -1  # resolve_levels: every level (hits never hold a segment with its parent)
 DEFAULT_TOP_K = 10
 OVERFETCH = 4
 MIN_FETCH = 32
@@ -27,20 +28,37 @@ MIN_FETCH = 32
 
 @dataclass(frozen=True)
 class SearchFilter:
-    """labels: keep only these labels (empty: all); exclude_image_ids; min_area_fraction."""
+    """labels: keep only these labels (empty: all); exclude_image_ids; min_area_fraction;
+    levels: keep only segments of these levels (`indexer.records` LEVEL_*; empty: all)."""
 
     labels: frozenset[str] = frozenset()
     exclude_image_ids: frozenset[str] = frozenset()
     min_area_fraction: float = 0.0
+    levels: frozenset[int] = frozenset()
 
     @property
     def empty(self) -> bool:
-        return not self.labels and not self.exclude_image_ids and self.min_area_fraction <= 0.0
+        return (not self.labels and not self.exclude_image_ids and self.min_area_fraction <= 0.0
+                and not self.levels)
 
     def accepts(self, record: SegmentRecord) -> bool:
         return ((not self.labels or record.label in self.labels)
                 and record.image_id not in self.exclude_image_ids
-                and record.area_fraction >= self.min_area_fraction)
+                and record.area_fraction >= self.min_area_fraction
+                and (not self.levels or record.level in self.levels))
+
+
+def resolve_levels(requested: int | None, has_regions: bool) -> frozenset[int]:
+    """The levels a search keeps. `requested` None: the server's default, the region level
+    where the index holds one (the level a person names things at), else everything (an
+    index written before levels); LEVEL_FINE or LEVEL_REGION: that level; -1: any level."""
+    if requested is None:
+        return frozenset({LEVEL_REGION}) if has_regions else frozenset()
+    if requested == ANY_LEVEL:
+        return frozenset()
+    if requested not in (LEVEL_FINE, LEVEL_REGION):
+        raise InvalidArgument(f"unknown level {requested}")
+    return frozenset({requested})
 
 
 @dataclass(frozen=True)
@@ -102,9 +120,10 @@ def validate_batch_size(count: int, max_batch_queries: int) -> None:
 
 
 def validate_options(top_k: int, max_top_k: int, min_score: float, labels, exclude_image_ids,
-                     min_area_fraction: float, effort: int | None = None) -> SearchOptions:
+                     min_area_fraction: float, effort: int | None = None,
+                     levels: frozenset[int] = frozenset()) -> SearchOptions:
     """Raw request fields -> SearchOptions, with INVALID_ARGUMENT for values out of range;
-    `effort` as returned by `validate_effort`."""
+    `effort` as returned by `validate_effort`, `levels` by `resolve_levels`."""
     if math.isnan(min_score):
         raise InvalidArgument("min_score is NaN")
     if math.isnan(min_area_fraction) or not 0.0 <= min_area_fraction <= 1.0:
@@ -112,7 +131,7 @@ def validate_options(top_k: int, max_top_k: int, min_score: float, labels, exclu
     return SearchOptions(
         top_k=validate_top_k(top_k, max_top_k),
         min_score=float(min_score) if min_score != 0.0 else -math.inf,
-        filter=SearchFilter(frozenset(labels), frozenset(exclude_image_ids), float(min_area_fraction)),
+        filter=SearchFilter(frozenset(labels), frozenset(exclude_image_ids), float(min_area_fraction), levels),
         effort=effort,
     )
 
@@ -172,15 +191,36 @@ def _first_fetch(options: SearchOptions) -> int:
 
 def _filtered(store: ReadableStore, vector: np.ndarray, options: SearchOptions, fetch: int, candidates: list,
               total: int) -> list:
-    """The first top_k of `candidates` that pass, fetching twice as many while too few pass."""
+    """The first top_k of `candidates` that pass, fetching twice as many while too few pass.
+    Equal scores are ordered by segment id (FAISS orders them by its internal layout, which
+    differs between one index and its shards): a region of one fine segment has exactly that
+    segment's prototype, and which of the two a search at any level keeps must not depend on
+    the layout."""
     while True:
-        hits = [c for c in candidates if c.score >= options.min_score and options.filter.accepts(c.segment)]
+        ranked = sorted(candidates, key=lambda c: (-c.score, c.segment_id))
+        hits = without_relatives([c for c in ranked if c.score >= options.min_score and options.filter.accepts(c.segment)])
         exhausted = fetch >= total or len(candidates) < fetch
         below_threshold = bool(candidates) and candidates[-1].score < options.min_score
         if len(hits) >= options.top_k or exhausted or below_threshold:
             return hits[: options.top_k]
         fetch = min(total, fetch * 2)
         candidates = store.search(vector, fetch, options.effort)[0]
+
+
+def without_relatives(hits: list) -> list:
+    """`hits` (best first, each with `.segment_id` and `.segment`) less any whose parent or
+    child is a better hit: a search over several levels never answers with a region and a
+    piece of it. Within one level nothing is dropped (segments of a level do not nest)."""
+    kept, kept_ids, kept_parents = [], set(), set()
+    for hit in hits:
+        parent = hit.segment.parent_id
+        if (parent and parent in kept_ids) or hit.segment_id in kept_parents:
+            continue
+        kept.append(hit)
+        kept_ids.add(hit.segment_id)
+        if parent:
+            kept_parents.add(parent)
+    return kept
 
 
 def _with_images(store: ReadableStore, hits: list) -> list[Hit]:

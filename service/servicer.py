@@ -26,6 +26,7 @@ from segsearch.service.search import (
     default_effort,
     get_segment,
     search,
+    resolve_levels,
     search_many,
     validate_batch_size,
     validate_effort,
@@ -102,6 +103,8 @@ class SegmentSearchServicer(pb_grpc.SegmentSearchServicer):
             ef_search=default_effort(stats.ef_search, app.limits.search_effort),
             nprobe=default_effort(stats.nprobe, app.limits.search_effort),
             max_search_effort=app.limits.max_search_effort, max_batch_queries=app.limits.max_batch_queries,
+            levels=convert.index_levels(app.store.meta.has_regions),
+            default_level=convert.default_level(app.store.meta.has_regions),
         )
 
 
@@ -112,8 +115,9 @@ def _prepare(app: ServiceApp, request: pb.SearchRequest) -> tuple[QueryVector, S
                                  f"runs model {app.model_version!r}")
     f, limits = request.filter, app.limits
     effort = validate_effort(request.search_effort, limits.search_effort, limits.max_search_effort)
+    levels = resolve_levels(convert.requested_level(request.level), app.store.meta.has_regions)
     options = validate_options(request.top_k, limits.max_top_k, request.min_score, f.labels,
-                               f.exclude_image_ids, f.min_area_fraction, effort)
+                               f.exclude_image_ids, f.min_area_fraction, effort, levels)
     kind = request.WhichOneof("query")
     if kind == "segment_id":
         query = segment_id_query(app.store, request.segment_id, app.model_version)

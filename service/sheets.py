@@ -1,7 +1,7 @@
 """Pictures of service answers that a person reads at a glance.
 
-- `contact_sheet`: the query image with its region outlined (the rest dimmed), then one tile
-  per hit: the hit's image with the segment outlined and the rest dimmed, captioned with
+- `contact_sheet`: the query image with its region tinted and outlined (the rest dimmed), then
+  one tile per hit: the hit's image with the segment tinted and outlined, the rest dimmed, captioned with
   rank, score, label and image id. A hit's image is read from its `image_uri` when that is a
   readable local file (the client's side: the server never reads client paths); otherwise
   the tile shows the mask alone on grey.
@@ -51,13 +51,18 @@ def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
     return mask & ~inner
 
 
+FILL = 0.3  # share of the highlight colour in a region's pixels
+
+
 def highlight(image: np.ndarray, mask: np.ndarray | None, colour) -> np.ndarray:
-    """Dim everything outside `mask`, draw its outline in `colour`."""
+    """Dim everything outside `mask`, tint it with `colour` and outline it in `colour`, the
+    outline thick enough (about 2 px of a TILE-sized thumbnail) to see at thumbnail size."""
     picture = image.astype(np.float32)
     if mask is None or not mask.any():
         return image.copy()
     picture[~mask] *= 0.45
-    thickness = 2
+    picture[mask] = (1 - FILL) * picture[mask] + FILL * np.asarray(colour, np.float32)
+    thickness = max(2, round(2 * max(mask.shape) / TILE))
     picture[outline(mask, thickness)] = colour
     return picture.clip(0, 255).astype(np.uint8)
 

@@ -118,7 +118,7 @@ def model_version(config: ModelConfig, state_dict: dict) -> str:
 # ModelConfig fields added after checkpoint format 1: hashed only when they differ from their
 # defaults, so that a checkpoint written before they existed keeps its model version (and every
 # index built with it stays servable).
-LATER_FIELDS = ("block_norm", "colour_bins", "colour_weight", "texture_blocks", "texture_weight")
+LATER_FIELDS = ("block_norm", "colour_bins", "colour_weight", "texture_blocks", "texture_weight", "head_type")
 
 
 def _hashed_config(config: ModelConfig) -> dict:

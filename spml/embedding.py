@@ -28,6 +28,7 @@ from segsearch.spml.colour import pooled_lab_code
 from segsearch.spml.vgg import block_channels, build_backbone
 
 OUTPUT_STRIDE = 4
+HEAD_TYPES = ("mlp", "residual")
 
 
 @dataclass
@@ -46,6 +47,7 @@ class ModelConfig:
     colour_weight: float = 0.0  # share of a pixel embedding's squared norm held by the colour code
     texture_blocks: tuple[int, ...] = ()  # untrained backbone blocks appended as a fixed part
     texture_weight: float = 0.0  # share of the squared norm held by that fixed texture part
+    head_type: str = "mlp"  # "mlp", or "residual": a fixed PCA projection plus a learned correction
 
     def __post_init__(self) -> None:
         self.texture_blocks = tuple(self.texture_blocks)
@@ -56,6 +58,8 @@ class ModelConfig:
         if self.head_weight <= 0.0:
             raise ValueError(f"colour_weight + texture_weight must stay below 1, got "
                              f"{self.colour_weight} + {self.texture_weight}")
+        if self.head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {self.head_type!r}")
         if self.colour_bins and self.num_classes:
             raise ValueError("the cross-entropy baselines (num_classes > 0) take no colour code")
 
@@ -114,6 +118,41 @@ class EmbeddingHead(nn.Module):
         return self.layers(features)
 
 
+class ResidualHead(nn.Module):
+    """(B, C, h, w) hypercolumn -> (B, D, h, w): a fixed projection onto the hypercolumn's D
+    principal directions plus a learned correction that starts at zero.
+
+    Why: an MLP head trained on a few hundred classes keeps only what separates them, and on
+    pictures it never saw retrieves worse than the untrained features it was given
+    (bench/RESULTS.md). Starting from the PCA projection (`projection` (D, C), the top
+    eigenvectors of the uncentred second moment of training pixels' hypercolumns, set by the
+    trainer with `set_projection`) the head begins as a generic descriptor, and SPML's loss
+    moves it only as far as the relations ask; the correction's last layer is zero at
+    initialisation, so step 0 is exactly the projection."""
+
+    def __init__(self, in_channels: int, hidden_dim: int, embedding_dim: int):
+        super().__init__()
+        self.register_buffer("projection", torch.zeros(embedding_dim, in_channels))
+        self.correction = EmbeddingHead(in_channels, hidden_dim, embedding_dim)
+        nn.init.zeros_(self.correction.layers[-1].weight)
+        nn.init.zeros_(self.correction.layers[-1].bias)
+
+    def set_projection(self, pixels: torch.Tensor) -> None:
+        """`pixels` (N, C) hypercolumn samples -> `projection` := their top-D principal
+        directions (uncentred: cosine similarity of the projected vectors then approximates
+        that of the hypercolumns). Signs are fixed (largest entry positive) so the result is
+        deterministic."""
+        moment = pixels.double().T @ pixels.double() / max(1, pixels.shape[0])
+        _, vectors = torch.linalg.eigh(moment)  # ascending eigenvalues
+        top = vectors[:, -self.projection.shape[0]:].flip(1).T  # (D, C)
+        signs = torch.sign(top.gather(1, top.abs().argmax(1, keepdim=True)))
+        self.projection.copy_((top * signs).to(self.projection.dtype))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        projected = torch.einsum("dc,bchw->bdhw", self.projection, features)
+        return projected + self.correction(features)
+
+
 class EmbeddingNet(nn.Module):
     """Images (B, 3, H, W) RGB in [0, 255] -> unit-norm embeddings (B, output_dim, H/4, W/4)."""
 
@@ -128,14 +167,15 @@ class EmbeddingNet(nn.Module):
         )
         channels = sum(self.backbone.block_channels[b - 1] for b in config.feature_blocks)
         self.head_channels = channels  # the hypercolumn; a colour code follows it in `features`
-        self.head = EmbeddingHead(channels, config.hidden_dim, config.embedding_dim)
+        head_class = ResidualHead if config.head_type == "residual" else EmbeddingHead
+        self.head = head_class(channels, config.hidden_dim, config.embedding_dim)
         self.classifier = (
             nn.Conv2d(config.embedding_dim, config.num_classes, 1) if config.num_classes else None
         )
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> features (B, C + T + K, ceil(H/4), ceil(W/4)): the hypercolumn (C
-        channels), then the fixed texture part (T: `texture_blocks` raw, unit per pixel) and the
+        channels), then the fixed texture part (T: `texture_blocks`, each block unit per pixel, then the part unit) and the
         colour code (K = colour_bins^3), when configured. This is what the trainer caches."""
         return self.hypercolumn(self.backbone(images), images)
 
@@ -147,7 +187,8 @@ class EmbeddingNet(nn.Module):
         if self.config.block_norm:
             resampled = [F.normalize(block, dim=1) for block in resampled]
         if self.config.texture_blocks:
-            texture = torch.cat([_resample(blocks[b - 1], size) for b in self.config.texture_blocks], dim=1)
+            texture = torch.cat([F.normalize(_resample(blocks[b - 1], size), dim=1)
+                                 for b in self.config.texture_blocks], dim=1)
             resampled.append(F.normalize(texture, dim=1))
         if self.config.colour_bins:
             resampled.append(pooled_lab_code(images, self.config.colour_bins, OUTPUT_STRIDE))

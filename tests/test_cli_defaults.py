@@ -34,7 +34,7 @@ SOURCES = {
 CLI_ONLY = {
     ("train", "out"), ("train", "data"), ("eval", "out"), ("eval", "data"), ("serve", "batch_max"),
     ("query", "top_k"), ("query", "labels"), ("query", "min_area"), ("query", "min_score"),
-    ("query", "server"), ("query", "timeout"), ("query", "exclude_image"), ("segment", "num_segments"), ("segment", "server"),
+    ("query", "server"), ("query", "timeout"), ("query", "exclude_image"), ("query", "level"), ("segment", "num_segments"), ("segment", "server"),
     ("segment", "timeout"), ("load", "region_images"), ("load", "region_fraction"), ("load", "top_k"),
     ("load", "server"), ("demo", "workdir"), ("demo", "steps"), ("demo", "supervision"),
 }

@@ -70,6 +70,9 @@ def add_train_parser(subparsers) -> None:
                         "(default: %(default)s)")
     m.add_argument("--colour-weight", type=float, default=d.colour_weight,
                    help="the colour code's share of the embedding's squared norm (default: %(default)s)")
+    m.add_argument("--head", dest="head_type", choices=("mlp", "residual"), default=d.head_type,
+                   help="mlp: a small conv head; residual: the hypercolumn's PCA projection plus a "
+                        "learned correction that starts at zero (default: %(default)s)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=d.steps, help="training steps (default: %(default)s)")
     o.add_argument("--batch-size", type=int, default=d.batch_size,
@@ -156,7 +159,7 @@ def train_config(args) -> TrainConfig:
         backbone=args.backbone, pretrained=not args.no_pretrained and args.backbone != "small",
         freeze_backbone=not args.train_backbone, embedding_dim=args.embedding_dim,
         hidden_dim=args.hidden_dim, feature_blocks=args.feature_blocks, block_norm=args.block_norm,
-        colour_bins=args.colour_bins, colour_weight=args.colour_weight, steps=args.steps, batch_size=args.batch_size,
+        colour_bins=args.colour_bins, colour_weight=args.colour_weight, head_type=args.head_type, steps=args.steps, batch_size=args.batch_size,
         optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
         train_grid=args.train_grid, inference_grid=args.inference_grid,
         kmeans_iterations=args.kmeans_iterations, scribble_length=args.scribble_length,

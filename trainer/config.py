@@ -28,6 +28,7 @@ class TrainConfig:
     block_norm: bool = False  # L2-normalise each block per pixel (spml/embedding.py)
     colour_bins: int = 0  # > 0: append a soft Lab colour code of colour_bins^3 bins
     colour_weight: float = 0.0  # its share of the embedding's squared norm
+    head_type: str = "mlp"  # "mlp" or "residual" (PCA projection + learned correction)
     steps: int = 300
     batch_size: int = 8  # per process; under torchrun the global batch is batch_size x ranks
     optimizer: str = "adam"  # adam | sgd

@@ -27,7 +27,7 @@ from segsearch.spml.device import resolve_device
 from segsearch.spml.checkpoint import (
     Checkpoint, load_checkpoint, load_weights, save_checkpoint, trainable_state_dict,
 )
-from segsearch.spml.embedding import EmbeddingNet, ModelConfig
+from segsearch.spml.embedding import EmbeddingNet, ModelConfig, ResidualHead
 from segsearch.spml.kmeans import KMeansConfig
 from segsearch.trainer.config import TrainConfig
 from segsearch.trainer.curves import plot_loss_curves
@@ -72,6 +72,7 @@ def build_model_config(config: TrainConfig, class_names: list[str]) -> ModelConf
         block_norm=config.block_norm,
         colour_bins=config.colour_bins,
         colour_weight=config.colour_weight,
+        head_type=config.head_type,
         num_classes=len(class_names) if config.method != "spml" else 0,
         class_names=list(class_names),
     )
@@ -203,7 +204,20 @@ def _build(config: TrainConfig, device: torch.device, prepared=None, class_names
         model.backbone.eval()
     if prepared is None:
         prepared, _ = prepare_training_data(config, model, split=split)
+    if isinstance(model.head, ResidualHead):
+        model.head.set_projection(hypercolumn_pixels(prepared, model.head_channels, config.seed).to(device))
     return model, prepared
+
+
+def hypercolumn_pixels(prepared: PreparedSet, channels: int, seed: int, count: int = 65536) -> torch.Tensor:
+    """(count, C) hypercolumns of training pixels drawn with `seed` (padding excluded): what a
+    residual head's PCA projection is fitted on."""
+    if prepared.features is None:
+        raise ValueError("a residual head needs cached features (a frozen backbone)")
+    features = prepared.features[:, :channels]  # (N, C, h, w)
+    pixels = features.permute(0, 2, 3, 1)[prepared.valid_mask()]  # (P, C)
+    chosen = torch.randperm(pixels.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
+    return pixels[chosen].float()
 
 
 def _optimizer(config: TrainConfig, model: EmbeddingNet) -> torch.optim.Optimizer:

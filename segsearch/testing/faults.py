@@ -312,7 +312,8 @@ def _check_through_server(address: str, ledger: Ledger, rng: random.Random, chec
     with SegsearchClient(address, timeout=60) as client:
         for image_id, entry in rng.sample(added, min(SEARCH_SAMPLE, len(added))):
             segment_id = rng.choice(entry.segment_ids)
-            hits = client.search_segment(segment_id, top_k=5).hits
+            level = client.get_segment(segment_id).level  # searched at its own level, it comes first
+            hits = client.search_segment(segment_id, top_k=5, level=level).hits
             if segment_id not in [hit.segment_id for hit in hits]:
                 check.lost += 1
                 check.problems.append(f"{image_id}: segment {segment_id} not found by SearchSimilar")

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!segsearch/v1/segment_search.proto\x12\x0csegsearch.v1\"\'\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x10\n\x08image_id\x18\x02 \x01(\t\"5\n\x03\x42ox\x12\n\n\x02x0\x18\x01 \x01(\x05\x12\n\n\x02y0\x18\x02 \x01(\x05\x12\n\n\x02x1\x18\x03 \x01(\x05\x12\n\n\x02y1\x18\x04 \x01(\x05\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x05\x12\t\n\x01y\x18\x02 \x01(\x05\"m\n\x06Region\x12\x12\n\x08mask_png\x18\x01 \x01(\x0cH\x00\x12 \n\x03\x62ox\x18\x02 \x01(\x0b\x32\x11.segsearch.v1.BoxH\x00\x12$\n\x05point\x18\x03 \x01(\x0b\x32\x13.segsearch.v1.PointH\x00\x42\x07\n\x05shape\"W\n\x0bRegionQuery\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.segsearch.v1.Image\x12$\n\x06region\x18\x02 \x01(\x0b\x32\x14.segsearch.v1.Region\"N\n\x06\x46ilter\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12\x19\n\x11\x65xclude_image_ids\x18\x02 \x03(\t\x12\x19\n\x11min_area_fraction\x18\x03 \x01(\x02\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x96\x02\n\rSearchRequest\x12+\n\x06region\x18\x01 \x01(\x0b\x32\x19.segsearch.v1.RegionQueryH\x00\x12\x14\n\nsegment_id\x18\x02 \x01(\x04H\x00\x12,\n\tembedding\x18\x08 \x01(\x0b\x32\x17.segsearch.v1.EmbeddingH\x00\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12$\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x14.segsearch.v1.Filter\x12\x15\n\rinclude_masks\x18\x05 \x01(\x08\x12\x11\n\tmin_score\x18\x06 \x01(\x02\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x15\n\rsearch_effort\x18\t \x01(\x05\x42\x07\n\x05query\"B\n\x12SearchBatchRequest\x12,\n\x07queries\x18\x01 \x03(\x0b\x32\x1b.segsearch.v1.SearchRequest\"D\n\x13SearchBatchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.segsearch.v1.SearchResponse\"\xe5\x01\n\x03Hit\x12\x12\n\nsegment_id\x18\x01 \x01(\x04\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x11\n\timage_uri\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x1e\n\x03\x62ox\x18\x05 \x01(\x0b\x32\x11.segsearch.v1.Box\x12\r\n\x05label\x18\x06 \x01(\t\x12\x13\n\x0blabel_score\x18\x07 \x01(\x02\x12\x15\n\rarea_fraction\x18\x08 \x01(\x02\x12\x10\n\x08mask_png\x18\t \x01(\x0c\x12\x13\n\x0bimage_width\x18\n \x01(\x05\x12\x14\n\x0cimage_height\x18\x0b \x01(\x05\"`\n\x0eSearchResponse\x12\x1f\n\x04hits\x18\x01 \x03(\x0b\x32\x11.segsearch.v1.Hit\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x16\n\x0equery_mask_png\x18\x03 \x01(\x0c\"J\n\x0eSegmentRequest\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.segsearch.v1.Image\x12\x14\n\x0cnum_segments\x18\x02 \x01(\x05\"w\n\x0bSegmentInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x1e\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x11.segsearch.v1.Box\x12\x15\n\rarea_fraction\x18\x03 \x01(\x02\x12\r\n\x05label\x18\x04 \x01(\t\x12\x13\n\x0blabel_score\x18\x05 \x01(\x02\"\xb4\x01\n\x0fSegmentResponse\x12\x17\n\x0fsegment_map_png\x18\x01 \x01(\x0c\x12\x15\n\rlabel_map_png\x18\x02 \x01(\x0c\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12+\n\x08segments\x18\x04 \x03(\x0b\x32\x19.segsearch.v1.SegmentInfo\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x15\n\rmodel_version\x18\x07 \x01(\t\"B\n\x11GetSegmentRequest\x12\x12\n\nsegment_id\x18\x01 \x01(\x04\x12\x19\n\x11include_prototype\x18\x02 \x01(\x08\"\x8a\x02\n\rSegmentRecord\x12\x12\n\nsegment_id\x18\x01 \x01(\x04\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x11\n\timage_uri\x18\x03 \x01(\t\x12\x1e\n\x03\x62ox\x18\x04 \x01(\x0b\x32\x11.segsearch.v1.Box\x12\x15\n\rarea_fraction\x18\x05 \x01(\x02\x12\r\n\x05label\x18\x06 \x01(\t\x12\x13\n\x0blabel_score\x18\x07 \x01(\x02\x12\x10\n\x08mask_png\x18\x08 \x01(\x0c\x12\x15\n\rmodel_version\x18\t \x01(\t\x12\x13\n\x0bimage_width\x18\n \x01(\x05\x12\x14\n\x0cimage_height\x18\x0b \x01(\x05\x12\x11\n\tprototype\x18\x0c \x03(\x02\"D\n\x11IndexImageRequest\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.segsearch.v1.Image\x12\x0b\n\x03uri\x18\x02 \x01(\t\"5\n\x0cIndexedImage\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x13\n\x0bsegment_ids\x18\x02 \x03(\x04\"0\n\x0cSkippedImage\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x85\x01\n\x13IndexImagesResponse\x12+\n\x07indexed\x18\x01 \x03(\x0b\x32\x1a.segsearch.v1.IndexedImage\x12+\n\x07skipped\x18\x02 \x03(\x0b\x32\x1a.segsearch.v1.SkippedImage\x12\x14\n\x0cnum_segments\x18\x03 \x01(\x04\"=\n\x13\x44\x65leteImagesRequest\x12\x11\n\timage_ids\x18\x01 \x03(\t\x12\x13\n\x0bsegment_ids\x18\x02 \x03(\x04\"G\n\x14\x44\x65leteImagesResponse\x12\x1b\n\x13\x64\x65leted_segment_ids\x18\x01 \x03(\x04\x12\x12\n\nnum_images\x18\x02 \x01(\x05\"\x10\n\x0eGetInfoRequest\"\xbd\x02\n\x0cInfoResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x14\n\x0cnum_segments\x18\x02 \x01(\x04\x12\x12\n\nnum_images\x18\x03 \x01(\x04\x12\x15\n\rembedding_dim\x18\x04 \x01(\x05\x12\x13\n\x0blabel_names\x18\x05 \x03(\t\x12\x12\n\nindex_type\x18\x06 \x01(\t\x12\x13\n\x0b\x66\x61iss_index\x18\x07 \x01(\t\x12\x11\n\tmax_top_k\x18\x08 \x01(\x05\x12\x18\n\x10max_image_pixels\x18\t \x01(\x03\x12\x11\n\tread_only\x18\n \x01(\x08\x12\x11\n\tef_search\x18\x0b \x01(\x05\x12\x0e\n\x06nprobe\x18\x0c \x01(\x05\x12\x19\n\x11max_search_effort\x18\r \x01(\x05\x12\x19\n\x11max_batch_queries\x18\x0e \x01(\x05\x32\xbb\x04\n\rSegmentSearch\x12J\n\rSearchSimilar\x12\x1b.segsearch.v1.SearchRequest\x1a\x1c.segsearch.v1.SearchResponse\x12Y\n\x12SearchSimilarBatch\x12 .segsearch.v1.SearchBatchRequest\x1a!.segsearch.v1.SearchBatchResponse\x12\x46\n\x07Segment\x12\x1c.segsearch.v1.SegmentRequest\x1a\x1d.segsearch.v1.SegmentResponse\x12J\n\nGetSegment\x12\x1f.segsearch.v1.GetSegmentRequest\x1a\x1b.segsearch.v1.SegmentRecord\x12S\n\x0bIndexImages\x12\x1f.segsearch.v1.IndexImageRequest\x1a!.segsearch.v1.IndexImagesResponse(\x01\x12U\n\x0c\x44\x65leteImages\x12!.segsearch.v1.DeleteImagesRequest\x1a\".segsearch.v1.DeleteImagesResponse\x12\x43\n\x07GetInfo\x12\x1c.segsearch.v1.GetInfoRequest\x1a\x1a.segsearch.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!segsearch/v1/segment_search.proto\x12\x0csegsearch.v1\"\'\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x10\n\x08image_id\x18\x02 \x01(\t\"5\n\x03\x42ox\x12\n\n\x02x0\x18\x01 \x01(\x05\x12\n\n\x02y0\x18\x02 \x01(\x05\x12\n\n\x02x1\x18\x03 \x01(\x05\x12\n\n\x02y1\x18\x04 \x01(\x05\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x05\x12\t\n\x01y\x18\x02 \x01(\x05\"m\n\x06Region\x12\x12\n\x08mask_png\x18\x01 \x01(\x0cH\x00\x12 \n\x03\x62ox\x18\x02 \x01(\x0b\x32\x11.segsearch.v1.BoxH\x00\x12$\n\x05point\x18\x03 \x01(\x0b\x32\x13.segsearch.v1.PointH\x00\x42\x07\n\x05shape\"W\n\x0bRegionQuery\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.segsearch.v1.Image\x12$\n\x06region\x18\x02 \x01(\x0b\x32\x14.segsearch.v1.Region\"N\n\x06\x46ilter\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12\x19\n\x11\x65xclude_image_ids\x18\x02 \x03(\t\x12\x19\n\x11min_area_fraction\x18\x03 \x01(\x02\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xba\x02\n\rSearchRequest\x12+\n\x06region\x18\x01 \x01(\x0b\x32\x19.segsearch.v1.RegionQueryH\x00\x12\x14\n\nsegment_id\x18\x02 \x01(\x04H\x00\x12,\n\tembedding\x18\x08 \x01(\x0b\x32\x17.segsearch.v1.EmbeddingH\x00\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12$\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x14.segsearch.v1.Filter\x12\x15\n\rinclude_masks\x18\x05 \x01(\x08\x12\x11\n\tmin_score\x18\x06 \x01(\x02\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x15\n\rsearch_effort\x18\t \x01(\x05\x12\"\n\x05level\x18\n \x01(\x0e\x32\x13.segsearch.v1.LevelB\x07\n\x05query\"B\n\x12SearchBatchRequest\x12,\n\x07queries\x18\x01 \x03(\x0b\x32\x1b.segsearch.v1.SearchRequest\"D\n\x13SearchBatchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.segsearch.v1.SearchResponse\"\xa4\x02\n\x03Hit\x12\x12\n\nsegment_id\x18\x01 \x01(\x04\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x11\n\timage_uri\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x1e\n\x03\x62ox\x18\x05 \x01(\x0b\x32\x11.segsearch.v1.Box\x12\r\n\x05label\x18\x06 \x01(\t\x12\x13\n\x0blabel_score\x18\x07 \x01(\x02\x12\x15\n\rarea_fraction\x18\x08 \x01(\x02\x12\x10\n\x08mask_png\x18\t \x01(\x0c\x12\x13\n\x0bimage_width\x18\n \x01(\x05\x12\x14\n\x0cimage_height\x18\x0b \x01(\x05\x12\"\n\x05level\x18\x0c \x01(\x0e\x32\x13.segsearch.v1.Level\x12\x19\n\x11parent_segment_id\x18\r \x01(\x04\"`\n\x0eSearchResponse\x12\x1f\n\x04hits\x18\x01 \x03(\x0b\x32\x11.segsearch.v1.Hit\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x16\n\x0equery_mask_png\x18\x03 \x01(\x0c\"J\n\x0eSegmentRequest\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.segsearch.v1.Image\x12\x14\n\x0cnum_segments\x18\x02 \x01(\x05\"w\n\x0bSegmentInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x1e\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x11.segsearch.v1.Box\x12\x15\n\rarea_fraction\x18\x03 \x01(\x02\x12\r\n\x05label\x18\x04 \x01(\t\x12\x13\n\x0blabel_score\x18\x05 \x01(\x02\"\xb4\x01\n\x0fSegmentResponse\x12\x17\n\x0fsegment_map_png\x18\x01 \x01(\x0c\x12\x15\n\rlabel_map_png\x18\x02 \x01(\x0c\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12+\n\x08segments\x18\x04 \x03(\x0b\x32\x19.segsearch.v1.SegmentInfo\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x15\n\rmodel_version\x18\x07 \x01(\t\"B\n\x11GetSegmentRequest\x12\x12\n\nsegment_id\x18\x01 \x01(\x04\x12\x19\n\x11include_prototype\x18\x02 \x01(\x08\"\xc9\x02\n\rSegmentRecord\x12\x12\n\nsegment_id\x18\x01 \x01(\x04\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x11\n\timage_uri\x18\x03 \x01(\t\x12\x1e\n\x03\x62ox\x18\x04 \x01(\x0b\x32\x11.segsearch.v1.Box\x12\x15\n\rarea_fraction\x18\x05 \x01(\x02\x12\r\n\x05label\x18\x06 \x01(\t\x12\x13\n\x0blabel_score\x18\x07 \x01(\x02\x12\x10\n\x08mask_png\x18\x08 \x01(\x0c\x12\x15\n\rmodel_version\x18\t \x01(\t\x12\x13\n\x0bimage_width\x18\n \x01(\x05\x12\x14\n\x0cimage_height\x18\x0b \x01(\x05\x12\x11\n\tprototype\x18\x0c \x03(\x02\x12\"\n\x05level\x18\r \x01(\x0e\x32\x13.segsearch.v1.Level\x12\x19\n\x11parent_segment_id\x18\x0e \x01(\x04\"D\n\x11IndexImageRequest\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.segsearch.v1.Image\x12\x0b\n\x03uri\x18\x02 \x01(\t\"5\n\x0cIndexedImage\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x13\n\x0bsegment_ids\x18\x02 \x03(\x04\"0\n\x0cSkippedImage\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x85\x01\n\x13IndexImagesResponse\x12+\n\x07indexed\x18\x01 \x03(\x0b\x32\x1a.segsearch.v1.IndexedImage\x12+\n\x07skipped\x18\x02 \x03(\x0b\x32\x1a.segsearch.v1.SkippedImage\x12\x14\n\x0cnum_segments\x18\x03 \x01(\x04\"=\n\x13\x44\x65leteImagesRequest\x12\x11\n\timage_ids\x18\x01 \x03(\t\x12\x13\n\x0bsegment_ids\x18\x02 \x03(\x04\"G\n\x14\x44\x65leteImagesResponse\x12\x1b\n\x13\x64\x65leted_segment_ids\x18\x01 \x03(\x04\x12\x12\n\nnum_images\x18\x02 \x01(\x05\"\x10\n\x0eGetInfoRequest\"\x8e\x03\n\x0cInfoResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x14\n\x0cnum_segments\x18\x02 \x01(\x04\x12\x12\n\nnum_images\x18\x03 \x01(\x04\x12\x15\n\rembedding_dim\x18\x04 \x01(\x05\x12\x13\n\x0blabel_names\x18\x05 \x03(\t\x12\x12\n\nindex_type\x18\x06 \x01(\t\x12\x13\n\x0b\x66\x61iss_index\x18\x07 \x01(\t\x12\x11\n\tmax_top_k\x18\x08 \x01(\x05\x12\x18\n\x10max_image_pixels\x18\t \x01(\x03\x12\x11\n\tread_only\x18\n \x01(\x08\x12\x11\n\tef_search\x18\x0b \x01(\x05\x12\x0e\n\x06nprobe\x18\x0c \x01(\x05\x12\x19\n\x11max_search_effort\x18\r \x01(\x05\x12\x19\n\x11max_batch_queries\x18\x0e \x01(\x05\x12#\n\x06levels\x18\x0f \x03(\x0e\x32\x13.segsearch.v1.Level\x12*\n\rdefault_level\x18\x10 \x01(\x0e\x32\x13.segsearch.v1.Level*K\n\x05Level\x12\x11\n\rLEVEL_DEFAULT\x10\x00\x12\x0e\n\nLEVEL_FINE\x10\x01\x12\x10\n\x0cLEVEL_REGION\x10\x02\x12\r\n\tLEVEL_ANY\x10\x03\x32\xbb\x04\n\rSegmentSearch\x12J\n\rSearchSimilar\x12\x1b.segsearch.v1.SearchRequest\x1a\x1c.segsearch.v1.SearchResponse\x12Y\n\x12SearchSimilarBatch\x12 .segsearch.v1.SearchBatchRequest\x1a!.segsearch.v1.SearchBatchResponse\x12\x46\n\x07Segment\x12\x1c.segsearch.v1.SegmentRequest\x1a\x1d.segsearch.v1.SegmentResponse\x12J\n\nGetSegment\x12\x1f.segsearch.v1.GetSegmentRequest\x1a\x1b.segsearch.v1.SegmentRecord\x12S\n\x0bIndexImages\x12\x1f.segsearch.v1.IndexImageRequest\x1a!.segsearch.v1.IndexImagesResponse(\x01\x12U\n\x0c\x44\x65leteImages\x12!.segsearch.v1.DeleteImagesRequest\x1a\".segsearch.v1.DeleteImagesResponse\x12\x43\n\x07GetInfo\x12\x1c.segsearch.v1.GetInfoRequest\x1a\x1a.segsearch.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'segsearch.v1.segment_search_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_LEVEL']._serialized_start=2981
+  _globals['_LEVEL']._serialized_end=3056
   _globals['_IMAGE']._serialized_start=51
   _globals['_IMAGE']._serialized_end=90
   _globals['_BOX']._serialized_start=92
@@ -46,41 +48,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDDING']._serialized_start=458
   _globals['_EMBEDDING']._serialized_end=485
   _globals['_SEARCHREQUEST']._serialized_start=488
-  _globals['_SEARCHREQUEST']._serialized_end=766
-  _globals['_SEARCHBATCHREQUEST']._serialized_start=768
-  _globals['_SEARCHBATCHREQUEST']._serialized_end=834
-  _globals['_SEARCHBATCHRESPONSE']._serialized_start=836
-  _globals['_SEARCHBATCHRESPONSE']._serialized_end=904
-  _globals['_HIT']._serialized_start=907
-  _globals['_HIT']._serialized_end=1136
-  _globals['_SEARCHRESPONSE']._serialized_start=1138
-  _globals['_SEARCHRESPONSE']._serialized_end=1234
-  _globals['_SEGMENTREQUEST']._serialized_start=1236
-  _globals['_SEGMENTREQUEST']._serialized_end=1310
-  _globals['_SEGMENTINFO']._serialized_start=1312
-  _globals['_SEGMENTINFO']._serialized_end=1431
-  _globals['_SEGMENTRESPONSE']._serialized_start=1434
-  _globals['_SEGMENTRESPONSE']._serialized_end=1614
-  _globals['_GETSEGMENTREQUEST']._serialized_start=1616
-  _globals['_GETSEGMENTREQUEST']._serialized_end=1682
-  _globals['_SEGMENTRECORD']._serialized_start=1685
-  _globals['_SEGMENTRECORD']._serialized_end=1951
-  _globals['_INDEXIMAGEREQUEST']._serialized_start=1953
-  _globals['_INDEXIMAGEREQUEST']._serialized_end=2021
-  _globals['_INDEXEDIMAGE']._serialized_start=2023
-  _globals['_INDEXEDIMAGE']._serialized_end=2076
-  _globals['_SKIPPEDIMAGE']._serialized_start=2078
-  _globals['_SKIPPEDIMAGE']._serialized_end=2126
-  _globals['_INDEXIMAGESRESPONSE']._serialized_start=2129
-  _globals['_INDEXIMAGESRESPONSE']._serialized_end=2262
-  _globals['_DELETEIMAGESREQUEST']._serialized_start=2264
-  _globals['_DELETEIMAGESREQUEST']._serialized_end=2325
-  _globals['_DELETEIMAGESRESPONSE']._serialized_start=2327
-  _globals['_DELETEIMAGESRESPONSE']._serialized_end=2398
-  _globals['_GETINFOREQUEST']._serialized_start=2400
-  _globals['_GETINFOREQUEST']._serialized_end=2416
-  _globals['_INFORESPONSE']._serialized_start=2419
-  _globals['_INFORESPONSE']._serialized_end=2736
-  _globals['_SEGMENTSEARCH']._serialized_start=2739
-  _globals['_SEGMENTSEARCH']._serialized_end=3310
+  _globals['_SEARCHREQUEST']._serialized_end=802
+  _globals['_SEARCHBATCHREQUEST']._serialized_start=804
+  _globals['_SEARCHBATCHREQUEST']._serialized_end=870
+  _globals['_SEARCHBATCHRESPONSE']._serialized_start=872
+  _globals['_SEARCHBATCHRESPONSE']._serialized_end=940
+  _globals['_HIT']._serialized_start=943
+  _globals['_HIT']._serialized_end=1235
+  _globals['_SEARCHRESPONSE']._serialized_start=1237
+  _globals['_SEARCHRESPONSE']._serialized_end=1333
+  _globals['_SEGMENTREQUEST']._serialized_start=1335
+  _globals['_SEGMENTREQUEST']._serialized_end=1409
+  _globals['_SEGMENTINFO']._serialized_start=1411
+  _globals['_SEGMENTINFO']._serialized_end=1530
+  _globals['_SEGMENTRESPONSE']._serialized_start=1533
+  _globals['_SEGMENTRESPONSE']._serialized_end=1713
+  _globals['_GETSEGMENTREQUEST']._serialized_start=1715
+  _globals['_GETSEGMENTREQUEST']._serialized_end=1781
+  _globals['_SEGMENTRECORD']._serialized_start=1784
+  _globals['_SEGMENTRECORD']._serialized_end=2113
+  _globals['_INDEXIMAGEREQUEST']._serialized_start=2115
+  _globals['_INDEXIMAGEREQUEST']._serialized_end=2183
+  _globals['_INDEXEDIMAGE']._serialized_start=2185
+  _globals['_INDEXEDIMAGE']._serialized_end=2238
+  _globals['_SKIPPEDIMAGE']._serialized_start=2240
+  _globals['_SKIPPEDIMAGE']._serialized_end=2288
+  _globals['_INDEXIMAGESRESPONSE']._serialized_start=2291
+  _globals['_INDEXIMAGESRESPONSE']._serialized_end=2424
+  _globals['_DELETEIMAGESREQUEST']._serialized_start=2426
+  _globals['_DELETEIMAGESREQUEST']._serialized_end=2487
+  _globals['_DELETEIMAGESRESPONSE']._serialized_start=2489
+  _globals['_DELETEIMAGESRESPONSE']._serialized_end=2560
+  _globals['_GETINFOREQUEST']._serialized_start=2562
+  _globals['_GETINFOREQUEST']._serialized_end=2578
+  _globals['_INFORESPONSE']._serialized_start=2581
+  _globals['_INFORESPONSE']._serialized_end=2979
+  _globals['_SEGMENTSEARCH']._serialized_start=3059
+  _globals['_SEGMENTSEARCH']._serialized_end=3630
 # @@protoc_insertion_point(module_scope)

@@ -1,10 +1,22 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Level(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LEVEL_DEFAULT: _ClassVar[Level]
+    LEVEL_FINE: _ClassVar[Level]
+    LEVEL_REGION: _ClassVar[Level]
+    LEVEL_ANY: _ClassVar[Level]
+LEVEL_DEFAULT: Level
+LEVEL_FINE: Level
+LEVEL_REGION: Level
+LEVEL_ANY: Level
 
 class Image(_message.Message):
     __slots__ = ("data", "image_id")
@@ -69,7 +81,7 @@ class Embedding(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("region", "segment_id", "embedding", "top_k", "filter", "include_masks", "min_score", "model_version", "search_effort")
+    __slots__ = ("region", "segment_id", "embedding", "top_k", "filter", "include_masks", "min_score", "model_version", "search_effort", "level")
     REGION_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +91,7 @@ class SearchRequest(_message.Message):
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SEARCH_EFFORT_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
     region: RegionQuery
     segment_id: int
     embedding: Embedding
@@ -88,7 +101,8 @@ class SearchRequest(_message.Message):
     min_score: float
     model_version: str
     search_effort: int
-    def __init__(self, region: _Optional[_Union[RegionQuery, _Mapping]] = ..., segment_id: _Optional[int] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., include_masks: _Optional[bool] = ..., min_score: _Optional[float] = ..., model_version: _Optional[str] = ..., search_effort: _Optional[int] = ...) -> None: ...
+    level: Level
+    def __init__(self, region: _Optional[_Union[RegionQuery, _Mapping]] = ..., segment_id: _Optional[int] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., include_masks: _Optional[bool] = ..., min_score: _Optional[float] = ..., model_version: _Optional[str] = ..., search_effort: _Optional[int] = ..., level: _Optional[_Union[Level, str]] = ...) -> None: ...
 
 class SearchBatchRequest(_message.Message):
     __slots__ = ("queries",)
@@ -103,7 +117,7 @@ class SearchBatchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[SearchResponse, _Mapping]]] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("segment_id", "image_id", "image_uri", "score", "box", "label", "label_score", "area_fraction", "mask_png", "image_width", "image_height")
+    __slots__ = ("segment_id", "image_id", "image_uri", "score", "box", "label", "label_score", "area_fraction", "mask_png", "image_width", "image_height", "level", "parent_segment_id")
     SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_URI_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +129,8 @@ class Hit(_message.Message):
     MASK_PNG_FIELD_NUMBER: _ClassVar[int]
     IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
     IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    PARENT_SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
     segment_id: int
     image_id: str
     image_uri: str
@@ -126,7 +142,9 @@ class Hit(_message.Message):
     mask_png: bytes
     image_width: int
     image_height: int
-    def __init__(self, segment_id: _Optional[int] = ..., image_id: _Optional[str] = ..., image_uri: _Optional[str] = ..., score: _Optional[float] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., label: _Optional[str] = ..., label_score: _Optional[float] = ..., area_fraction: _Optional[float] = ..., mask_png: _Optional[bytes] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ...) -> None: ...
+    level: Level
+    parent_segment_id: int
+    def __init__(self, segment_id: _Optional[int] = ..., image_id: _Optional[str] = ..., image_uri: _Optional[str] = ..., score: _Optional[float] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., label: _Optional[str] = ..., label_score: _Optional[float] = ..., area_fraction: _Optional[float] = ..., mask_png: _Optional[bytes] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., level: _Optional[_Union[Level, str]] = ..., parent_segment_id: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "model_version", "query_mask_png")
@@ -187,7 +205,7 @@ class GetSegmentRequest(_message.Message):
     def __init__(self, segment_id: _Optional[int] = ..., include_prototype: _Optional[bool] = ...) -> None: ...
 
 class SegmentRecord(_message.Message):
-    __slots__ = ("segment_id", "image_id", "image_uri", "box", "area_fraction", "label", "label_score", "mask_png", "model_version", "image_width", "image_height", "prototype")
+    __slots__ = ("segment_id", "image_id", "image_uri", "box", "area_fraction", "label", "label_score", "mask_png", "model_version", "image_width", "image_height", "prototype", "level", "parent_segment_id")
     SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_URI_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +218,8 @@ class SegmentRecord(_message.Message):
     IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
     IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     PROTOTYPE_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    PARENT_SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
     segment_id: int
     image_id: str
     image_uri: str
@@ -212,7 +232,9 @@ class SegmentRecord(_message.Message):
     image_width: int
     image_height: int
     prototype: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, segment_id: _Optional[int] = ..., image_id: _Optional[str] = ..., image_uri: _Optional[str] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., area_fraction: _Optional[float] = ..., label: _Optional[str] = ..., label_score: _Optional[float] = ..., mask_png: _Optional[bytes] = ..., model_version: _Optional[str] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., prototype: _Optional[_Iterable[float]] = ...) -> None: ...
+    level: Level
+    parent_segment_id: int
+    def __init__(self, segment_id: _Optional[int] = ..., image_id: _Optional[str] = ..., image_uri: _Optional[str] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., area_fraction: _Optional[float] = ..., label: _Optional[str] = ..., label_score: _Optional[float] = ..., mask_png: _Optional[bytes] = ..., model_version: _Optional[str] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., prototype: _Optional[_Iterable[float]] = ..., level: _Optional[_Union[Level, str]] = ..., parent_segment_id: _Optional[int] = ...) -> None: ...
 
 class IndexImageRequest(_message.Message):
     __slots__ = ("image", "uri")
@@ -269,7 +291,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_version", "num_segments", "num_images", "embedding_dim", "label_names", "index_type", "faiss_index", "max_top_k", "max_image_pixels", "read_only", "ef_search", "nprobe", "max_search_effort", "max_batch_queries")
+    __slots__ = ("model_version", "num_segments", "num_images", "embedding_dim", "label_names", "index_type", "faiss_index", "max_top_k", "max_image_pixels", "read_only", "ef_search", "nprobe", "max_search_effort", "max_batch_queries", "levels", "default_level")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +306,8 @@ class InfoResponse(_message.Message):
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     MAX_SEARCH_EFFORT_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    LEVELS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_LEVEL_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     num_segments: int
     num_images: int
@@ -298,4 +322,6 @@ class InfoResponse(_message.Message):
     nprobe: int
     max_search_effort: int
     max_batch_queries: int
-    def __init__(self, model_version: _Optional[str] = ..., num_segments: _Optional[int] = ..., num_images: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., label_names: _Optional[_Iterable[str]] = ..., index_type: _Optional[str] = ..., faiss_index: _Optional[str] = ..., max_top_k: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., read_only: _Optional[bool] = ..., ef_search: _Optional[int] = ..., nprobe: _Optional[int] = ..., max_search_effort: _Optional[int] = ..., max_batch_queries: _Optional[int] = ...) -> None: ...
+    levels: _containers.RepeatedScalarFieldContainer[Level]
+    default_level: Level
+    def __init__(self, model_version: _Optional[str] = ..., num_segments: _Optional[int] = ..., num_images: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., label_names: _Optional[_Iterable[str]] = ..., index_type: _Optional[str] = ..., faiss_index: _Optional[str] = ..., max_top_k: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., read_only: _Optional[bool] = ..., ef_search: _Optional[int] = ..., nprobe: _Optional[int] = ..., max_search_effort: _Optional[int] = ..., max_batch_queries: _Optional[int] = ..., levels: _Optional[_Iterable[_Union[Level, str]]] = ..., default_level: _Optional[_Union[Level, str]] = ...) -> None: ...

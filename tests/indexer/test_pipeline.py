@@ -11,6 +11,8 @@ import pytest
 from segsearch.errors import IndexStoreError
 from segsearch.indexer.corpus import read_corpus
 from segsearch.indexer.index_store import IndexStore
+from segsearch.indexer.records import LEVEL_FINE, LEVEL_REGION
+from segsearch.indexer.rle import decode_mask
 from segsearch.indexer.pipeline import SKIPPED_FILE, index_corpus
 from segsearch.spml.segmenter import SegmenterConfig
 from indexer_helpers import all_prototypes, small_config, write_bad_files, write_photos
@@ -67,9 +69,29 @@ def test_good_images_indexed_bad_ones_skipped_and_reported(built, corpus):
             image = store.get_image(image_id)
             assert image.segment_ids and image.uri == str(corpus[0] / image_id)
             segments = [store.get_segment(sid) for sid in image.segment_ids]
-            areas = [seg.area_fraction for seg in segments]
-            assert abs(sum(areas) - 1.0) < 1e-6 and min(areas) > 0  # the masks partition the image
+            for level in (LEVEL_FINE, LEVEL_REGION):  # each level's masks partition the image
+                areas = [seg.area_fraction for seg in segments if seg.level == level]
+                assert abs(sum(areas) - 1.0) < 1e-6 and min(areas) > 0
             assert all(seg.label and 0 < seg.label_score <= 1 for seg in segments)
+            assert_fine_segments_lie_in_their_regions(store, segments)
+
+
+def assert_fine_segments_lie_in_their_regions(store, segments) -> None:
+    """Every fine segment names a region of its own image as parent, and lies inside it."""
+    regions = {seg.segment_id: seg for seg in segments if seg.level == LEVEL_REGION}
+    assert regions
+    covered = {region_id: 0.0 for region_id in regions}
+    for seg in segments:
+        if seg.level == LEVEL_REGION:
+            assert seg.parent_id == 0 and seg.parent_index == -1
+            continue
+        parent = regions[seg.parent_id]
+        assert store.get_segment(seg.parent_id).image_id == seg.image_id
+        inside = decode_mask(seg.mask_rle, seg.mask_shape) & ~decode_mask(parent.mask_rle, parent.mask_shape)
+        assert not inside.any()
+        covered[seg.parent_id] += seg.area_fraction
+    for region_id, area in covered.items():  # a region is exactly the union of its fine segments
+        assert abs(area - regions[region_id].area_fraction) < 1e-6
 
 
 def test_each_segment_finds_itself_as_nearest_neighbour(built):

@@ -142,7 +142,8 @@ def _assert_served(client, acked: dict, before: int) -> None:
     """The server still answers, with every acknowledged image and nothing of the refused call."""
     assert client.info().num_images == before + len(acked)
     for segment_ids in acked.values():
-        assert client.search_segment(segment_ids[0], top_k=3).hits[0].segment_id == segment_ids[0]
+        hits = client.search_segment(segment_ids[0], top_k=3, level="fine").hits  # [0]: a fine segment
+        assert hits[0].segment_id == segment_ids[0]
 
 
 def _assert_stored(index_dir: Path, acked: dict, refused: list[str]) -> None:

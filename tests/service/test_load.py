@@ -70,7 +70,7 @@ def test_overload_sheds_keeps_health_serving_and_recovers(index_template, checkp
         assert probe.result.count >= 10 and probe.result.serving == probe.result.count, probe.result.outcomes
 
         begin = time.perf_counter()
-        response = running.client.search_segment(int(ids[0]), top_k=5, timeout=5)
+        response = running.client.search_segment(int(ids[0]), top_k=5, timeout=5, level="fine")
         assert time.perf_counter() - begin < 1.0 and response.hits[0].segment_id == ids[0]
         assert running.client.health(timeout=2) == "SERVING"
     finally:

@@ -1,6 +1,7 @@
 """SearchSimilar, GetSegment, Segment and GetInfo against a real server on loopback."""
 from __future__ import annotations
 
+import functools
 import io
 
 import grpc
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segsearch.indexer.records import LEVEL_FINE, LEVEL_NAMES
 from segsearch.indexer.rle import decode_mask
 from segsearch.indexer.index_store import IndexStore
 from segsearch.service._generated import segment_search_pb2 as pb
@@ -43,8 +45,8 @@ def test_info_reports_the_index(served, stored):
 
 def test_search_by_segment_id_returns_itself_first(served, stored):
     _, segments = stored
-    for seg in (segments["mosaic0.png"][0], segments[PHOTO][-1]):
-        response = served.client.search_segment(seg.segment_id, top_k=5)
+    for seg in (segments["mosaic0.png"][0], segments[PHOTO][-1]):  # a fine segment, a region
+        response = served.client.search_segment(seg.segment_id, top_k=5, level=LEVEL_NAMES[seg.level])
         assert response.hits[0].segment_id == seg.segment_id
         assert response.hits[0].score == pytest.approx(1.0, abs=1e-4)
         assert len(response.hits) == 5
@@ -77,8 +79,8 @@ def test_mask_query_with_a_stored_segment_mask_returns_that_segment(served, stor
     seg = segments["mosaic1.png"][2]
     mask = decode_mask(seg.mask_rle, seg.mask_shape)
     response = served.client.search_mask((corpus_dir / "mosaic1.png").read_bytes(),
-                                         png_bytes((mask * 255).astype(np.uint8)), top_k=3)
-    assert response.hits[0].segment_id == seg.segment_id
+                                         png_bytes((mask * 255).astype(np.uint8)), top_k=3, level="fine")
+    assert seg.level == LEVEL_FINE and response.hits[0].segment_id == seg.segment_id
     assert response.hits[0].score > 0.99
 
 
@@ -101,27 +103,29 @@ def test_point_query_uses_the_region_containing_the_point(served, stored, corpus
 
 def test_filters_and_thresholds_hold_and_top_k_is_filled(served, stored):
     images, segments = stored
+    segments = {image_id: [s for s in segs if s.level == LEVEL_FINE] for image_id, segs in segments.items()}
     query = segments["mosaic2.png"][0]
-    everything = served.client.search_segment(query.segment_id, top_k=100).hits
+    search = functools.partial(served.client.search_segment, level="fine")
+    everything = search(query.segment_id, top_k=100).hits
     assert len(everything) == sum(len(s) for s in segments.values())
     label = everything[-1].label  # a label whose segments rank low: needs over-fetching
     wanted = [hit.segment_id for hit in everything if hit.label == label]
-    filtered = served.client.search_segment(query.segment_id, top_k=3, labels=[label]).hits
+    filtered = search(query.segment_id, top_k=3, labels=[label]).hits
     assert [hit.segment_id for hit in filtered] == wanted[:3]
 
-    excluded = served.client.search_segment(query.segment_id, top_k=100, exclude_image_ids=["mosaic2.png", PHOTO]).hits
+    excluded = search(query.segment_id, top_k=100, exclude_image_ids=["mosaic2.png", PHOTO]).hits
     assert excluded and all(hit.image_id not in ("mosaic2.png", PHOTO) for hit in excluded)
     assert len(excluded) == sum(len(s) for i, s in segments.items() if i not in ("mosaic2.png", PHOTO))
 
-    big = served.client.search_segment(query.segment_id, top_k=100, min_area_fraction=0.08).hits
+    big = search(query.segment_id, top_k=100, min_area_fraction=0.08).hits
     assert big and all(hit.area_fraction >= 0.08 for hit in big)
     assert len(big) == sum(1 for s in segments.values() for seg in s if seg.area_fraction >= 0.08)
 
     threshold = everything[7].score
-    strong = served.client.search_segment(query.segment_id, top_k=100, min_score=threshold).hits
+    strong = search(query.segment_id, top_k=100, min_score=threshold).hits
     assert [hit.segment_id for hit in strong] == [hit.segment_id for hit in everything if hit.score >= threshold]
 
-    default = served.client.search_segment(query.segment_id).hits
+    default = search(query.segment_id).hits
     assert len(default) == 10
 
 

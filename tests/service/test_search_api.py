@@ -26,7 +26,7 @@ def test_one_batch_call_answers_as_its_single_calls(served, corpus_dir):
     region = pb.RegionQuery(image=pb.Image(data=image), region=pb.Region(box=pb.Box(x0=10, y0=10, x1=90, y1=70)))
     requests = [search_request(segment_id=1, top_k=5), search_request(segment_id=2, top_k=5),
                 search_request(segment_id=7, top_k=5, labels=[client.get_segment(7).label]),
-                search_request(embedding=[2 * v for v in prototype], top_k=8),
+                search_request(embedding=[2 * v for v in prototype], top_k=8, level="fine"),
                 search_request(region=region, top_k=6, include_masks=True),
                 search_request(segment_id=4, top_k=3, min_score=0.5, search_effort=50)]
     batched = client.search_batch(requests)
@@ -116,7 +116,7 @@ def test_deleting_segments_by_id(index_template, checkpoint_path, tmp_path_facto
         client = running.client
         record = client.get_segment(9)
         before = client.info()
-        assert before.num_segments <= 100
+        assert record.level == pb.LEVEL_FINE and before.num_segments <= 200
         with pytest.raises(grpc.RpcError) as caught:
             client.delete_segments([9, 10**9])
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "1000000000" in caught.value.details()
@@ -126,7 +126,8 @@ def test_deleting_segments_by_id(index_template, checkpoint_path, tmp_path_facto
         with pytest.raises(grpc.RpcError) as caught:
             client.get_segment(9)
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-        remaining = client.search_segment(2, top_k=100).hits  # the whole index: 9 is never a hit
+        remaining = [hit for level in ("fine", "region")  # the whole index: 9 is never a hit
+                     for hit in client.search_segment(2, top_k=100, level=level).hits]
         assert 9 not in {h.segment_id for h in remaining} and len(remaining) == before.num_segments - 1
         assert client.info().num_segments == before.num_segments - 1 and client.info().num_images == before.num_images
         assert client.stub.GetInfo(pb.GetInfoRequest()).num_segments == len(remaining)

@@ -36,13 +36,17 @@ def hits(response: pb.SearchResponse) -> list[tuple]:
 def test_segment_queries_give_identical_hits(servers):
     sharded, merged = servers
     info = merged.client.info()
-    segment_ids = sorted({h.segment_id for h in merged.client.search_segment(1, top_k=100).hits})
-    assert len(segment_ids) == min(100, info.num_segments)
+    regions = merged.client.search_segment(1, top_k=100).hits  # the default level
+    segment_ids = sorted({h.segment_id for h in merged.client.search_segment(1, top_k=100, level="fine").hits})
+    assert len(segment_ids) == min(100, info.num_segments - len(regions))
     assert any(sid > ID_STRIDE for sid in segment_ids) and any(sid < ID_STRIDE for sid in segment_ids)
     for segment_id in segment_ids[::3]:
-        want = hits(merged.client.search_segment(segment_id, top_k=10))
-        assert hits(sharded.client.search_segment(segment_id, top_k=10)) == want
+        want = hits(merged.client.search_segment(segment_id, top_k=10, level="fine"))
+        assert hits(sharded.client.search_segment(segment_id, top_k=10, level="fine")) == want
         assert want[0][0] == segment_id
+        for level in ("default", "any"):
+            assert hits(sharded.client.search_segment(segment_id, top_k=10, level=level)) == \
+                hits(merged.client.search_segment(segment_id, top_k=10, level=level))
 
 
 def test_region_and_filtered_queries_give_identical_hits(servers, corpus_dir):

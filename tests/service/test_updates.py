@@ -42,7 +42,7 @@ def test_indexed_images_are_searchable_at_once_and_deleted_ones_are_gone(writabl
     assert info.num_images == before.num_images + 2 == 8
     assert info.num_segments == before.num_segments + response.num_segments
     first_new = indexed["new-a"][0]
-    hits = client.search_segment(first_new, top_k=3).hits
+    hits = client.search_segment(first_new, top_k=3, level="fine").hits
     assert hits[0].segment_id == first_new and hits[0].image_id == "new-a"
     assert client.get_segment(indexed[derived[0]][0]).image_uri == "file:///elsewhere/b.png"
     assert metric_value(running.metrics_text(), "segsearch_index_images") == 8
@@ -52,7 +52,8 @@ def test_indexed_images_are_searchable_at_once_and_deleted_ones_are_gone(writabl
     with pytest.raises(grpc.RpcError) as caught:
         client.get_segment(first_new)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    remaining = client.search_segment(indexed[derived[0]][0], top_k=100).hits
+    remaining = [hit for level in ("fine", "region")
+                 for hit in client.search_segment(indexed[derived[0]][0], top_k=100, level=level).hits]
     assert {"new-a", "mosaic0.png"}.isdisjoint(hit.image_id for hit in remaining)
     assert len(remaining) == client.info().num_segments
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from segsearch.spml.embedding import EmbeddingNet, ModelConfig
+from segsearch.spml.checkpoint import load_weights, model_version, trainable_state_dict
 
 
 def test_embeddings_are_unit_norm_at_stride_4():
@@ -88,3 +89,27 @@ def test_fixed_texture_and_colour_parts_hold_their_shares_in_order():
     with pytest.raises(ValueError, match="below 1"):
         ModelConfig(backbone="small", pretrained=False, texture_blocks=(2,), texture_weight=0.6,
                     colour_bins=2, colour_weight=0.4)
+
+
+def test_a_residual_head_starts_as_the_pca_projection_and_is_stored():
+    config = ModelConfig(backbone="small", pretrained=False, feature_blocks=(1, 2), embedding_dim=4, hidden_dim=16,
+                         head_type="residual")
+    net = EmbeddingNet(config)
+    # pixels with most energy along the first channels: the top directions are e0..e3
+    scales = torch.full((net.head_channels,), 0.1)
+    scales[:4] = torch.tensor([8.0, 4.0, 2.0, 1.0])
+    pixels = torch.randn(4000, net.head_channels, generator=torch.Generator().manual_seed(0)) * scales
+    net.head.set_projection(pixels)
+    projection = net.head.projection
+    assert torch.allclose(projection @ projection.T, torch.eye(4), atol=1e-5)
+    assert torch.allclose(projection[:, :4].abs(), torch.eye(4), atol=0.1)
+    features = torch.randn(2, net.head_channels, 5, 6)
+    expected = torch.einsum("dc,bchw->bdhw", projection, features)
+    assert torch.allclose(net.head(features), expected, atol=1e-6)  # the correction starts at zero
+    state = trainable_state_dict(net, backbone_frozen=True)
+    assert "head.projection" in state
+    rebuilt = EmbeddingNet(config)
+    load_weights(rebuilt, state)
+    assert torch.equal(rebuilt.head.projection, projection)
+    assert model_version(config, state) != model_version(ModelConfig.from_dict(
+        {**config.to_dict(), "head_type": "mlp"}), state)
