@@ -2,6 +2,7 @@
 corpora and bad files, and synthetic IndexStore records (vertical strips, deterministic in the
 image id). Plain functions, imported by the tests (pytest puts this folder on sys.path) and
 by the child processes of the crash tests."""
+import dataclasses
 import hashlib
 import io
 import zlib
@@ -12,8 +13,8 @@ from PIL import Image
 
 from segsearch.indexer.index_store import IndexStore
 from segsearch.indexer.pipeline import IndexConfig
-from segsearch.indexer.records import ImageRecord, SegmentRecord
-from segsearch.indexer.rle import encode_mask, mask_box
+from segsearch.indexer.records import LEVEL_REGION, ImageRecord, SegmentRecord
+from segsearch.indexer.rle import decode_mask, encode_mask, mask_box
 from model_helpers import SEGMENTER, photo
 from segsearch.testing.images import png_claiming
 
@@ -92,6 +93,22 @@ def make_image(image_id: str, n_segments: int = 4, model: str = MODEL, content: 
 
 def make_batch(names) -> list:
     return [make_image(name) for name in names]
+
+
+def with_regions(image: ImageRecord, fine: list[SegmentRecord]) -> tuple:
+    """`image` with its fine segments followed by two regions, the left and the right half of
+    them (parents named by position, as the indexer names them)."""
+    half = len(fine) // 2
+    groups = (fine[:half], fine[half:])
+    regions = []
+    for number, members in enumerate(groups):
+        mask = np.logical_or.reduce([decode_mask(s.mask_rle, s.mask_shape) for s in members])
+        summed = np.sum([s.prototype for s in members], axis=0)
+        regions.append(SegmentRecord(0, image.image_id, mask_box(mask), mask.mean(), encode_mask(mask), mask.shape,
+                                     "", 0.0, members[0].model_version, summed / np.linalg.norm(summed),
+                                     LEVEL_REGION))
+    children = [dataclasses.replace(s, parent_index=len(fine) + (n >= half)) for n, s in enumerate(fine)]
+    return image, children + regions
 
 
 def fill(store: IndexStore, n_images: int = 120, chunk: int = 30) -> None:

@@ -19,6 +19,8 @@ import pytest
 
 from segsearch.errors import IndexStoreError
 from segsearch.indexer.index_store import VECTORS_FILE, IndexStore
+from segsearch.indexer.records import LEVEL_FINE, LEVEL_REGION
+from segsearch.indexer.rle import decode_mask
 from segsearch.indexer.vector_index import VectorIndex
 
 from indexer_helpers import DIM, MODEL, fill, make_batch, make_image
@@ -285,3 +287,58 @@ def test_full_map_is_a_clear_error_and_the_store_stays_consistent(tmp_path):
     with IndexStore.open(root, MODEL, map_size=1 << 24) as bigger:
         assert bigger.add_images(make_batch(f"c{c}-{j}" for j in range(20))).image_ids
         _assert_consistent(bigger)
+
+
+# Adds chunks of images stored at two levels (4 fine segments, 2 regions), printing each chunk.
+LEVELS_CHILD = textwrap.dedent(f"""
+    import sys
+    from pathlib import Path
+    sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]
+    from indexer_helpers import DIM, MODEL, IndexStore, make_image, with_regions
+    root = Path(sys.argv[1])
+    store = IndexStore.open(root, MODEL) if root.exists() else IndexStore.create(root, MODEL, DIM, "flat")
+    for c in range(20):
+        store.add_images([with_regions(*make_image(f"l{{c:02d}}-{{j}}")) for j in range(3)])
+        print(c, flush=True)
+    store.close()
+    print("done", flush=True)
+""")
+
+
+def _assert_families_whole(store: IndexStore) -> None:
+    """Every image has its 4 fine segments and 2 regions, each fine segment's parent a region
+    of its own image covering it, each region the parent of exactly 2."""
+    for image in store._metadata.iter_images():
+        segments = [store.get_segment(sid) for sid in image.segment_ids]
+        regions = {s.segment_id for s in segments if s.level == LEVEL_REGION}
+        fine = [s for s in segments if s.level == LEVEL_FINE]
+        assert len(regions) == 2 and len(fine) == 4
+        assert sorted(s.parent_id for s in fine) == sorted(list(regions) * 2)
+        for s in fine:
+            parent = store.get_segment(s.parent_id)
+            assert parent.image_id == image.image_id
+            assert not (decode_mask(s.mask_rle, s.mask_shape) & ~decode_mask(parent.mask_rle, parent.mask_shape)).any()
+
+
+def test_kill_9_never_leaves_a_region_without_its_pieces(tmp_path):
+    """A region and its fine segments are written in one LMDB transaction: whatever a kill
+    cuts, an image is stored whole, with both levels and every parent, or not at all."""
+    root = tmp_path / "index"
+    rng = random.Random(7)
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", LEVELS_CHILD, str(root)], stdout=subprocess.PIPE, text=True)
+        for _ in range(rng.randint(1, 8)):
+            proc.stdout.readline()
+        time.sleep(rng.uniform(0, 0.02))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        proc.stdout.close()
+        with IndexStore.open(root, MODEL) as store:
+            _assert_consistent(store)
+            _assert_families_whole(store)
+            assert store.meta.has_regions
+    subprocess.run([sys.executable, "-c", LEVELS_CHILD, str(root)], check=True, capture_output=True)
+    with IndexStore.open(root, MODEL) as store:
+        _assert_consistent(store)
+        _assert_families_whole(store)
+        assert store.meta.num_images == 60 and store.meta.num_segments == 360
