@@ -260,6 +260,17 @@ def write_overlay(path: Path, rows: list[list[np.ndarray]]) -> None:
 
 # ---- main ----------------------------------------------------------------------------------
 
+def unseen_mosaics(folder: Path, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The first `count` query mosaics of a retrieval benchmark data folder: images (H, W, 3)
+    uint8 and ground truths (H, W) int64."""
+    paths = sorted((folder / "query").glob("*.png"))[:count]
+    if not paths:
+        raise SystemExit(f"no query/*.png in {folder}; run bench/retrieval_quality.py first")
+    images = [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+    truths = [np.asarray(Image.open(folder / "query_gt" / path.name)).astype(np.int64) for path in paths]
+    return images, truths
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default="bench/out/seg-model/checkpoint.pt")
@@ -277,6 +288,10 @@ def main() -> int:
     parser.add_argument("--before-commit", default="a697869")
     parser.add_argument("--overlays", type=int, default=4)
     parser.add_argument("--out", default="bench/out/segment_quality")
+    parser.add_argument("--unseen", metavar="DIR", default="",
+                        help="score the query mosaics of bench/retrieval_quality.py's data folder DIR "
+                             "(query/*.png, query_gt/*.png: pictures the model never saw) instead of the "
+                             "built-in test mosaics")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -302,8 +317,11 @@ def main() -> int:
         print(f"\nbest: contour_weight={weight} merge_size_exponent={exponent} region_height={height} (defaults "
               f"in use: {config.contour_weight}, {config.merge_size_exponent}, {config.region_height})")
 
-    test = load_split(DataConfig(image_size=args.image_size, num_test=args.num_test), "test").samples
-    images, truths = [s.image for s in test], [s.mask for s in test]
+    if args.unseen:
+        images, truths = unseen_mosaics(Path(args.unseen), args.num_test)
+    else:
+        test = load_split(DataConfig(image_size=args.image_size, num_test=args.num_test), "test").samples
+        images, truths = [s.image for s in test], [s.mask for s in test]
     log.info("segmenting %d test images", len(images))
     results, seconds = segment_all(ours, images, args.batch)
     unrefined = Segmenter(model, checkpoint.label_bank, dataclasses.replace(config, refine_size=0))

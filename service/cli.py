@@ -348,7 +348,9 @@ def add_segment_parser(subparsers) -> None:
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--out", help="write an overlay PNG: boundaries | labels, with a legend")
     p.add_argument("--num-segments", type=int, default=0, help="this many regions, a cut of the region hierarchy (0 = the server's region level)")
-    p.add_argument("--maps", help="also write the 16-bit segment map and 8-bit label map as PREFIX_*.png")
+    p.add_argument("--maps", help="also write the 16-bit segment map and 8-bit label map as PREFIX_segments.png "
+                   "and PREFIX_labels.png (values for programs), and PREFIX_segments_colour.png and "
+                   "PREFIX_labels_colour.png (the same maps in colours, for a viewer)")
     _add_client_flags(p)
     p.set_defaults(handler=run_segment)
 
@@ -369,8 +371,11 @@ def run_segment(args) -> int:
     for info in response.segments:
         print(f"  {info.index:>3}  {label_text(info.label, info.label_score):<22} area {info.area_fraction:.3f}")
     if args.maps:
+        from segsearch.service.sheets import write_viewable_maps
+
         Path(f"{args.maps}_segments.png").write_bytes(response.segment_map_png)
         Path(f"{args.maps}_labels.png").write_bytes(response.label_map_png)
+        write_viewable_maps(response, args.maps)
     if args.out:
         from segsearch.service.sheets import write_segment_overlay
 

@@ -230,3 +230,20 @@ def write_segment_overlay(image: bytes, response, out_path: str | Path) -> Path:
     """The overlay of a Segment answer over the encoded image it was asked about."""
     return segmentation_overlay(decode_image_bytes(image), decode_png_array(response.segment_map_png),
                                 decode_png_array(response.label_map_png), list(response.labels), out_path)
+
+
+def write_viewable_maps(response, prefix: str) -> list[Path]:
+    """A SegmentResponse's maps as colour PNGs an image viewer shows (the 16-bit segment map
+    itself looks black there: its values are 0..n): PREFIX_segments_colour.png, one palette
+    colour per segment, and PREFIX_labels_colour.png, one per label, black where none."""
+    from segsearch.service.segment_rpc import NO_LABEL, NO_SEGMENT
+
+    segments = decode_png_array(response.segment_map_png).astype(np.int64)
+    labels = decode_png_array(response.label_map_png).astype(np.int64)
+    colours = class_colours()
+    written = []
+    for name, values, missing in (("segments", segments, NO_SEGMENT), ("labels", labels, NO_LABEL)):
+        rgb = colours[values % len(colours)]
+        rgb[values == missing] = 0
+        written.append(_save(Image.fromarray(rgb.astype(np.uint8)), f"{prefix}_{name}_colour.png"))
+    return written

@@ -57,6 +57,12 @@ def test_segment_writes_an_overlay_and_maps(served, corpus_dir, tmp_path, capsys
     count = int(re.search(r"(\d+) segments \(256x192\)", out).group(1))
     with Image.open(tmp_path / "m_segments.png") as segments:
         assert segments.mode == "I;16" and len(np.unique(np.asarray(segments))) == count
+        values = np.asarray(segments)
+    with Image.open(tmp_path / "m_segments_colour.png") as coloured:  # what a viewer shows
+        rgb = np.asarray(coloured.convert("RGB")).reshape(-1, 3)
+    assert len(np.unique(rgb, axis=0)) == count and rgb.mean() > 30  # one visible colour per segment
+    first = values.reshape(-1) == values.reshape(-1)[0]
+    assert len(np.unique(rgb[first], axis=0)) == 1
     with Image.open(overlay) as picture:
         assert picture.width >= 2 * 256 and picture.height > 192
 
