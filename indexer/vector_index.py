@@ -5,7 +5,8 @@ Ids are the 64-bit segment ids of the LMDB store. The index type follows a *spec
 | spec            | index built                                                               |
 | --------------- | ------------------------------------------------------------------------- |
 | `"auto"`        | exact `IDMap2(IndexFlatIP)` below `AUTO_EXACT_MAX` (50k) vectors, then     |
-|                 | `"HNSW32,Flat"` (efSearch 192), rebuilt once from the exact index's vectors |
+|                 | `"HNSW32,Flat"` (efSearch 192), rebuilt from the exact index's vectors,    |
+|                 | then from `AUTO_IVF_MIN` (1M) `"IVF{nlist},Flat"`, rebuilt from the HNSW's |
 | `"flat"`        | always exact                                                              |
 | `"hnsw"`        | `"HNSW32,Flat"` from the start                                            |
 | `"ivf"`         | exact below 50k, then `"IVF{nlist},Flat"` with nlist ≈ 4·√N (power of 2)    |
@@ -13,8 +14,12 @@ Ids are the 64-bit segment ids of the LMDB store. The index type follows a *spec
 |                 | with METRIC_INNER_PRODUCT; types that need training stay exact until they  |
 |                 | have `39·nlist` (IVF) or 10k (others) vectors to train on                   |
 
-The exact stage is never worse than the target, and switching happens at most once, inside
-`add` (the type is then fixed; `IndexStore.rebuild` re-chooses it for the current size).
+The exact stage is never worse than the target, and switching happens inside `add`: once
+from exact to the target, and for `auto` once more, from HNSW to IVF at 1M vectors, where
+`bench/search_speed.py` measured IVF faster at higher recall (bench/RESULTS.md, "Search recall
+and speed": 1M, one query at a time, IVF 129x exact at recall 0.991, HNSW 32x at 0.956).
+Below 1M `auto` keeps HNSW, which needs no training on a sample that later vectors may not
+resemble. The type is otherwise fixed; `IndexStore.rebuild` re-chooses it for the current size.
 
 Deletions, for every type offered:
 - Flat/PQ/SQ (in an `IndexIDMap2`) and IVF (ids stored natively) use FAISS `remove_ids`.
@@ -48,6 +53,7 @@ from segsearch.errors import IndexStoreError
 log = logging.getLogger(__name__)
 
 AUTO_EXACT_MAX = 50_000
+AUTO_IVF_MIN = 1_000_000  # "auto": from here IVF (measured crossover, see the module docstring)
 HNSW_FACTORY = "HNSW32,Flat"
 DEFAULT_EF_SEARCH = 192  # the recall@10 >= 0.95 setting of bench/search_speed.py (bench/RESULTS.md)
 HNSW_COMPACT_FRACTION = 0.25
@@ -157,9 +163,10 @@ class VectorIndex:
         self._check_new_ids(ids)
         _check_unit_norm(vectors)
         target = self._target_factory(len(self) + len(ids))
-        if self._factory == "Flat" and target != "Flat":
+        if self._switches_to(target):
             old_ids, old_vecs = self._live_vectors()
-            log.info("switching the vector index from exact to %s at %d vectors", target, len(old_ids) + len(ids))
+            log.info("switching the vector index from %s to %s at %d vectors", self._factory, target,
+                     len(old_ids) + len(ids))
             self._rebuild(target, np.concatenate([old_ids, ids]), np.concatenate([old_vecs, vectors]))
             return
         self._index.add_with_ids(vectors, ids)
@@ -229,6 +236,12 @@ class VectorIndex:
 
     # ---- internals -------------------------------------------------------------------
 
+    def _switches_to(self, target: str) -> bool:
+        """Exact switches to any target; an "auto" HNSW switches to IVF (at AUTO_IVF_MIN)."""
+        if self._factory == "Flat":
+            return target != "Flat"
+        return self.spec.lower() == "auto" and self._kind == "hnsw" and target.startswith("IVF")
+
     def _target_factory(self, count: int) -> str:
         """The factory string this spec asks for once `count` vectors are held."""
         spec = self.spec.lower()
@@ -239,7 +252,9 @@ class VectorIndex:
         if spec in ("auto", "ivf"):
             if count < AUTO_EXACT_MAX:
                 return "Flat"
-            return HNSW_FACTORY if spec == "auto" else f"IVF{ivf_nlist_for(count)},Flat"
+            if spec == "auto" and count < AUTO_IVF_MIN:
+                return HNSW_FACTORY
+            return f"IVF{ivf_nlist_for(count)},Flat"
         if count < self._train_min:
             return "Flat"
         return self.spec

@@ -86,6 +86,24 @@ def test_auto_switches_from_exact_to_hnsw_at_the_threshold(monkeypatch):
     assert np.array_equal(index.ids(), ids)
 
 
+def test_auto_moves_from_hnsw_to_ivf_at_the_second_threshold(monkeypatch):
+    monkeypatch.setattr(vector_index, "AUTO_EXACT_MAX", 400)
+    monkeypatch.setattr(vector_index, "AUTO_IVF_MIN", 1000)
+    index, ids, x = _filled("auto", n=900, chunk=300)
+    assert index.factory == "HNSW32,Flat"
+    assert index.remove(ids[:5]) == 5  # tombstones must not come back in the IVF
+    more = np.arange(900, 1500)
+    extra = _unit(600, seed=1)
+    index.add(more, extra)  # crosses 1000 live vectors
+    assert index.factory == f"IVF{ivf_nlist_for(1495)},Flat"
+    live = np.concatenate([ids[5:], more])
+    assert np.array_equal(np.sort(index.ids()), np.sort(live))
+    _, found = index.search(np.concatenate([x[5:], extra]), 1, effort=ivf_nlist_for(1495))  # every list
+    assert np.array_equal(found[:, 0], live)
+    index.add(np.arange(1500, 1600), _unit(100))  # an IVF stays IVF as it grows
+    assert index.factory == f"IVF{ivf_nlist_for(1495)},Flat"
+
+
 def test_ivf_spec_trains_with_nlist_from_size(monkeypatch):
     monkeypatch.setattr(vector_index, "AUTO_EXACT_MAX", 1000)
     index, ids, x = _filled("ivf", n=1500)
