@@ -54,11 +54,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from segsearch.errors import IndexStoreError, IndexFullError, StorageFailedError
 from segsearch.indexer.metadata_store import DEFAULT_MAP_SIZE, MetadataStore
-from segsearch.indexer.records import ImageRecord, IndexMeta, SegmentRecord
+from segsearch.indexer.records import LEVEL_FINE, LEVEL_REGION, ImageRecord, IndexMeta, SegmentRecord
 from segsearch.durable import fsync_dir, remove_stale_temp_files, space_report
 from segsearch.indexer.config import SnapshotPolicy
 from segsearch.indexer.store_api import StoreStats
@@ -109,6 +110,7 @@ class IndexStore:
         self._mutex = threading.RLock()
         self._closed = False
         self._failed: str | None = None  # why writes are refused after a storage failure
+        self._regions: tuple | None = None  # (generation, region selector, fine selector)
 
     @property
     def read_only(self) -> bool:
@@ -308,13 +310,16 @@ class IndexStore:
     def meta(self) -> IndexMeta:
         return self._metadata.meta()
 
-    def search(self, vectors: np.ndarray, k: int, effort: int | None = None) -> list[list[SearchHit]]:
+    def search(self, vectors: np.ndarray, k: int, effort: int | None = None,
+               levels: frozenset[int] = frozenset()) -> list[list[SearchHit]]:
         """Nearest segments of each query `(Q, D)` (or one `(D,)`), best first, at most k each;
-        `effort`: HNSW efSearch / IVF nprobe of this call only (None: the index's own)."""
+        `effort`: HNSW efSearch / IVF nprobe of this call only (None: the index's own);
+        `levels`: only segments of these levels (`records.LEVEL_*`; empty: all), selected inside
+        FAISS, so k hits of a level come back in one search however rare the level is."""
         queries = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         with self._mutex:
             self._ensure_consistent()
-            scores, ids = self._vectors.search(queries, k, effort)
+            scores, ids = self._vectors.search(queries, k, effort, self._level_selector(levels))
         records = self._metadata.get_segments(ids.reshape(-1).tolist())
         hits: list[list[SearchHit]] = []
         for row in range(len(queries)):
@@ -325,6 +330,20 @@ class IndexStore:
                     row_hits.append(SearchHit(int(ids[row, col]), float(scores[row, col]), record))
             hits.append(row_hits)
         return hits
+
+    def _level_selector(self, levels: frozenset[int]):
+        """A FAISS IDSelector of the segments of `levels` (None: no restriction), from the
+        region ids in LMDB, cached until the next commit changes the generation."""
+        if not levels or levels >= {LEVEL_FINE, LEVEL_REGION}:
+            return None
+        generation = self._vectors.generation
+        if self._regions is None or self._regions[0] != generation:
+            region_ids = self._metadata.region_ids()
+            if region_ids is None:  # no table of regions: the caller's filter on records decides
+                return None
+            batch = faiss.IDSelectorBatch(region_ids)
+            self._regions = (generation, batch, faiss.IDSelectorNot(batch))  # keep both alive
+        return self._regions[1] if LEVEL_REGION in levels else self._regions[2]
 
     def get_segment(self, segment_id: int) -> SegmentRecord:
         record = self._metadata.get_segment(segment_id)
@@ -602,6 +621,9 @@ def _record_problems(metadata: MetadataStore, meta: IndexMeta, lmdb_ids: np.ndar
         if seg.prototype.shape != (meta.embedding_dim,):
             problems.append(f"segment {seg.segment_id} prototype has shape {seg.prototype.shape}")
     problems += _parent_problems(parents, owner, levels, meta)
+    region_table = metadata.region_ids()
+    if region_table is not None and set(region_table.tolist()) != {s for s, level in levels.items() if level}:
+        problems.append("the table of region ids does not match the region-level segment records")
     images = list(metadata.iter_images())
     if meta.num_images != len(images):
         problems.append(f"meta counts {meta.num_images} images, LMDB holds {len(images)}")

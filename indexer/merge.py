@@ -198,14 +198,15 @@ class _RecordCopier(MetadataStore):
     """A metadata store that can take another store's records verbatim, ids included.
 
     `put_images` allocates new ids, which would break the id equality between shards and
-    the merged index; this copies the encoded bytes of the `segments`, `images` and
-    `sha256` sub-databases, refusing any key already present (shards must be disjoint).
+    the merged index; this copies the encoded bytes of the `segments`, `images`, `sha256`
+    and `regions` sub-databases, refusing any key already present (shards must be disjoint).
     """
 
     def copy_from(self, source: MetadataStore) -> None:
         theirs = source.meta()
-        for name in ("segments", "images", "sha256"):
-            self._copy_db(source, name)
+        for name in ("segments", "images", "sha256", "regions"):
+            if name in source._dbs:  # a shard written before levels has no regions
+                self._copy_db(source, name)
 
         def update_meta(txn: lmdb.Transaction) -> None:
             meta = decode_meta(txn.get(_META_KEY, db=self._dbs["meta"]))

@@ -53,6 +53,9 @@ DEFAULT_MAP_SIZE = 32 << 30
 _META_KEY = b"meta"
 NEARLY_FULL_BYTES = 1 << 20  # an LMDB write error with less free space than this is a full disk
 _DB_NAMES = (b"segments", b"images", b"sha256", b"meta")
+# ids of the region-level segments, so that a search restricted to a level needs no record:
+# added after the others, so an index written before levels lacks it (read-only: no regions)
+_REGIONS_DB = b"regions"
 
 
 def segment_key(segment_id: int) -> bytes:
@@ -84,6 +87,18 @@ class MetadataStore:
         self.path = path
         self.read_only = read_only
         self._dbs = {name.decode(): env.open_db(name, create=False) for name in _DB_NAMES}
+        regions = _open_regions_db(env, read_only)
+        if regions is not None:
+            self._dbs["regions"] = regions
+
+    def region_ids(self) -> np.ndarray | None:
+        """`(R,)` int64, sorted: the ids of the region-level segments (None: opened read-only
+        on an index written before levels, which has no such table)."""
+        if "regions" not in self._dbs:
+            return None
+        with self._env.begin(db=self._dbs["regions"]) as txn:
+            keys = list(txn.cursor().iternext(keys=True, values=False))
+        return np.fromiter((_segment_id(k) for k in keys), dtype=np.int64, count=len(keys))
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -266,6 +281,8 @@ class MetadataStore:
                 image = dataclasses.replace(image, segment_ids=[s.segment_id for s in stored])
                 for seg in stored:
                     txn.put(segment_key(seg.segment_id), encode_segment(seg), db=self._dbs["segments"])
+                    if seg.level == LEVEL_REGION:
+                        txn.put(segment_key(seg.segment_id), b"", db=self._dbs["regions"])
                 txn.put(_image_key(image.image_id), encode_image(image), db=self._dbs["images"])
                 txn.put(image.sha256.encode("ascii"), image.image_id.encode("utf-8"), db=self._dbs["sha256"])
                 result.added.append((image, stored))
@@ -303,6 +320,7 @@ class MetadataStore:
                 image = decode_image(raw)
                 for sid in image.segment_ids:
                     txn.delete(segment_key(sid), db=self._dbs["segments"])
+                    txn.delete(segment_key(sid), db=self._dbs["regions"])
                     removed.append(sid)
                 txn.delete(_image_key(image_id), db=self._dbs["images"])
                 sha = image.sha256.encode("ascii")
@@ -339,6 +357,7 @@ class MetadataStore:
             for sid, raw in raws.items():
                 by_image.setdefault(decode_segment(raw).image_id, set()).add(sid)
                 txn.delete(segment_key(sid), db=self._dbs["segments"])
+                txn.delete(segment_key(sid), db=self._dbs["regions"])
                 removed.append(sid)
             for image_id, gone in by_image.items():
                 raw = txn.get(_image_key(image_id), db=self._dbs["images"])
@@ -437,6 +456,14 @@ def _check_parents(image: ImageRecord, segments: Sequence[SegmentRecord]) -> Non
                              f"{seg.parent_index} is not of a coarser level")
 
 
+def _open_regions_db(env: lmdb.Environment, read_only: bool):
+    """The regions sub-db; created by a writer, None for a reader of an index without one."""
+    try:
+        return env.open_db(_REGIONS_DB, create=not read_only)
+    except lmdb.NotFoundError:
+        return None
+
+
 def _image_key(image_id: str) -> bytes:
     key = image_id.encode("utf-8")
     if not key or len(key) > 500:
@@ -466,7 +493,7 @@ def _open_env(path: Path, map_size: int, read_only: bool) -> lmdb.Environment:
         _check_truncated_before_open(path)
     try:
         env = lmdb.open(
-            str(path), map_size=int(map_size), max_dbs=len(_DB_NAMES), subdir=True,
+            str(path), map_size=int(map_size), max_dbs=len(_DB_NAMES) + 1, subdir=True,
             readonly=read_only, create=not read_only, sync=True, metasync=True,
         )
     except lmdb.Error as exc:

@@ -96,11 +96,13 @@ class ShardedStore:
                          next_segment_id=max(m.next_segment_id for m in metas),
                          has_regions=any(m.has_regions for m in metas))
 
-    def search(self, vectors: np.ndarray, k: int, effort: int | None = None) -> list[list[SearchHit]]:
+    def search(self, vectors: np.ndarray, k: int, effort: int | None = None,
+               levels: frozenset[int] = frozenset()) -> list[list[SearchHit]]:
         """Nearest segments of each query `(Q, D)` (or one `(D,)`) over all shards, best first
-        (equal scores by segment id), at most k each; `effort` as in `IndexStore.search`."""
+        (equal scores by segment id), at most k each; `effort` and `levels` as in
+        `IndexStore.search`."""
         queries = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
-        per_shard = [store.search(queries, k, effort) for store in self.shards]
+        per_shard = [store.search(queries, k, effort, levels) for store in self.shards]
         return [merge_hits([rows[q] for rows in per_shard], k) for q in range(len(queries))]
 
     def get_segment(self, segment_id: int) -> SegmentRecord:

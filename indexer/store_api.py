@@ -76,10 +76,11 @@ class ReadableStore(Protocol):
     @property
     def meta(self) -> IndexMeta: ...
 
-    def search(self, vectors: np.ndarray, k: int, effort: int | None = None) -> list:
+    def search(self, vectors: np.ndarray, k: int, effort: int | None = None,
+               levels: frozenset[int] = frozenset()) -> list:
         """`(Q, D)` or `(D,)` unit-norm queries -> per query at most k `SearchHit`s, best first
         (equal scores by segment id). `effort`: HNSW efSearch / IVF nprobe of this call only
-        (None: the index's own)."""
+        (None: the index's own); `levels`: only segments of these levels (empty: all)."""
 
     def get_segment(self, segment_id: int) -> SegmentRecord: ...
 

@@ -113,8 +113,12 @@ class VectorIndex:
             raw = raw[~np.isin(raw, self._tombstones)]
         return raw
 
-    def search(self, queries: np.ndarray, k: int, effort: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, effort: int | None = None,
+               selector: faiss.IDSelector | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: queries `(Q, D)` -> `(scores (Q, k) float32, ids (Q, k) int64)`.
+
+        `selector`: search only the ids it selects (the caller keeps it alive); tombstones stay
+        excluded.
 
         `effort`: this call's HNSW efSearch / IVF nprobe (None: the index's own; ignored by
         exact indexes). It is passed to FAISS as per-call `SearchParameters`, so concurrent
@@ -128,7 +132,7 @@ class VectorIndex:
         queries = self._as_matrix(queries, "queries")
         if len(self) == 0:
             return (np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64))
-        scores, ids = self._index.search(queries, k, params=self._search_params(k, effort))
+        scores, ids = self._index.search(queries, k, params=self._search_params(k, effort, selector))
         scores = scores.astype(np.float32, copy=True)
         scores[ids < 0] = -np.inf
         return scores, ids.astype(np.int64, copy=False)
@@ -282,15 +286,21 @@ class VectorIndex:
         elif self._kind == "hnsw":
             inner.hnsw.efSearch = self.ef_search
 
-    def _search_params(self, k: int, effort: int | None = None) -> faiss.SearchParameters | None:
+    def _search_params(self, k: int, effort: int | None = None,
+                       selector: faiss.IDSelector | None = None) -> faiss.SearchParameters | None:
         if self._kind == "ivf":
-            if effort is None:
+            if effort is None and selector is None:
                 return None
             params = faiss.SearchParametersIVF()
-            params.nprobe = min(int(effort), int(self._index.nlist))
+            params.nprobe = min(int(effort if effort is not None else self._index.nprobe), int(self._index.nlist))
+            params.sel = selector
             return params
         if self._kind != "hnsw":
-            return None
+            if selector is None:
+                return None
+            params = faiss.SearchParameters()
+            params.sel = selector
+            return params
         params = faiss.SearchParametersHNSW()
         params.efSearch = max(self.ef_search if effort is None else int(effort), k)
         if self._tombstones.size:
@@ -298,6 +308,12 @@ class VectorIndex:
                 batch = faiss.IDSelectorBatch(self._tombstones)
                 self._selector = (batch, faiss.IDSelectorNot(batch))  # keep both alive
             params.sel = self._selector[1]
+            if selector is not None:
+                both = faiss.IDSelectorAnd(selector, self._selector[1])
+                self._last_combined = both  # alive until the next search with a selector
+                params.sel = both
+        elif selector is not None:
+            params.sel = selector
         return params
 
     def _stored_ids(self) -> np.ndarray:

@@ -1,10 +1,13 @@
 """Nearest-segment search over an `IndexStore` with filters, score threshold and top_k.
 
-Filters are applied after the vector search (FAISS knows only vectors), so a filtered search
-over-fetches (an unfiltered one asks for exactly top_k): it asks for `OVERFETCH * top_k` candidates, and while fewer than `top_k` pass
-the filters it doubles the request, until the index has nothing more to give or the
-candidates' scores fall below `min_score` (hits come best first, so nothing further could
-pass). That way `top_k` hits are returned whenever that many exist, at the cost of extra
+The level is applied inside the vector search (`IndexStore.search` hands FAISS a selector of
+the level's ids, kept in their own LMDB table), so a region-level search costs what an
+unfiltered one does. The other filters are applied after the vector search (FAISS knows only
+vectors), so a filtered search over-fetches (an unfiltered one asks for exactly top_k): it asks for `OVERFETCH * top_k`
+candidates, and while fewer than `top_k` pass the filters it asks again for as many as the
+pass rate so far needs (at least twice as many, `_next_fetch`), until the index has nothing
+more to give or the candidates' scores fall below `min_score` (hits come best first, so
+nothing further could pass). That way `top_k` hits are returned whenever that many exist, at the cost of extra
 rounds only for selective filters.
 """
 from __future__ import annotations
@@ -24,6 +27,8 @@ ANY_LEVEL = -1  # resolve_levels: every level (hits never hold a segment with it
 DEFAULT_TOP_K = 10
 OVERFETCH = 4
 MIN_FETCH = 32
+FETCH_MARGIN = 1.5  # _next_fetch: ask for 1.5x the candidates the pass rate so far needs
+MAX_GROWTH = 16
 
 
 @dataclass(frozen=True)
@@ -38,8 +43,8 @@ class SearchFilter:
 
     @property
     def empty(self) -> bool:
-        return (not self.labels and not self.exclude_image_ids and self.min_area_fraction <= 0.0
-                and not self.levels)
+        """No filter beyond the level, which the store applies inside its search."""
+        return not self.labels and not self.exclude_image_ids and self.min_area_fraction <= 0.0
 
     def accepts(self, record: SegmentRecord) -> bool:
         return ((not self.labels or record.label in self.labels)
@@ -171,13 +176,14 @@ def search_many(store: ReadableStore, vectors, options: list[SearchOptions]) -> 
     total = store.meta.num_segments
     if total == 0:
         return [[] for _ in vectors]
-    groups: dict[tuple[int | None, int], list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
     for number, option in enumerate(options):
-        groups.setdefault((option.effort, min(total, _first_fetch(option))), []).append(number)
+        key = (option.effort, min(total, _first_fetch(option)), option.filter.levels)
+        groups.setdefault(key, []).append(number)
     results: list[list | None] = [None] * len(vectors)
     with stage("search"):
-        for (effort, fetch), members in groups.items():
-            rows = store.search(np.stack([vectors[n] for n in members]), fetch, effort)
+        for (effort, fetch, levels), members in groups.items():
+            rows = store.search(np.stack([vectors[n] for n in members]), fetch, effort, levels)
             for number, candidates in zip(members, rows):
                 results[number] = _filtered(store, vectors[number], options[number], fetch, candidates, total)
     return [_with_images(store, hits) for hits in results]
@@ -203,8 +209,17 @@ def _filtered(store: ReadableStore, vector: np.ndarray, options: SearchOptions, 
         below_threshold = bool(candidates) and candidates[-1].score < options.min_score
         if len(hits) >= options.top_k or exhausted or below_threshold:
             return hits[: options.top_k]
-        fetch = min(total, fetch * 2)
-        candidates = store.search(vector, fetch, options.effort)[0]
+        fetch = _next_fetch(fetch, len(hits), options.top_k, total)
+        candidates = store.search(vector, fetch, options.effort, options.filter.levels)[0]
+
+
+def _next_fetch(fetch: int, passed: int, top_k: int, total: int) -> int:
+    """How many candidates the next round asks for: enough for top_k at the share of
+    candidates that passed so far (with a margin), at least twice and at most MAX_GROWTH
+    times as many as this round. A selective filter (the region level holds a few percent of
+    the segments) then costs one more round, not a doubling per round."""
+    wanted = math.ceil(fetch * top_k * FETCH_MARGIN / max(passed, 1))
+    return min(total, max(2 * fetch, min(wanted, MAX_GROWTH * fetch)))
 
 
 def without_relatives(hits: list) -> list:

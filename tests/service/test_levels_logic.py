@@ -108,3 +108,17 @@ def test_the_default_level_is_region_where_the_index_has_regions():
     assert resolve_levels(ANY_LEVEL, True) == frozenset()
     with pytest.raises(InvalidArgument):
         resolve_levels(7, True)
+
+
+def test_the_store_searches_a_level_inside_faiss(store):
+    query = unit([1, 0.1, 0, 0])
+    regions = store.search(query, 5, levels=frozenset({LEVEL_REGION}))[0]  # 2 exist: both, one call
+    fine = store.search(query, 5, levels=frozenset({LEVEL_FINE}))[0]
+    assert [hit.segment.level for hit in regions] == [LEVEL_REGION] * 2
+    assert [hit.segment.level for hit in fine] == [LEVEL_FINE] * 4
+    assert len(store.search(query, 10)[0]) == 6
+    store.delete_segments([regions[0].segment_id])  # the table follows deletes...
+    assert [hit.segment_id for hit in store.search(query, 5, levels=frozenset({LEVEL_REGION}))[0]] == \
+        [regions[1].segment_id]
+    store.delete_images(["a", "b"])  # ...of whole images too
+    assert store.search(query, 5, levels=frozenset({LEVEL_REGION}))[0] == [] and store.verify() == []

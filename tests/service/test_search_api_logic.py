@@ -78,9 +78,9 @@ def test_one_faiss_call_per_group_of_alike_queries(flat, monkeypatch):
     calls = []
     original = IndexStore.search
 
-    def counting(self, vectors, k, effort=None):
+    def counting(self, vectors, k, effort=None, levels=frozenset()):
         calls.append((np.atleast_2d(vectors).shape[0], k, effort))
-        return original(self, vectors, k, effort)
+        return original(self, vectors, k, effort, levels)
 
     monkeypatch.setattr(IndexStore, "search", counting)
     search_many(flat, list(queries(8)), [SearchOptions(top_k=7)] * 8)
