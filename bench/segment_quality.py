@@ -354,7 +354,7 @@ def main() -> int:
     before = before_class(model, checkpoint.label_bank, config)
     cost = costs(before, ours, images, args.batch, args.repeats)
 
-    print(f"\n{len(images)} test images of {args.image_size} px, {len(scores['regions'].ious)} ground-truth regions, "
+    print(f"\n{len(images)} test images of {images[0].shape[1]}x{images[0].shape[0]} px, {len(scores['regions'].ious)} ground-truth regions, "
           f"tolerance {args.tolerance:g} px; config {config}\n")
     print("| segments | regions per image | best-match IoU | boundary F (2 px) |\n|---|---:|---:|---:|")
     for name, title in (("before", "before: k-means fine level, nearest upsampling (today's default)"),
