@@ -158,7 +158,7 @@ def _train(config: TrainConfig, prepared, class_names, world: World, device) -> 
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
                desc=f"train {config.method}/{config.supervision}",
                disable=not config.progress or not world.is_main)
-    started, last_loss = time.perf_counter(), float("nan")
+    started, last_loss = time.perf_counter(), _logged_loss(metrics_path, start_step)
     for step in bar:
         _set_poly_lr(optimizer, config, step)
         terms = _train_step(config, replica, optimizer, prepared, bank, loss_config, step, device)
@@ -308,6 +308,18 @@ def _spml_losses(config, raw, prepared, index, global_batch, bank, loss_config, 
                            reduction="sum")
     bank.push_entry(everyone)
     return global_mean(sums, world)
+
+
+def _logged_loss(metrics_path: Path, step: int) -> float:
+    """The loss the log holds for `step` (a resumed run that has nothing left to train reports
+    its last loss, not NaN); NaN when there is none."""
+    if step == 0 or not metrics_path.exists():
+        return float("nan")
+    for line in reversed(metrics_path.read_text().splitlines()):
+        row = json.loads(line)
+        if row.get("step") == step:
+            return float(row["loss"])
+    return float("nan")
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:

@@ -84,6 +84,8 @@ def test_resume_replays_an_interrupted_run_exactly(tmp_path, monkeypatch):
     resumed = train(_config(tmp_path / "b", resume=True, **small))
     assert resumed.steps == 3  # steps 4..6 only
     assert resumed.model_version == uninterrupted.model_version  # bit-identical weights
+    again = train(_config(tmp_path / "b", resume=True, **small))  # a finished run: nothing to train
+    assert again.steps == 0 and again.final_loss == pytest.approx(resumed.final_loss)
 
 
 def test_batches_depend_only_on_step_and_seed():
