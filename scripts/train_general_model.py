@@ -46,6 +46,7 @@ PK3 = "usr/share/games/ufoai/base/0textures.pk3"
 # normal, specular, gloss, glow and other non-colour maps that ship beside each texture
 _NOT_COLOUR = re.compile(r"_(nm|sm|gm|pls|bump|norm|spec|glow|gloss|rm|hm|em|h|n|s|g)$")
 REPO = Path(__file__).resolve().parents[1]
+RUN_NAME = "residual-lr1e-4"  # the training run's folder under --work (another recipe: another folder)
 log = logging.getLogger("train_general_model")
 
 
@@ -66,9 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # the training recipe of the shipped model; extra flags after -- override these
-TRAIN_FLAGS = ["--supervision", "scribbles", "--steps", "300", "--batch-size", "8", "--image-size", "160",
+TRAIN_FLAGS = ["--supervision", "scribbles", "--steps", "150", "--batch-size", "8", "--image-size", "160",
                "--num-train", "480", "--num-test", "48", "--feature-blocks", "2,3,4", "--block-norm",
-               "--colour-bins", "6", "--colour-weight", "0.5", "--embedding-dim", "64"]
+               "--colour-bins", "6", "--colour-weight", "0.5", "--embedding-dim", "128", "--head", "residual",
+               "--lr", "1e-4"]
 
 
 def fetch_pk3(work: Path) -> Path:
@@ -128,15 +130,15 @@ def main(argv=None) -> int:
     textures = extract(pk3, work / "textures", training, args.short_side)
     held_out = extract(pk3, work / "validation", validation, args.short_side)
     command = [str(Path(sys.executable).with_name("segsearch")), "train", "--data", f"textures:{textures}",
-               "--out", str(work / "model"), "--seed", str(args.seed), "--resume", *TRAIN_FLAGS, *args.train_args]
+               "--out", str(work / RUN_NAME), "--seed", str(args.seed), "--resume", *TRAIN_FLAGS, *args.train_args]
     log.info("%s", " ".join(command))
     if args.dry_run:
         return 0
     subprocess.run(command, check=True)  # --resume: a finished or interrupted run is continued
     from choose_weights import choose_weights
 
-    weights = choose_weights(work / "model" / "checkpoint.pt", held_out, args.seed, work / "weights.json")
-    install(work / "model" / "checkpoint.pt", Path(args.install), weights)
+    weights = choose_weights(work / RUN_NAME / "checkpoint.pt", held_out, args.seed, work / "weights.json")
+    install(work / RUN_NAME / "checkpoint.pt", Path(args.install), weights)
     return 0
 
 
