@@ -315,22 +315,16 @@ class MetadataStore:
             unknown = [i for i, raw in images.items() if raw is None]
             if unknown:
                 raise IndexStoreError(f"unknown image id(s), nothing deleted: {', '.join(map(repr, unknown))}")
-            meta = decode_meta(txn.get(_META_KEY, db=self._dbs["meta"]))
             for image_id, raw in images.items():
                 image = decode_image(raw)
                 for sid in image.segment_ids:
-                    txn.delete(segment_key(sid), db=self._dbs["segments"])
-                    txn.delete(segment_key(sid), db=self._dbs["regions"])
+                    self._delete_segment(txn, sid)
                     removed.append(sid)
                 txn.delete(_image_key(image_id), db=self._dbs["images"])
                 sha = image.sha256.encode("ascii")
                 if txn.get(sha, db=self._dbs["sha256"]) == image_id.encode("utf-8"):
                     txn.delete(sha, db=self._dbs["sha256"])
-            meta.num_images -= len(images)
-            meta.num_segments -= len(removed)
-            meta.generation += 1
-            generation = meta.generation
-            txn.put(_META_KEY, encode_meta(meta), db=self._dbs["meta"])
+            generation = self._count_removal(txn, len(images), len(removed))
 
         self._write(write)
         return removed, generation
@@ -356,8 +350,7 @@ class MetadataStore:
             by_image: dict[str, set[int]] = {}
             for sid, raw in raws.items():
                 by_image.setdefault(decode_segment(raw).image_id, set()).add(sid)
-                txn.delete(segment_key(sid), db=self._dbs["segments"])
-                txn.delete(segment_key(sid), db=self._dbs["regions"])
+                self._delete_segment(txn, sid)
                 removed.append(sid)
             for image_id, gone in by_image.items():
                 raw = txn.get(_image_key(image_id), db=self._dbs["images"])
@@ -365,16 +358,26 @@ class MetadataStore:
                     image = decode_image(raw)
                     image = dataclasses.replace(image, segment_ids=[s for s in image.segment_ids if s not in gone])
                     txn.put(_image_key(image_id), encode_image(image), db=self._dbs["images"])
-            meta = decode_meta(txn.get(_META_KEY, db=self._dbs["meta"]))
-            meta.num_segments -= len(removed)
-            meta.generation += 1
-            generation = meta.generation
-            txn.put(_META_KEY, encode_meta(meta), db=self._dbs["meta"])
+            generation = self._count_removal(txn, 0, len(removed))
 
         self._write(write)
         return removed, generation
 
     # ---- helpers ---------------------------------------------------------------------
+
+    def _delete_segment(self, txn: lmdb.Transaction, segment_id: int) -> None:
+        """A segment's record and its entry in the region table (if it is a region)."""
+        txn.delete(segment_key(segment_id), db=self._dbs["segments"])
+        txn.delete(segment_key(segment_id), db=self._dbs["regions"])
+
+    def _count_removal(self, txn: lmdb.Transaction, images: int, segments: int) -> int:
+        """Lower the meta record's counts, bump its generation; returns the new generation."""
+        meta = decode_meta(txn.get(_META_KEY, db=self._dbs["meta"]))
+        meta.num_images -= images
+        meta.num_segments -= segments
+        meta.generation += 1
+        txn.put(_META_KEY, encode_meta(meta), db=self._dbs["meta"])
+        return meta.generation
 
     def _skip_reason(self, txn: lmdb.Transaction, image: ImageRecord) -> str:
         owner = txn.get(image.sha256.encode("ascii"), db=self._dbs["sha256"])

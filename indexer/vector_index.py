@@ -80,6 +80,7 @@ class VectorIndex:
         self.generation = 0
         self.model_version = ""
         self._selector: tuple | None = None  # cached IDSelector excluding the tombstones
+        self._last_combined = None  # the caller's selector AND not-tombstones, alive for its search
         _validate_spec(self.dim, self.spec)
         self._train_min = _train_min(self.dim, self.spec)
         # Types that need training start exact (see the module docstring); others start as asked.
