@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import faiss
 import pytest
 
 from segsearch.errors import IndexStoreError
@@ -206,3 +207,17 @@ def test_missing_file_raises_naming_it(tmp_path):
     with pytest.raises(IndexStoreError, match="does not exist") as info:
         VectorIndex.load(tmp_path / "nope.faiss")
     assert os.fspath(tmp_path / "nope.faiss") in str(info.value)
+
+
+@pytest.mark.parametrize("spec", ["flat", "hnsw", "ivf"])
+def test_a_selector_restricts_the_search_and_tombstones_stay_out(spec, monkeypatch):
+    monkeypatch.setattr(vector_index, "AUTO_EXACT_MAX", 500)  # "ivf" trains at 500 vectors
+    index, ids, x = _filled(spec, n=1000)
+    index.remove(ids[:20])  # tombstones in an HNSW, gone in the others
+    chosen = ids[::3]  # every third id, the first tombstones among them
+    keep = faiss.IDSelectorBatch(chosen)
+    _, found = index.search(x[:50], 5, effort=1 << 12, selector=keep)
+    assert np.isin(found, chosen).all() and not np.isin(found, ids[:20]).any()
+    live = chosen[~np.isin(chosen, ids[:20])]
+    _, exact = index.search(x[21:51:3], 1, effort=1 << 12, selector=keep)  # chosen live ids find themselves
+    assert np.array_equal(exact[:, 0], ids[21:51:3]) and np.isin(ids[21:51:3], live).all()
