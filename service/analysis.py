@@ -16,7 +16,10 @@ builds (`regions`), so every request shares the batched path.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +48,7 @@ class ImageAnalyzer:
         self.decode_config = decode_config
         self.decode_budget = decode_budget
         self.embedding_cache = embedding_cache if embedding_cache is not None else EmbeddingCache(0)
+        self._single_flight = SingleFlight()
         self._embed_batcher = self._segment_batcher = None
         if batching is not None and batching.max_batch > 1:
             wait = batching.max_wait_ms / 1000
@@ -110,6 +114,19 @@ class ImageAnalyzer:
     def cached_regions(self, data: bytes) -> CachedRegions | None:
         """The region level of these exact image bytes, if a box or point query segmented them lately."""
         return self.embedding_cache.get(self._key(REGIONS_KEY, hashlib.sha256(data).hexdigest()))
+
+    def regions_of(self, data: bytes) -> tuple[CachedRegions, DecodedImage | None]:
+        """The region level of these image bytes and, when it had to be computed, the decoded
+        image. Requests for the same bytes at the same time segment them once: the others wait
+        (up to their deadline) for the first and then read its result from the cache, so
+        several clients asking about one new image do not each pay its forward pass."""
+        key = self._key(REGIONS_KEY, hashlib.sha256(data).hexdigest())
+        with self._single_flight.turn(key, _deadline()):
+            cached = self.embedding_cache.get(key)
+            if cached is not None:
+                return cached, None
+            image = self.decode(data)
+            return self.region_level(image), image
 
     def region_level(self, image: DecodedImage) -> CachedRegions:
         """Segment the image and keep its region level in the cache (`cached_regions`), so that
@@ -187,6 +204,32 @@ class CachedRegions:
     @property
     def nbytes(self) -> int:
         return self.label_map.nbytes + self.prototypes.nbytes
+
+
+class SingleFlight:
+    """One lock per key while someone holds or waits for it (the table does not grow)."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict = {}  # key -> [lock, holders and waiters]
+
+    @contextmanager
+    def turn(self, key, deadline: float | None) -> Iterator[None]:
+        """Hold `key`'s lock; past `deadline` (monotonic seconds) go ahead without it."""
+        with self._guard:
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        timeout = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+        acquired = entry[0].acquire(timeout=timeout)
+        try:
+            yield
+        finally:
+            if acquired:
+                entry[0].release()
+            with self._guard:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._locks[key]
 
 
 def _deadline() -> float | None:

@@ -64,11 +64,7 @@ def _mask_query(analyzer: ImageAnalyzer, embeddings, mask: np.ndarray) -> QueryV
 
 def _region_pick_query(analyzer: ImageAnalyzer, image_data: bytes, region: RegionSpec) -> QueryVector:
     """A point or a box: a region of the image's region level (cached per image bytes)."""
-    level = analyzer.cached_regions(image_data)
-    image = None
-    if level is None:
-        image = analyzer.decode(image_data)
-        level = analyzer.region_level(image)
+    level, image = analyzer.regions_of(image_data)
     if region.point is not None:
         return _point_query(level, region.point)
     box_pixels = regions.box_mask(region.box, level.original_size)

@@ -1,5 +1,7 @@
 """The embedding cache: bounded by bytes, LRU, and invisible in the answers."""
 import io
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -67,3 +69,23 @@ def test_a_second_box_or_point_of_an_image_reuses_its_region_level_with_the_same
     assert analyzer.embedding_cache.hits - hits_before >= 2
     assert [(h.segment_id, round(h.score, 5)) for h in again.hits] == \
            [(h.segment_id, round(h.score, 5)) for h in first.hits]
+
+
+def test_requests_for_one_new_image_at_once_segment_it_once(served, monkeypatch):
+    """Two clients asking about the same new image at the same time: one segmentation, the
+    other request waits for it and reads the cache; both get the same hits."""
+    analyzer = served.server.servicer.app.analyzer
+    image = png_bytes(mosaic_images(1, seed=23)[0])
+    computed, real = [], analyzer.region_level
+
+    def slow_region_level(decoded):
+        computed.append(decoded.sha256)
+        time.sleep(0.3)  # long enough for the second request to arrive while this one works
+        return real(decoded)
+
+    monkeypatch.setattr(analyzer, "region_level", slow_region_level)
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda point: served.client.search_point(image, point, top_k=5), [(20, 20)] * 2))
+    assert len(computed) == 1
+    assert [(h.segment_id, round(h.score, 5)) for h in answers[0].hits] == \
+           [(h.segment_id, round(h.score, 5)) for h in answers[1].hits]
