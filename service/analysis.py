@@ -115,6 +115,13 @@ class ImageAnalyzer:
         """The region level of these exact image bytes, if a box or point query segmented them lately."""
         return self.embedding_cache.get(self._key(REGIONS_KEY, hashlib.sha256(data).hexdigest()))
 
+    @contextmanager
+    def embedding_turn(self, data: bytes) -> Iterator[None]:
+        """Mask queries on the same image bytes take turns (as `regions_of` does for boxes),
+        so the first one's embedding map is in the cache when the next one looks."""
+        with self._single_flight.turn(self._key(EMBEDDING_KEY, hashlib.sha256(data).hexdigest()), _deadline()):
+            yield
+
     def regions_of(self, data: bytes) -> tuple[CachedRegions, DecodedImage | None]:
         """The region level of these image bytes and, when it had to be computed, the decoded
         image. Requests for the same bytes at the same time segment them once: the others wait

@@ -43,17 +43,18 @@ def region_query(analyzer: ImageAnalyzer, image_data: bytes, region: RegionSpec)
         regions.check_box_not_empty(region.box)
     if region.box is not None or region.point is not None:  # both pick a region of the segmentation
         return _region_pick_query(analyzer, image_data, region)
-    cached = analyzer.cached_embedding(image_data)
-    if cached is not None:  # a further region of an image embedded lately: no decode, no forward
-        size, embeddings = cached.original_size, cached.embeddings
-    else:
-        image = analyzer.decode(image_data)
-        size = image.original_size
-        embeddings = None
-    mask = decode_mask_png(region.mask_png, size)
-    regions.check_mask(mask)
-    if embeddings is None:
-        embeddings = analyzer.embed(image)
+    with analyzer.embedding_turn(image_data):
+        cached = analyzer.cached_embedding(image_data)
+        if cached is not None:  # a further region of an image embedded lately: no decode, no forward
+            size, embeddings = cached.original_size, cached.embeddings
+        else:
+            image = analyzer.decode(image_data)
+            size = image.original_size
+            embeddings = None
+        mask = decode_mask_png(region.mask_png, size)
+        regions.check_mask(mask)
+        if embeddings is None:
+            embeddings = analyzer.embed(image)
     return _mask_query(analyzer, embeddings, mask)
 
 

@@ -89,3 +89,21 @@ def test_requests_for_one_new_image_at_once_segment_it_once(served, monkeypatch)
     assert len(computed) == 1
     assert [(h.segment_id, round(h.score, 5)) for h in answers[0].hits] == \
            [(h.segment_id, round(h.score, 5)) for h in answers[1].hits]
+
+
+def test_mask_queries_on_one_new_image_at_once_embed_it_once(served, monkeypatch):
+    analyzer = served.server.servicer.app.analyzer
+    pixels = mosaic_images(1, seed=24)[0]
+    image, side = png_bytes(pixels), pixels.shape[0]
+    embedded, real = [], analyzer.embed
+
+    def slow_embed(decoded):
+        embedded.append(decoded.sha256)
+        time.sleep(0.3)
+        return real(decoded)
+
+    monkeypatch.setattr(analyzer, "embed", slow_embed)
+    masks = [_square_mask_png(side, 0, 0, 48, 48), _square_mask_png(side, 48, 48, 96, 96)]
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda mask: served.client.search_mask(image, mask, top_k=5), masks))
+    assert len(embedded) == 1 and all(answer.hits for answer in answers)
