@@ -339,7 +339,9 @@ class IndexStore:
         generation = self._vectors.generation
         if self._regions is None or self._regions[0] != generation:
             region_ids = self._metadata.region_ids()
-            if region_ids is None:  # no table of regions: the caller's filter on records decides
+            if region_ids is None or (region_ids.size == 0 and self._metadata.meta().has_regions):
+                # no usable table (an index written before it, opened read-only): the
+                # caller's filter on the records decides (`MetadataStore._fill_region_table`)
                 return None
             batch = faiss.IDSelectorBatch(region_ids)
             self._regions = (generation, batch, faiss.IDSelectorNot(batch))  # keep both alive

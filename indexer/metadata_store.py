@@ -136,7 +136,25 @@ class MetadataStore:
                 f"index at {path} has format version {meta.format_version}; this segsearch "
                 f"reads up to {FORMAT_VERSION}. Upgrade segsearch."
             )
+        if not read_only:
+            store._fill_region_table(meta)
         return store
+
+    def _fill_region_table(self, meta: IndexMeta) -> None:
+        """A writer opening an index that has region-level segments but an empty region table
+        (written before the table existed) fills it from the records, in one transaction."""
+        with self._env.begin(db=self._dbs["regions"]) as txn:
+            empty = txn.stat(self._dbs["regions"])["entries"] == 0
+        if not (meta.has_regions and empty):
+            return
+        region_ids = [seg.segment_id for seg in self.iter_segments() if seg.level == LEVEL_REGION]
+        log.info("filling the region table of %s: %d region-level segments", self.path, len(region_ids))
+
+        def write(txn: lmdb.Transaction) -> None:
+            for segment_id in region_ids:
+                txn.put(segment_key(segment_id), b"", db=self._dbs["regions"])
+
+        self._write(write)
 
     def close(self) -> None:
         self._env.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segsearch.indexer.index_store import IndexStore
+from segsearch.indexer.index_store import LMDB_DIR, IndexStore
 from segsearch.indexer.records import LEVEL_FINE, LEVEL_REGION, ImageRecord, SegmentRecord
 from segsearch.indexer.rle import encode_mask
 from segsearch.service.errors import InvalidArgument
@@ -122,3 +122,26 @@ def test_the_store_searches_a_level_inside_faiss(store):
         [regions[1].segment_id]
     store.delete_images(["a", "b"])  # ...of whole images too
     assert store.search(query, 5, levels=frozenset({LEVEL_REGION}))[0] == [] and store.verify() == []
+
+
+def test_a_writer_fills_a_missing_region_table_from_the_records(tmp_path):
+    """An index written before the region table existed (here: the table emptied by hand)
+    gets it back from its records when a writer opens it."""
+    import lmdb
+
+    root = tmp_path / "index"
+    with IndexStore.create(root, VERSION, DIM, "flat") as created:
+        created.add_images([(ImageRecord("a", "a.png", 4, 2, "1" * 64), image_segments("a", [1, 0, 0, 0], [0, 1, 0, 0]))])
+        region_id = created.get_image("a").segment_ids[2]
+    env = lmdb.open(str(root / LMDB_DIR), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"regions", txn=txn), delete=False)
+    env.close()
+    regions_only = SearchOptions(top_k=3, filter=SearchFilter(levels=frozenset({LEVEL_REGION})))
+    with IndexStore.open(root, read_only=True) as reader:  # cannot fill it: filters the records instead
+        assert reader._metadata.region_ids().tolist() == []
+        assert [hit.segment_id for hit in search(reader, unit([1, 1, 0, 0]), regions_only)] == [region_id]
+    with IndexStore.open(root) as writer:
+        assert writer._metadata.region_ids().tolist() == [region_id] and writer.verify() == []
+        hits = writer.search(unit([1, 1, 0, 0]), 3, levels=frozenset({LEVEL_REGION}))[0]
+        assert [hit.segment_id for hit in hits] == [region_id]
