@@ -2,11 +2,13 @@
 drops expired work, passes errors on; and batched server answers equal unbatched ones."""
 from __future__ import annotations
 
+import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from PIL import Image, PngImagePlugin
 
 from segsearch.service.batcher import DynamicBatcher
 from segsearch.service.errors import DeadlineExceeded
@@ -59,18 +61,34 @@ def test_expired_items_are_dropped_and_errors_reach_every_caller():
     assert "late" not in ran  # its deadline passed before its batch formed
 
 
+def _same_pixels_other_bytes(data: bytes, count: int) -> list[bytes]:
+    """`count` PNG encodings of one image, each with its own text chunk: identical pixels,
+    different bytes (requests for the same bytes take turns in the server, see
+    `analysis.SingleFlight`, and would never share a batch)."""
+    pixels = Image.open(io.BytesIO(data)).convert("RGB")
+    encoded = []
+    for number in range(count):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("copy", str(number))
+        buffer = io.BytesIO()
+        pixels.save(buffer, format="PNG", pnginfo=info)
+        encoded.append(buffer.getvalue())
+    return encoded
+
+
 def test_batched_server_answers_equal_sequential_ones(served, corpus_dir):
-    """With the embedding cache off, so that every query of the one image embeds it again."""
+    """With the embedding cache off, so that every query embeds its image again."""
     from segsearch.service.embedding_cache import EmbeddingCache
 
-    data = (corpus_dir / PHOTO).read_bytes()
     boxes = [(x, y, x + 60, y + 50) for x in (0, 60, 120, 180) for y in (0, 70, 140)]
+    images = _same_pixels_other_bytes((corpus_dir / PHOTO).read_bytes(), len(boxes))
     analyzer = served.server.servicer.app.analyzer
     cache, analyzer.embedding_cache = analyzer.embedding_cache, EmbeddingCache(0)
     try:
-        sequential = [served.client.search_box(data, box, top_k=3).hits for box in boxes]
+        sequential = [served.client.search_box(data, box, top_k=3).hits for data, box in zip(images, boxes)]
         with ThreadPoolExecutor(6) as pool:
-            concurrent = list(pool.map(lambda box: served.client.search_box(data, box, top_k=3).hits, boxes))
+            concurrent = list(pool.map(lambda pair: served.client.search_box(pair[0], pair[1], top_k=3).hits,
+                                       zip(images, boxes)))
     finally:
         analyzer.embedding_cache = cache
     for alone, together in zip(sequential, concurrent):
