@@ -140,7 +140,7 @@ class IndexStore:
         vectors = VectorIndex(embedding_dim, index_spec, ef_search=ef_search, nprobe=nprobe)  # validates spec
         vectors.model_version = model_version
         meta = IndexMeta(model_version=model_version, embedding_dim=int(embedding_dim), index_type=index_spec,
-                         next_segment_id=int(first_segment_id))
+                         next_segment_id=int(first_segment_id), region_table=True)
         # Built in a staging directory and renamed into place, so that a crash during create
         # leaves either no index or a complete empty one (never a half-made directory).
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -339,10 +339,8 @@ class IndexStore:
         generation = self._vectors.generation
         if self._regions is None or self._regions[0] != generation:
             region_ids = self._metadata.region_ids()
-            if region_ids is None or (region_ids.size == 0 and self._metadata.meta().has_regions):
-                # no usable table (an index written before it, opened read-only): the
-                # caller's filter on the records decides (`MetadataStore._fill_region_table`)
-                return None
+            if region_ids is None:  # no complete table (an index written before it, read-only):
+                return None  # the caller's filter on the records decides
             batch = faiss.IDSelectorBatch(region_ids)
             self._regions = (generation, batch, faiss.IDSelectorNot(batch))  # keep both alive
         return self._regions[1] if LEVEL_REGION in levels else self._regions[2]

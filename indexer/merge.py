@@ -214,6 +214,7 @@ class _RecordCopier(MetadataStore):
             meta.num_segments += theirs.num_segments
             meta.next_segment_id = max(meta.next_segment_id, theirs.next_segment_id)
             meta.has_regions = meta.has_regions or theirs.has_regions
+            meta.region_table = meta.region_table and theirs.region_table
             meta.generation += 1
             txn.put(_META_KEY, encode_meta(meta), db=self._dbs["meta"])
 

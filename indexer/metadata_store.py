@@ -92,9 +92,9 @@ class MetadataStore:
             self._dbs["regions"] = regions
 
     def region_ids(self) -> np.ndarray | None:
-        """`(R,)` int64, sorted: the ids of the region-level segments (None: opened read-only
-        on an index written before levels, which has no such table)."""
-        if "regions" not in self._dbs:
+        """`(R,)` int64, sorted: the ids of the region-level segments (None: the table is
+        missing or not known complete, in an index written before it and opened read-only)."""
+        if "regions" not in self._dbs or not self.meta().region_table:
             return None
         with self._env.begin(db=self._dbs["regions"]) as txn:
             keys = list(txn.cursor().iternext(keys=True, values=False))
@@ -141,11 +141,10 @@ class MetadataStore:
         return store
 
     def _fill_region_table(self, meta: IndexMeta) -> None:
-        """A writer opening an index that has region-level segments but an empty region table
-        (written before the table existed) fills it from the records, in one transaction."""
-        with self._env.begin(db=self._dbs["regions"]) as txn:
-            empty = txn.stat(self._dbs["regions"])["entries"] == 0
-        if not (meta.has_regions and empty):
+        """A writer opening an index whose region table is not known complete (written before
+        the table existed) fills it from the records and marks it complete, in one
+        transaction; once, since the mark stays."""
+        if meta.region_table:
             return
         region_ids = [seg.segment_id for seg in self.iter_segments() if seg.level == LEVEL_REGION]
         log.info("filling the region table of %s: %d region-level segments", self.path, len(region_ids))
@@ -153,6 +152,9 @@ class MetadataStore:
         def write(txn: lmdb.Transaction) -> None:
             for segment_id in region_ids:
                 txn.put(segment_key(segment_id), b"", db=self._dbs["regions"])
+            current = decode_meta(txn.get(_META_KEY, db=self._dbs["meta"]))
+            current.region_table = True
+            txn.put(_META_KEY, encode_meta(current), db=self._dbs["meta"])
 
         self._write(write)
 

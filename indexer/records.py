@@ -109,7 +109,9 @@ class IndexMeta:
     `next_segment_id` is the id counter: ids are allocated upwards and never reused, so a
     stale FAISS entry can never be mistaken for a newer segment.
     `has_regions` tells a search whose level is left to the server that region-level segments
-    exist (indexes written before levels hold fine segments only).
+    exist (indexes written before levels hold fine segments only); `region_table` that the
+    metadata store's table of region ids is complete (false in an index written before the
+    table: a writer fills it on open, a reader filters records instead).
     `index_type` is the index spec asked for at creation ("auto", "flat", "hnsw", "ivf" or a
     faiss factory string); the concrete FAISS type is in the FAISS file.
     """
@@ -123,6 +125,7 @@ class IndexMeta:
     format_version: int = FORMAT_VERSION
     next_segment_id: int = 1
     has_regions: bool = False  # set once a region-level segment is written (never cleared)
+    region_table: bool = False  # the `regions` table lists every region-level segment
 
 
 def _pack(kind: str, version: int, payload: dict[str, Any]) -> bytes:

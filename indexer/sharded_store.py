@@ -94,7 +94,8 @@ class ShardedStore:
                          num_segments=sum(m.num_segments for m in metas), index_type=first.index_type,
                          generation=sum(m.generation for m in metas), format_version=first.format_version,
                          next_segment_id=max(m.next_segment_id for m in metas),
-                         has_regions=any(m.has_regions for m in metas))
+                         has_regions=any(m.has_regions for m in metas),
+                         region_table=all(m.region_table for m in metas))
 
     def search(self, vectors: np.ndarray, k: int, effort: int | None = None,
                levels: frozenset[int] = frozenset()) -> list[list[SearchHit]]:

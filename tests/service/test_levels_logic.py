@@ -125,9 +125,11 @@ def test_the_store_searches_a_level_inside_faiss(store):
 
 
 def test_a_writer_fills_a_missing_region_table_from_the_records(tmp_path):
-    """An index written before the region table existed (here: the table emptied by hand)
-    gets it back from its records when a writer opens it."""
+    """An index written before the region table existed (here: the table emptied and its
+    mark cleared by hand) gets it back from its records when a writer opens it."""
     import lmdb
+
+    from segsearch.indexer.records import decode_meta, encode_meta
 
     root = tmp_path / "index"
     with IndexStore.create(root, VERSION, DIM, "flat") as created:
@@ -136,12 +138,18 @@ def test_a_writer_fills_a_missing_region_table_from_the_records(tmp_path):
     env = lmdb.open(str(root / LMDB_DIR), max_dbs=8)
     with env.begin(write=True) as txn:
         txn.drop(env.open_db(b"regions", txn=txn), delete=False)
+        meta_db = env.open_db(b"meta", txn=txn)
+        meta = decode_meta(txn.get(b"meta", db=meta_db))
+        assert meta.region_table  # a new index starts with a complete (empty) table
+        meta.region_table = False
+        txn.put(b"meta", encode_meta(meta), db=meta_db)
     env.close()
     regions_only = SearchOptions(top_k=3, filter=SearchFilter(levels=frozenset({LEVEL_REGION})))
     with IndexStore.open(root, read_only=True) as reader:  # cannot fill it: filters the records instead
-        assert reader._metadata.region_ids().tolist() == []
+        assert reader._metadata.region_ids() is None
         assert [hit.segment_id for hit in search(reader, unit([1, 1, 0, 0]), regions_only)] == [region_id]
     with IndexStore.open(root) as writer:
         assert writer._metadata.region_ids().tolist() == [region_id] and writer.verify() == []
+        assert writer.meta.region_table
         hits = writer.search(unit([1, 1, 0, 0]), 3, levels=frozenset({LEVEL_REGION}))[0]
         assert [hit.segment_id for hit in hits] == [region_id]
