@@ -116,11 +116,13 @@ class ImageAnalyzer:
         return self.embedding_cache.get(self._key(REGIONS_KEY, hashlib.sha256(data).hexdigest()))
 
     @contextmanager
-    def embedding_turn(self, data: bytes) -> Iterator[None]:
+    def embedding_turn(self, data: bytes) -> Iterator[CachedEmbedding | None]:
         """Mask queries on the same image bytes take turns (as `regions_of` does for boxes),
-        so the first one's embedding map is in the cache when the next one looks."""
-        with self._single_flight.turn(self._key(EMBEDDING_KEY, hashlib.sha256(data).hexdigest()), _deadline()):
-            yield
+        so the first one's embedding map is in the cache when the next one looks; yields
+        that cached map (`cached_embedding`), or None, under the one hash of the bytes."""
+        key = self._key(EMBEDDING_KEY, hashlib.sha256(data).hexdigest())
+        with self._single_flight.turn(key, _deadline()):
+            yield self.embedding_cache.get(key)
 
     def regions_of(self, data: bytes) -> tuple[CachedRegions, DecodedImage | None]:
         """The region level of these image bytes and, when it had to be computed, the decoded

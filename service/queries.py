@@ -43,8 +43,7 @@ def region_query(analyzer: ImageAnalyzer, image_data: bytes, region: RegionSpec)
         regions.check_box_not_empty(region.box)
     if region.box is not None or region.point is not None:  # both pick a region of the segmentation
         return _region_pick_query(analyzer, image_data, region)
-    with analyzer.embedding_turn(image_data):
-        cached = analyzer.cached_embedding(image_data)
+    with analyzer.embedding_turn(image_data) as cached:
         if cached is not None:  # a further region of an image embedded lately: no decode, no forward
             size, embeddings = cached.original_size, cached.embeddings
         else:
