@@ -340,9 +340,10 @@ class IndexStore:
         if self._regions is None or self._regions[0] != generation:
             region_ids = self._metadata.region_ids()
             if region_ids is None:  # no complete table (an index written before it, read-only):
-                return None  # the caller's filter on the records decides
-            batch = faiss.IDSelectorBatch(region_ids)
-            self._regions = (generation, batch, faiss.IDSelectorNot(batch))  # keep both alive
+                self._regions = (generation, None, None)  # the caller's filter on the records decides
+            else:
+                batch = faiss.IDSelectorBatch(region_ids)
+                self._regions = (generation, batch, faiss.IDSelectorNot(batch))  # keep both alive
         return self._regions[1] if LEVEL_REGION in levels else self._regions[2]
 
     def get_segment(self, segment_id: int) -> SegmentRecord:
