@@ -4,10 +4,12 @@ FAISS save after every commit (before), and the time to reopen after a kill -9 (
 
     python bench/write_scaling.py [--sizes 10000,200000] [--spec auto]
 
-Each size gets a fresh index of synthetic segments (clustered 64-d prototypes, 16 segments per
-image, built with one FAISS save at the end). Then, per policy, on a copy of it:
-- live: 40 commits of one IndexImages-sized chunk (4 images, 64 segments), latency p50/p99;
-- bulk: 10k segments added in chunks of 64 images, then 1k segments deleted, as throughput;
+Each size gets a fresh index of synthetic segments (clustered 64-d prototypes, 20 segments per
+image: service_latency's 4x5 grid, built with one FAISS save at the end). Then, per policy, on a
+copy of it:
+- live: 40 commits of one IndexImages-sized chunk (4 images, 80 segments), latency p50/p99;
+- bulk: ~10k segments (7 chunks of 64 images: 8,960) added, then 1k segments (50 images) deleted
+  4 images (80 segments) per call, as throughput;
 - reopen: a writer "killed" after those writes (no close), then `IndexStore.open` timed,
   with what it replayed from LMDB.
 Prints one table; the large/small ratio of live p50 is the number the issue asks about.
@@ -95,7 +97,7 @@ def measure(base: Path, work: Path, size: int, policy: str, save_every: int | No
         chunk = records.take(BULK_IMAGES_PER_CHUNK)
         store.add_images(chunk)
         added_ids += [image.image_id for image, _ in chunk]
-    bulk = BULK_SEGMENTS / (time.perf_counter() - started)
+    bulk = len(added_ids) * per_image / (time.perf_counter() - started)
     doomed = added_ids[: DELETE_SEGMENTS // per_image]
     started = time.perf_counter()
     for start in range(0, len(doomed), 4):
