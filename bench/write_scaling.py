@@ -2,7 +2,7 @@
 of `IndexStore` at a small and a large index, with the FAISS snapshot policy (today) beside a
 FAISS save after every commit (before), and the time to reopen after a kill -9 (the replay).
 
-    python bench/write_scaling.py [--sizes 10000,200000] [--spec auto]
+    python bench/write_scaling.py [--sizes 10000,200000] [--spec auto] [--milvus]
 
 Each size gets a fresh index of synthetic segments (clustered 64-d prototypes, 20 segments per
 image: service_latency's 4x5 grid, built with one FAISS save at the end). Then, per policy, on a
@@ -12,6 +12,10 @@ copy of it:
   4 images (80 segments) per call, as throughput;
 - reopen: a writer "killed" after those writes (no close), then `IndexStore.open` timed,
   with what it replayed from LMDB.
+With --milvus, the same vectors in the same calls against Milvus Lite (bench/milvus_writes.py,
+an optional dependency: pip install 'pymilvus[milvus_lite]'): its pre-existing collection is the
+same index, its live, bulk and delete calls carry the same vectors and keys, and its reopen is
+after the process holding it was SIGKILLed (Milvus Lite runs inside its client's process).
 Prints one table; the large/small ratio of live p50 is the number the issue asks about.
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 
 from segsearch.indexer.index_store import IndexStore
 from segsearch.testing.crash import abandon
+import milvus_writes  # bench/ is the script directory; imports Milvus Lite only in its workers
 from search_speed import SearchBenchConfig, make_mixture, sample  # bench/ is the script directory
 from service_latency import image_chunk, segment_templates  # bench/ is the script directory
 
@@ -35,9 +40,11 @@ VERSION = "write-scaling"
 DIM = 64
 LIVE_COMMITS = 40
 LIVE_IMAGES = 4
+BUILD_IMAGES_PER_CHUNK = 256
 BULK_SEGMENTS = 10_000
 BULK_IMAGES_PER_CHUNK = 64
 DELETE_SEGMENTS = 1_000
+DELETE_IMAGES_PER_CALL = 4
 POLICIES = {"snapshot policy (now)": None, "save every commit (before)": 1}
 
 
@@ -50,13 +57,13 @@ class Row:
     bulk_segments_per_s: float
     delete_segments_per_s: float
     reopen_s: float
-    replayed: int
+    replayed: int | None  # None: not reported (Milvus Lite)
 
     def line(self, small: "Row | None") -> str:
         ratio = f"{small.live_p50_ms / self.live_p50_ms:.2f}" if small else "—"
         return (f"| {self.size:,} | {self.policy} | {self.live_p50_ms:.1f} | {self.live_p99_ms:.1f} | {ratio} | "
                 f"{self.bulk_segments_per_s:,.0f} | {self.delete_segments_per_s:,.0f} | {self.reopen_s:.2f} | "
-                f"{self.replayed:,} |")
+                f"{'—' if self.replayed is None else f'{self.replayed:,}'} |")
 
 
 class Records:
@@ -68,17 +75,30 @@ class Records:
         self.next_image, self.seed = 0, seed
 
     def take(self, images: int):
+        first = self.next_image
+        return image_chunk(first, self.vectors(images), VERSION, ["segment"], self.templates)
+
+    def vectors(self, images: int) -> np.ndarray:
+        """The next `images` images' segment vectors `(images * S, D)`, without their records."""
         prototypes = sample(self.mixture, images * len(self.templates), seed=self.seed + self.next_image)
-        chunk = image_chunk(self.next_image, prototypes, VERSION, ["segment"], self.templates)
         self.next_image += images
-        return chunk
+        return prototypes
+
+
+def build_chunks(size: int, per_image: int) -> int:
+    """How many chunks of BUILD_IMAGES_PER_CHUNK images make an index of about `size` segments."""
+    return len(range(0, max(1, size // per_image), BUILD_IMAGES_PER_CHUNK))
+
+
+def bulk_chunks(per_image: int) -> int:
+    return BULK_SEGMENTS // (BULK_IMAGES_PER_CHUNK * per_image)
 
 
 def build(path: Path, size: int, spec: str, records: Records) -> None:
     per_image = len(records.templates)
     with IndexStore.create(path, VERSION, DIM, index_spec=spec, save_every=1 << 30) as store:
-        for _ in range(0, max(1, size // per_image), 256):
-            store.add_images(records.take(256))
+        for _ in range(build_chunks(size, per_image)):
+            store.add_images(records.take(BUILD_IMAGES_PER_CHUNK))
 
 
 def measure(base: Path, work: Path, size: int, policy: str, save_every: int | None, records: Records) -> Row:
@@ -93,15 +113,15 @@ def measure(base: Path, work: Path, size: int, policy: str, save_every: int | No
     per_image = len(records.templates)
     started = time.perf_counter()
     added_ids: list[str] = []
-    for _ in range(BULK_SEGMENTS // (BULK_IMAGES_PER_CHUNK * per_image)):
+    for _ in range(bulk_chunks(per_image)):
         chunk = records.take(BULK_IMAGES_PER_CHUNK)
         store.add_images(chunk)
         added_ids += [image.image_id for image, _ in chunk]
     bulk = len(added_ids) * per_image / (time.perf_counter() - started)
     doomed = added_ids[: DELETE_SEGMENTS // per_image]
     started = time.perf_counter()
-    for start in range(0, len(doomed), 4):
-        store.delete_images(doomed[start:start + 4])
+    for start in range(0, len(doomed), DELETE_IMAGES_PER_CALL):
+        store.delete_images(doomed[start:start + DELETE_IMAGES_PER_CALL])
     deletes = len(doomed) * per_image / (time.perf_counter() - started)
     abandon(store)  # what kill -9 leaves: LMDB committed, no close, no last FAISS save
     started = time.perf_counter()
@@ -113,12 +133,33 @@ def measure(base: Path, work: Path, size: int, policy: str, save_every: int | No
                bulk, deletes, reopen, replayed)
 
 
+def measure_milvus(folder: Path, size: int, seed: int, label: str) -> Row:
+    """Milvus Lite on the vectors that `build` and the first policy's `measure` draw, call for call."""
+    records = Records(seed)
+    per_image = len(records.templates)
+    base = np.concatenate([records.vectors(BUILD_IMAGES_PER_CHUNK) for _ in range(build_chunks(size, per_image))])
+    live = [records.vectors(LIVE_IMAGES) for _ in range(LIVE_COMMITS)]
+    bulk = [records.vectors(BULK_IMAGES_PER_CHUNK) for _ in range(bulk_chunks(per_image))]
+    workload = milvus_writes.Workload(base, live, bulk, delete=DELETE_SEGMENTS // per_image * per_image,
+                                      delete_per_call=DELETE_IMAGES_PER_CALL * per_image)
+    result = milvus_writes.run(folder, workload)
+    shutil.rmtree(folder)
+    return Row(size, label, float(np.percentile(result.live_ms, 50)), float(np.percentile(result.live_ms, 99)),
+               result.bulk_per_s, result.delete_per_s, result.reopen_s, None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,200000", help="index sizes in segments (default: %(default)s)")
     parser.add_argument("--spec", default="auto", help="FAISS index type (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--milvus", action="store_true",
+                        help="also run the same writes against Milvus Lite (pip install 'pymilvus[milvus_lite]')")
     args = parser.parse_args(argv)
+    if args.milvus:
+        pymilvus_version, lite_version = milvus_writes.versions()  # exits with how to install if missing
+        milvus_label = f"Milvus Lite {lite_version} ({milvus_writes.INDEX}, {milvus_writes.METRIC}, no fsync)"
+        print(f"pymilvus {pymilvus_version}, milvus-lite {lite_version}", flush=True)
     sizes = [int(v) for v in args.sizes.split(",")]
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="write-scaling-") as folder:
@@ -132,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(measure(base, Path(folder) / "work", size, policy, save_every, records))
                 print(rows[-1].line(None), flush=True)
             shutil.rmtree(base)
+            if args.milvus:
+                rows.append(measure_milvus(Path(folder) / f"milvus-{size}", size, args.seed, milvus_label))
+                print(rows[-1].line(None), flush=True)
     print("\n| segments | FAISS saves | live commit p50 ms | p99 ms | small/large p50 | bulk add seg/s | "
           "delete seg/s | reopen after kill s | replayed |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
