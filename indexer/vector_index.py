@@ -175,6 +175,7 @@ class VectorIndex:
             self._rebuild(target, np.concatenate([old_ids, ids]), np.concatenate([old_vecs, vectors]))
             return
         self._index.add_with_ids(vectors, ids)
+        self._id_bound = max(self._stored_id_bound(), int(ids.max()))
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove `ids` (absent ones are ignored); returns how many live vectors were removed."""
@@ -280,6 +281,7 @@ class VectorIndex:
     def _set_index(self, index: faiss.Index) -> None:
         """Adopt `index`, classify its removal strategy and apply the search parameters."""
         self._index = index
+        self._id_bound: int | None = None  # see _stored_id_bound
         inner = index if isinstance(index, faiss.IndexIVF) else faiss.downcast_index(index.index)
         self._kind = _classify(inner)
         if self._kind == "ivf":
@@ -341,13 +343,27 @@ class VectorIndex:
         return ids[keep], vectors[keep]
 
     def _check_new_ids(self, ids: np.ndarray) -> None:
+        """Refuse negative, repeated or already stored ids. The index store assigns ids in
+        increasing order, so a new chunk's ids normally all lie above every stored one: then
+        the bound answers, and the O(N) scan of the stored ids (tens of ms at 1M vectors, most
+        of a live commit's time) is skipped."""
         if ids.min() < 0:
             raise ValueError("segment ids must be non-negative")
         if np.unique(ids).size != ids.size:
             raise ValueError("duplicate ids in one add")
+        if ids.min() > self._stored_id_bound():
+            return
         clash = ids[np.isin(ids, self._stored_ids())]
         if clash.size:
             raise ValueError(f"ids already in the vector index: {clash[:10].tolist()}")
+
+    def _stored_id_bound(self) -> int:
+        """An upper bound of the ids physically stored (tombstones included), -1 when none;
+        computed once per index object, then raised by every add."""
+        if self._id_bound is None:
+            stored = self._stored_ids()
+            self._id_bound = int(stored.max()) if stored.size else -1
+        return self._id_bound
 
     def _as_matrix(self, array: np.ndarray, name: str) -> np.ndarray:
         array = np.ascontiguousarray(array, dtype=np.float32)
