@@ -151,8 +151,15 @@ def _unpack(kind: str, supported: int, data: bytes) -> dict[str, Any]:
     return payload
 
 
+def _fields(record) -> dict:
+    """A flat record's fields by name: what `dataclasses.asdict` gives for these records (no
+    nested dataclasses), without its deep copy of every mask run and of the prototype, which
+    was most of a live commit's CPU time."""
+    return {field.name: getattr(record, field.name) for field in dataclasses.fields(record)}
+
+
 def encode_segment(record: SegmentRecord) -> bytes:
-    payload = dataclasses.asdict(record)
+    payload = _fields(record)
     payload["prototype"] = record.prototype.astype("<f4").tobytes()
     return _pack("segment", SEGMENT_SCHEMA_VERSION, payload)
 
@@ -170,7 +177,7 @@ def decode_segment_prototype(data: bytes) -> np.ndarray:
 
 
 def encode_image(record: ImageRecord) -> bytes:
-    return _pack("image", IMAGE_SCHEMA_VERSION, dataclasses.asdict(record))
+    return _pack("image", IMAGE_SCHEMA_VERSION, _fields(record))
 
 
 def decode_image(data: bytes) -> ImageRecord:
