@@ -71,9 +71,9 @@ METHOD_NAMES = {"model": "ours (server)", "model_bruteforce": "ours, brute force
                 "backbone": "backbone b3 (untr.)", "backbone_345": "backbone b3-5 (untr.)",
                 "chance": "chance"}
 QUICK = dict(num_index=16, num_query=6, train_steps=20)
-# the layout of indexes this bench builds: fine segments and regions (a cached index of an older
-# layout is not reused)
-INDEX_LAYOUT = "levels"
+# the layout of indexes this bench builds: fine segments and regions, borders snapped to the
+# contours (a cached index of an older layout is not reused)
+INDEX_LAYOUT = "snapped"
 
 
 @dataclass

@@ -3,10 +3,12 @@
 For every test image (trainer/mosaic.py, `load_split(DataConfig(), "test")`: 60 images of
 128 px, 2..5 textured regions each) it scores
 
-- ours, fine: the k-means segments after the tiny-segment rule, refined below the stride;
+- ours, fine: the k-means segments after the tiny-segment rule, refined below the stride and
+  snapped to the image's contours (`spml.snap`);
 - ours, region level: the default cut (`SegmenterConfig.region_height`);
 - ours, cut at the ground-truth count;
-- before: today's fine level (nearest upsampling of the stride-4 map, `refine_size=0`);
+- ours without snapping (`snap_size=0`): fine level, region level, cut at the true count;
+- before: the fine level of `--before-commit` (nearest upsampling of the stride-4 map);
 - SLIC (`skimage.segmentation.slic`, default compactness, RGB) at the same counts as each of
   ours, per image, on the same images (`slic_labels` raises its request until it returns
   about as many segments);
@@ -19,8 +21,9 @@ over images). The count columns say how many regions each method really produced
 
 The defaults (contour weight, size exponent, region height) are chosen on the *train* split
 with `--tune` (a sweep over the three, scored by best-match IoU at the region level, ties to
-boundary F), never on the test images. Costs: milliseconds per image for today's Segmenter (the code at
-`--before-commit`, loaded from git) and ours, on the same batches, interleaved.
+boundary F), never on the test images. Costs: milliseconds per image for the Segmenter at
+`--before-commit` (loaded from git), ours and ours without snapping, on the same batches,
+interleaved.
 
 Usage: python bench/segment_quality.py [--checkpoint bench/out/seg-model/checkpoint.pt]
        [--tune] [--num-test 60] [--overlays 4] [--out bench/out/segment_quality]
@@ -203,11 +206,12 @@ def before_segmenter_class(commit: str):
     return module.Segmenter
 
 
-def costs(before: Segmenter, ours: Segmenter, images, batch: int, repeats: int) -> dict[str, float]:
-    """ms per image, best of `repeats`, before and ours interleaved on the same batches; plus
-    the parts of ours: the forward pass with and without the edge map."""
+def costs(before: Segmenter, ours: Segmenter, unsnapped: Segmenter, images, batch: int,
+          repeats: int) -> dict[str, float]:
+    """ms per image, best of `repeats`, before, ours and ours without snapping interleaved on
+    the same batches; plus the parts of ours: the forward pass with and without the edge map."""
     chunk = images[:batch]
-    timings = {"before": [], "ours": [], "embed": [], "edges": []}
+    timings = {"before": [], "ours": [], "unsnapped": [], "embed": [], "edges": []}
     resized = [resize_for_embedding(im, ours.config.embed_size) for im in chunk]
     pixels = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float()
     with torch.inference_mode():
@@ -220,7 +224,7 @@ def costs(before: Segmenter, ours: Segmenter, images, batch: int, repeats: int) 
 
     for _ in range(repeats):
         for name, call in (("before", lambda: before(chunk)), ("ours", lambda: ours(chunk)),
-                           ("embed", lambda: ours.embed(resized)), ("edges", edges_only)):
+                           ("unsnapped", lambda: unsnapped(chunk)), ("embed", lambda: ours.embed(resized)), ("edges", edges_only)):
             start = time.perf_counter()
             call()
             timings[name].append((time.perf_counter() - start) * 1000 / len(chunk))
@@ -324,16 +328,18 @@ def main() -> int:
         images, truths = [s.image for s in test], [s.mask for s in test]
     log.info("segmenting %d test images", len(images))
     results, seconds = segment_all(ours, images, args.batch)
-    unrefined = Segmenter(model, checkpoint.label_bank, dataclasses.replace(config, refine_size=0))
-    plain, _ = segment_all(unrefined, images, args.batch)
+    unsnapped = Segmenter(model, checkpoint.label_bank, dataclasses.replace(config, snap_size=0))
+    plain, _ = segment_all(unsnapped, images, args.batch)
 
     before_class = before_segmenter_class(args.before_commit)
     old_four = before_class(model, checkpoint.label_bank, dataclasses.replace(config, grid=(2, 2)))
     four, _ = segment_all(old_four, images, args.batch)  # what Segment(num_segments=4) did before
+    before = before_class(model, checkpoint.label_bank, config)
+    before_results, _ = segment_all(before, images, args.batch)
 
     scores = {name: Score() for name in ("fine", "regions", "cut", "before", "slic_fine", "slic_regions",
-                                         "slic_cut", "cut_unrefined", "before_4", "cut_4", "slic_4")}
-    for image, truth, result, old, old_4 in zip(images, truths, results, plain, four):
+                                         "slic_cut", "cut_unsnapped", "fine_unsnapped", "regions_unsnapped", "before_4", "cut_4", "slic_4")}
+    for image, truth, result, old, old_4, first in zip(images, truths, results, plain, four, before_results):
         scores["before_4"].add(truth, old_4.label_map, args.tolerance)
         scores["cut_4"].add(truth, np.append(cut_by_count(result.tree, 4), -1)[result.label_map], args.tolerance)
         scores["slic_4"].add(truth, slic_labels(image, 4), args.tolerance)
@@ -341,7 +347,8 @@ def main() -> int:
         cut = np.append(cut_by_count(result.tree, true_count), -1)[result.label_map]
         cut_old = np.append(cut_by_count(old.tree, true_count), -1)[old.label_map]
         for name, predicted in (("fine", result.label_map), ("regions", result.regions.label_map),
-                                ("cut", cut), ("before", old.label_map), ("cut_unrefined", cut_old)):
+                                ("cut", cut), ("before", first.label_map), ("cut_unsnapped", cut_old),
+                                ("fine_unsnapped", old.label_map), ("regions_unsnapped", old.regions.label_map)):
             scores[name].add(truth, predicted, args.tolerance)
         for name, source in (("slic_fine", "fine"), ("slic_regions", "regions"), ("slic_cut", "cut")):
             scores[name].add(truth, slic_labels(image, scores[source].counts[-1]), args.tolerance)
@@ -351,19 +358,20 @@ def main() -> int:
         slic_labels(image, count)
     slic_ms = (time.perf_counter() - slic_seconds) * 1000 / len(images)
 
-    before = before_class(model, checkpoint.label_bank, config)
-    cost = costs(before, ours, images, args.batch, args.repeats)
+    cost = costs(before, ours, unsnapped, images, args.batch, args.repeats)
 
     print(f"\n{len(images)} test images of {images[0].shape[1]}x{images[0].shape[0]} px, {len(scores['regions'].ious)} ground-truth regions, "
           f"tolerance {args.tolerance:g} px; config {config}\n")
     print("| segments | regions per image | best-match IoU | boundary F (2 px) |\n|---|---:|---:|---:|")
     for name, title in (("before", "before: k-means fine level, nearest upsampling (today's default)"),
-                        ("fine", "ours: fine level (refined borders)"),
+                        ("fine_unsnapped", "ours without snapping: fine level (refined borders)"),
+                        ("fine", "**ours: fine level (refined, snapped to contours)**"),
                         ("slic_fine", "SLIC at the fine level's count"),
+                        ("regions_unsnapped", "ours without snapping: region level"),
                         ("regions", "**ours: region level (default)**"),
                         ("slic_regions", "SLIC at the region level's count"),
                         ("cut", "ours: cut at the ground-truth count"),
-                        ("cut_unrefined", "ours without refinement: cut at the ground-truth count"),
+                        ("cut_unsnapped", "ours without snapping: cut at the ground-truth count"),
                         ("slic_cut", "SLIC at the ground-truth count"),
                         ("before_4", "before: Segment asked for 4 (k-means 2x2 grid)"),
                         ("cut_4", "ours: Segment asked for 4 (cut at 4)"),
@@ -371,7 +379,8 @@ def main() -> int:
         print(scores[name].row(title))
     print(f"\nms per image (batch {args.batch}, best of {args.repeats}, 2 shared cores): "
           f"before {cost['before']:.0f}, ours {cost['ours']:.0f} "
-          f"(throughput ratio {cost['before'] / cost['ours']:.2f}x); forward pass {cost['embed']:.0f}, "
+          f"(throughput ratio {cost['before'] / cost['ours']:.2f}x), ours without snapping {cost['unsnapped']:.0f} "
+          f"(snapping costs {cost['ours'] - cost['unsnapped']:.0f}); forward pass {cost['embed']:.0f}, "
           f"edge map alone {cost['edges']:.1f}; SLIC {slic_ms:.1f}; "
           f"whole split ours {seconds * 1000 / len(images):.0f}")
 
@@ -382,7 +391,7 @@ def main() -> int:
     if overlays:
         path = out / "overlay.png"
         write_overlay(path, overlays)
-        print(f"\noverlay (image | before: fine, nearest | ours: fine | ours: regions): {path}")
+        print(f"\noverlay (image | ours without snapping: fine | ours: fine, snapped | ours: regions): {path}")
     return 0
 
 

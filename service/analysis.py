@@ -140,11 +140,13 @@ class ImageAnalyzer:
     def region_level(self, image: DecodedImage) -> CachedRegions:
         """Segment the image and keep its region level in the cache (`cached_regions`), so that
         the next box or point on the same image costs a lookup, not a segmentation."""
-        level = self.segment(image).regions
+        segments = self.segment(image)
+        level = segments.regions
         dim = self.segmenter.model.config.output_dim
         prototypes = (np.stack([segment.prototype for segment in level.segments]).astype(np.float32)
                       if level.segments else np.zeros((0, dim), np.float32))
-        value = CachedRegions(level.label_map, prototypes, image.original_size)
+        value = CachedRegions(level.label_map, prototypes, image.original_size, segments.label_map,
+                              segments.leaf_sums.astype(np.float32), level.leaf_regions)
         self.embedding_cache.put(self._key(REGIONS_KEY, image.sha256), value)
         return value
 
@@ -204,15 +206,22 @@ EMBEDDING_KEY, REGIONS_KEY = "embedding", "regions"  # the two kinds of entry in
 class CachedRegions:
     """An image's region level as box and point queries need it: `label_map` (H', W') int32
     region index at the decoded size (-1: none), `prototypes` (R, D) unit-norm float32,
-    `original_size` (W, H) of the image as sent."""
+    `original_size` (W, H) of the image as sent; and its fine level, from which a box takes
+    the part of a region inside it (`regions.clipped_region_vector`): `leaf_map` (H', W')
+    int32 fine segment index, `leaf_sums` (n, D) float32 embedding sums, `leaf_regions` (n,)
+    the region of each fine segment."""
 
     label_map: np.ndarray
     prototypes: np.ndarray
     original_size: tuple[int, int]
+    leaf_map: np.ndarray
+    leaf_sums: np.ndarray
+    leaf_regions: np.ndarray
 
     @property
     def nbytes(self) -> int:
-        return self.label_map.nbytes + self.prototypes.nbytes
+        return sum(array.nbytes for array in (self.label_map, self.prototypes, self.leaf_map, self.leaf_sums,
+                                              self.leaf_regions))
 
 
 class SingleFlight:

@@ -68,9 +68,10 @@ def _region_pick_query(analyzer: ImageAnalyzer, image_data: bytes, region: Regio
     if region.point is not None:
         return _point_query(level, region.point)
     box_pixels = regions.box_mask(region.box, level.original_size)
-    index = regions.box_region(level.label_map, regions.coverage_at(box_pixels, level.label_map.shape) >= 0.5)
+    box = regions.coverage_at(box_pixels, level.label_map.shape) >= 0.5
+    index = regions.box_region(level.label_map, box)
     if index is not None:
-        return _region_vector(level, index)
+        return _clipped_region_query(level, index, box)
     cached = analyzer.cached_embedding(image_data)  # no region lies mostly inside: the box's pixels
     embeddings = cached.embeddings if cached is not None else analyzer.embed(image or analyzer.decode(image_data))
     return _mask_query(analyzer, embeddings, box_pixels)
@@ -86,6 +87,12 @@ def _point_query(level: CachedRegions, point: tuple[int, int]) -> QueryVector:
         raise InvalidArgument(f"the point ({x},{y}) lies in no segment (its segment was too small "
                               "and dropped); pick a point inside a larger region")
     return _region_vector(level, index)
+
+
+def _clipped_region_query(level: CachedRegions, index: int, box: np.ndarray) -> QueryVector:
+    """Region `index` inside the box `(H', W')` bool: its vector and its mask as sent."""
+    vector = regions.clipped_region_vector(level.leaf_map, level.leaf_sums, level.leaf_regions, index, box)
+    return QueryVector(vector, to_original_size((level.label_map == index) & box, level.original_size))
 
 
 def _region_vector(level: CachedRegions, index: int) -> QueryVector:

@@ -67,13 +67,18 @@ class SegmenterConfig:
 
     embed_size: side of the square network input E (the embedding map is E/4).
     grid / iterations / coord_weight: the spherical k-means settings (``K = rows * cols``).
-    min_area_fraction: segments smaller than this fraction of the image are merged away.
+    min_area_fraction: segments smaller than this fraction of the image are merged away
+        (measured on the embedding map; refinement and snapping then move borders by a pixel
+        or two, so a final segment may be slightly smaller).
     knn_k: neighbours in the label vote.
     refine_size: fine segments are assigned on a grid of at most this many pixels per side
         (and at most the image's own size) instead of the E/4 embedding map; 0 = no refinement
         (nearest-neighbour upsampling of the embedding-map segments). 160 = twice the 80x80
         map of a 320 px input: 320 cost 0.72x of the old indexing throughput on 512 px images,
         160 costs 0.93x (bench/RESULTS.md, "Segments: region hierarchy").
+    snap_size: fine segment borders are moved onto the image's contours (`spml.snap`: a
+        watershed on the edge map from each segment's core) on a grid of at most this many
+        pixels per side; 0 = off. 320 = the network input's side, where the edge map is native.
     contour_weight: weight of the mean border contour (in [0, 1]) against the prototype
         dissimilarity (1 - cosine) in the region hierarchy's merge cost.
     merge_size_exponent: power of the size factor (harmonic mean of the two areas) in the
@@ -91,6 +96,7 @@ class SegmenterConfig:
     min_area_fraction: float = 0.005
     knn_k: int = 20
     refine_size: int = 160
+    snap_size: int = 320
     contour_weight: float = 2.0
     merge_size_exponent: float = 0.25
     region_height: float = 0.8
@@ -102,9 +108,10 @@ class SegmenterConfig:
             raise ValueError(f"min_area_fraction must be in [0, 1), got {self.min_area_fraction}")
         if self.knn_k < 1:
             raise ValueError(f"knn_k must be >= 1, got {self.knn_k}")
-        if min(self.refine_size, self.contour_weight, self.merge_size_exponent) < 0:
-            raise ValueError("refine_size, contour_weight and merge_size_exponent must be >= 0, got "
-                             f"{self.refine_size}, {self.contour_weight}, {self.merge_size_exponent}")
+        if min(self.refine_size, self.snap_size, self.contour_weight, self.merge_size_exponent) < 0:
+            raise ValueError("refine_size, snap_size, contour_weight and merge_size_exponent must be >= 0, got "
+                             f"{self.refine_size}, {self.snap_size}, {self.contour_weight}, "
+                             f"{self.merge_size_exponent}")
         self.kmeans()  # validates grid, iterations and coord_weight
 
     def kmeans(self) -> KMeansConfig:

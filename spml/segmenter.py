@@ -23,6 +23,9 @@ One batch of `B` images of any sizes goes through:
    those ids. That grid is resized (nearest, pixel-centre aligned) to the image's `(H, W)`;
    masks, boxes and area fractions are measured there. A segment absent from the finer grid
    is left out. (`refine_size=0`: the embedding map itself, nearest-upsampled, as before.)
+   **Borders on the contours** (`spml.snap`): on a grid of at most `snap_size` per side, each
+   segment keeps its core and the band between cores is flooded by a watershed on the edge
+   map, so borders settle on the image's contours (`snap_size=0`: off).
 5. **region hierarchy** (`spml.hierarchy`): the final (fine) segments are merged
    agglomeratively by prototype dissimilarity plus the mean contour (`spml.edges`: HED side
    outputs of the model's own backbone, or Sobel) along their shared border, measured on
@@ -67,6 +70,7 @@ from segsearch.spml.kmeans import spherical_kmeans
 from segsearch.spml.label_vote import NO_LABEL, open_set_vote
 from segsearch.spml.prototypes import NORM_EPS, segment_sums
 from segsearch.spml.refine import assign_finer, finer_size
+from segsearch.spml.snap import edges_on_grid, nearest_resize, snap_band, snap_grid, snap_to_edges
 
 DROPPED = -1  # label_map value of pixels that belong to no segment
 
@@ -172,7 +176,9 @@ class ClusteredBatch:
     segment_ids: `(B, h, w)` int64 k-means ids; sums: `(B, K, D)` float32 embedding sum per
     k-means segment; shapes: each image's `(H, W)`; finer_ids: per image `(H', W')` int64
     k-means ids on the refined grid (`spml.refine`); edges: per image `(h, w)` float32
-    contour strength in [0, 1] on the embedding map (max-pooled, so thin contours survive).
+    contour strength in [0, 1] on the embedding map (max-pooled, so thin contours survive);
+    snap_edges: per image `(H'', W'')` float32 contour strength on the grid the fine borders
+    are snapped on (`spml.snap`), or None when snapping is off.
     """
 
     segment_ids: np.ndarray
@@ -180,6 +186,7 @@ class ClusteredBatch:
     shapes: list[tuple[int, int]]
     finer_ids: list[np.ndarray]
     edges: list[np.ndarray]
+    snap_edges: list[np.ndarray | None]
 
 
 class Segmenter:
@@ -219,7 +226,9 @@ class Segmenter:
             embeddings, edges = self.embed_with_edges(inputs)
         with timings.measure("segment", self.device):
             ids, sums, finer, finer_edges = self._kmeans(embeddings, edges, shapes)
-        return ClusteredBatch(ids, sums, shapes, finer, finer_edges)
+            snap_edges = [edges_on_grid(edges[index], snap_grid(shape, self.config.snap_size))
+                          if self.config.snap_size else None for index, shape in enumerate(shapes)]
+        return ClusteredBatch(ids, sums, shapes, finer, finer_edges, snap_edges)
 
     def finish(self, clustered: ClusteredBatch, timings: StageTimes | None = None) -> list[ImageSegments]:
         """The host half: tiny-segment rule, prototypes, full-size maps, the region hierarchy
@@ -230,7 +239,8 @@ class Segmenter:
         timings = timings if timings is not None else StageTimes()
         with timings.measure("segment"):
             drafts = [self._draft(*parts) for parts in zip(clustered.segment_ids, clustered.sums,
-                                                           clustered.finer_ids, clustered.edges, clustered.shapes)]
+                                                           clustered.finer_ids, clustered.edges,
+                                                           clustered.snap_edges, clustered.shapes)]
         with timings.measure("label", self.device):
             levels = [level for draft in drafts for level in (draft.fine, draft.regions)]
             labelled = self._label_levels(levels)
@@ -282,9 +292,10 @@ class Segmenter:
                                .astype(np.float32))
         return ids.cpu().numpy(), sums.cpu().numpy(), finer, finer_edges
 
-    def _draft(self, ids, sums, finer_ids, edges, shape) -> "_Draft":
+    def _draft(self, ids, sums, finer_ids, edges, snap_edges, shape) -> "_Draft":
         """One image's host work: tiny-segment rule on the embedding map, fine level on the
-        refined grid, hierarchy over the fine segments, default cut.
+        refined grid with its borders snapped to the contours (`spml.snap`), hierarchy over
+        the fine segments, default cut.
 
         The hierarchy's borders and contours are measured on the embedding map (`edges` is
         at its resolution), whatever the image size, so one merge height means the same on
@@ -292,7 +303,11 @@ class Segmenter:
         the grid's size (thin HED lines vs max-pooled ones) and the tuned height would not
         carry over (bench/RESULTS.md, "Segments: region hierarchy")."""
         target = merge_targets(ids, sums.shape[0], self.config.min_area_fraction)
-        fine_layout = _layout(target[finer_ids], shape)
+        fine_ids = target[finer_ids]
+        if snap_edges is not None:
+            grid = snap_edges.shape
+            fine_ids = snap_to_edges(nearest_resize(fine_ids, grid), snap_edges, snap_band(grid, ids.shape))
+        fine_layout = _layout(fine_ids, shape)
         leaf_sums = _merged_sums(sums, target)[fine_layout.ids]
         fine = _LevelDraft(fine_layout, _normalised(leaf_sums))
         leaf_of_id = np.full(sums.shape[0] + 1, DROPPED, dtype=np.int64)  # the last slot takes id -1

@@ -94,3 +94,25 @@ def test_box_region_is_the_largest_region_mostly_inside_the_box():
     small[3:5, 3:5] = True  # inside region 1 only: no region lies mostly inside
     assert box_region(label_map, small) is None
     assert box_region(np.full((4, 4), -1), np.ones((4, 4), dtype=bool)) is None
+
+
+def test_a_box_queries_with_the_part_of_its_region_inside_it():
+    """Fine segments 0, 1 form region 0; segment 2 is region 1. The box holds all of segment 0,
+    a quarter of segment 1 and a sliver of segment 2: the vector is sum0 + sum1 / 4, normalised;
+    segment 2, of another region, plays no part."""
+    from segsearch.service.regions import clipped_region_vector
+
+    leaf_map = np.full((8, 8), 2)
+    leaf_map[:, :2] = 0
+    leaf_map[:, 2:6] = 1
+    leaf_map[0, 0] = -1
+    sums = np.array([[1.0, 0, 0], [0, 4.0, 0], [0, 0, 9.0]], np.float32)
+    leaf_regions = np.array([0, 0, 1])
+    box = np.zeros((8, 8), dtype=bool)
+    box[:, :3] = True  # segment 0 (15 px) whole, 8 of segment 1's 32 px
+    box[0, 6] = True  # one pixel of segment 2
+    expected = np.array([1.0, 4.0 / 4, 0])
+    np.testing.assert_allclose(clipped_region_vector(leaf_map, sums, leaf_regions, 0, box),
+                               expected / np.linalg.norm(expected), rtol=1e-6)
+    with pytest.raises(InvalidArgument, match="no pixel of the region"):
+        clipped_region_vector(leaf_map, sums, leaf_regions, 0, np.zeros((8, 8), dtype=bool))

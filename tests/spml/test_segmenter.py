@@ -107,11 +107,11 @@ def test_masks_partition_each_image_with_tight_boxes(model, checkpoint, images):
 
 
 def test_prototypes_are_normalised_mean_embeddings(model, checkpoint):
-    """Without refinement the map is the embedding map's segments upsampled (nearest); each
+    """Without refinement or snapping the map is the embedding map's segments upsampled (nearest); each
     prototype is the normalised mean of its segment's embeddings."""
     size = SEGMENTER.embed_size
     image = resize_for_embedding(photo("rocket", 96), size)  # already E x E: no resizing
-    config = dataclasses.replace(SEGMENTER, refine_size=0)
+    config = dataclasses.replace(SEGMENTER, refine_size=0, snap_size=0)
     (result,) = segment_images(model, checkpoint.label_bank, [image], config)
     with torch.no_grad():
         embedding = model(torch.from_numpy(image).permute(2, 0, 1)[None].float())[0]  # (D, h, w)
@@ -175,9 +175,12 @@ def test_batched_equals_one_image_at_a_time(model, checkpoint, images):
 
 
 def test_no_segment_below_the_minimum_area(model, checkpoint):
+    """The rule holds on the embedding map; snapping borders to contours may then move a
+    border by a pixel or two, so it is off here."""
     image = resize_for_embedding(photo("astronaut", 96), 64)  # multiple of the map: exact areas
     for fraction in (0.0, 0.04, 0.15):
-        config = SegmenterConfig(embed_size=64, grid=(6, 6), iterations=5, min_area_fraction=fraction)
+        config = SegmenterConfig(embed_size=64, grid=(6, 6), iterations=5, min_area_fraction=fraction,
+                                 snap_size=0)
         (result,) = segment_images(model, checkpoint.label_bank, [image], config)
         assert min(s.area_fraction for s in result.segments) >= fraction
         assert sum(s.area_fraction for s in result.segments) == pytest.approx(1.0)
