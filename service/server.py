@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 
@@ -53,15 +54,20 @@ class ServerError(SegsearchError):
 
 def build_grpc_server(servicer, health_servicer: health.HealthServicer, metrics: ServiceMetrics,
                       max_concurrent: int, max_message_bytes: int, token: str | None,
-                      thread_name_prefix: str, max_concurrent_writes: int = 1) -> grpc.Server:
+                      thread_name_prefix: str, max_concurrent_writes: int = 1,
+                      worker_setup: Callable[[], None] | None = None) -> grpc.Server:
     """A gRPC server with SegmentSearch (`servicer`), health and reflection behind our
     interceptors, sized as the module docstring explains; not yet bound or started. Shared
-    by `segsearch serve` and `segsearch route`, so both shed load and guard auth alike."""
+    by `segsearch serve` and `segsearch route`, so both shed load and guard auth alike.
+    `worker_setup` runs once in each worker thread before its first call (per-thread state
+    such as FAISS's OpenMP thread count, which a setting in another thread does not reach)."""
     workers = max_concurrent + max_concurrent_writes + SPARE_WORKERS
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes),
                ("grpc.so_reuseport", 0)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=thread_name_prefix),
+    executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=thread_name_prefix,
+                                          initializer=worker_setup)
+    server = grpc.server(executor,
                          interceptors=build_interceptors(metrics, max_concurrent, token, max_concurrent_writes),
                          options=options, maximum_concurrent_rpcs=workers + QUEUED_CALLS)
     pb_grpc.add_SegmentSearchServicer_to_server(servicer, server)
@@ -100,7 +106,7 @@ class GrpcFrontend:
         config = self.config
         server = build_grpc_server(self.servicer, self.health, self.metrics, config.max_concurrent,
                                    config.max_message_bytes, config.token, self.thread_name_prefix,
-                                   config.max_concurrent_writes)
+                                   config.max_concurrent_writes, self._worker_setup)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         credentials = self._credentials()
         self.port = _bind(server, f"{config.host}:{config.port}", credentials)
@@ -141,6 +147,9 @@ class GrpcFrontend:
     def _credentials(self) -> grpc.ServerCredentials | None:
         """TLS credentials, or None for plaintext."""
         return None
+
+    def _worker_setup(self) -> None:
+        """Runs in each gRPC worker thread before its first call; nothing by default."""
 
     def _open(self) -> None:
         raise NotImplementedError
@@ -188,10 +197,17 @@ class SegsearchServer(GrpcFrontend):
             raise ServerError(f"cannot read the TLS files: {error}") from None
         return grpc.ssl_server_credentials([(key, cert)])
 
+    def _worker_setup(self) -> None:
+        """Pin FAISS's OpenMP threads in each gRPC worker thread: every worker may search at
+        once, and each search fanning out over all cores as well would oversubscribe them
+        (more threads than cores, each waiting for the others). OpenMP's thread count is
+        per thread, so pinning it in the thread that starts the server does not reach the
+        workers (before this, the workers searched with every core)."""
+        faiss.omp_set_num_threads(self.config.faiss_threads)
+
     def _open(self) -> None:
-        """Load the model and index. FAISS's OpenMP threads are pinned first: every gRPC worker
-        thread may search at once, and each search fanning out over all cores as well would
-        oversubscribe them (more threads than cores, each waiting for the others)."""
+        """Load the model and index (and pin FAISS's threads in this thread too, for the
+        work done while loading)."""
         config = self.config
         faiss.omp_set_num_threads(config.faiss_threads)
         app = ServiceApp.load(config.index_dir, config.checkpoint, config.limits,

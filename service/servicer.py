@@ -7,6 +7,8 @@ loaded) every call answers UNAVAILABLE, as health answers NOT_SERVING.
 """
 from __future__ import annotations
 
+import faiss
+
 from segsearch.errors import IndexStoreError
 from segsearch.service import convert
 from segsearch.service._generated import segment_search_pb2 as pb
@@ -105,6 +107,7 @@ class SegmentSearchServicer(pb_grpc.SegmentSearchServicer):
             max_search_effort=app.limits.max_search_effort, max_batch_queries=app.limits.max_batch_queries,
             levels=convert.index_levels(app.store.meta.has_regions),
             default_level=convert.default_level(app.store.meta.has_regions),
+            faiss_threads=faiss.omp_get_max_threads(),
         )
 
 

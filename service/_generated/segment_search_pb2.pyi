@@ -291,7 +291,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_version", "num_segments", "num_images", "embedding_dim", "label_names", "index_type", "faiss_index", "max_top_k", "max_image_pixels", "read_only", "ef_search", "nprobe", "max_search_effort", "max_batch_queries", "levels", "default_level")
+    __slots__ = ("model_version", "num_segments", "num_images", "embedding_dim", "label_names", "index_type", "faiss_index", "max_top_k", "max_image_pixels", "read_only", "ef_search", "nprobe", "max_search_effort", "max_batch_queries", "levels", "default_level", "faiss_threads")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -308,6 +308,7 @@ class InfoResponse(_message.Message):
     MAX_BATCH_QUERIES_FIELD_NUMBER: _ClassVar[int]
     LEVELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    FAISS_THREADS_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     num_segments: int
     num_images: int
@@ -324,4 +325,5 @@ class InfoResponse(_message.Message):
     max_batch_queries: int
     levels: _containers.RepeatedScalarFieldContainer[Level]
     default_level: Level
-    def __init__(self, model_version: _Optional[str] = ..., num_segments: _Optional[int] = ..., num_images: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., label_names: _Optional[_Iterable[str]] = ..., index_type: _Optional[str] = ..., faiss_index: _Optional[str] = ..., max_top_k: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., read_only: _Optional[bool] = ..., ef_search: _Optional[int] = ..., nprobe: _Optional[int] = ..., max_search_effort: _Optional[int] = ..., max_batch_queries: _Optional[int] = ..., levels: _Optional[_Iterable[_Union[Level, str]]] = ..., default_level: _Optional[_Union[Level, str]] = ...) -> None: ...
+    faiss_threads: int
+    def __init__(self, model_version: _Optional[str] = ..., num_segments: _Optional[int] = ..., num_images: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., label_names: _Optional[_Iterable[str]] = ..., index_type: _Optional[str] = ..., faiss_index: _Optional[str] = ..., max_top_k: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., read_only: _Optional[bool] = ..., ef_search: _Optional[int] = ..., nprobe: _Optional[int] = ..., max_search_effort: _Optional[int] = ..., max_batch_queries: _Optional[int] = ..., levels: _Optional[_Iterable[_Union[Level, str]]] = ..., default_level: _Optional[_Union[Level, str]] = ..., faiss_threads: _Optional[int] = ...) -> None: ...

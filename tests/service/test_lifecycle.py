@@ -184,13 +184,19 @@ def test_metrics_stay_on_loopback_whatever_host_says(index_template, checkpoint_
         running.stop()
 
 
-def test_the_server_pins_faiss_threads(index_template, checkpoint_path, tmp_path_factory):
+def test_the_server_pins_faiss_threads_in_the_threads_that_answer(index_template, checkpoint_path,
+                                                                  tmp_path_factory):
+    """OpenMP's thread count is per thread: the count must be set in the gRPC worker threads,
+    which GetInfo reports from the thread that answered. A count no thread has by default
+    (one more than this thread's) shows that the server set it there."""
     import faiss
 
     before = faiss.omp_get_max_threads()
-    running = start_server(copy_index(index_template, tmp_path_factory), checkpoint_path, faiss_threads=1)
+    wanted = before + 1
+    running = start_server(copy_index(index_template, tmp_path_factory), checkpoint_path, faiss_threads=wanted)
     try:
-        assert faiss.omp_get_max_threads() == 1 and running.client.search_segment(1, top_k=3).hits
+        assert running.client.info().faiss_threads == wanted
+        assert running.client.search_segment(1, top_k=3).hits
     finally:
         running.stop()
         faiss.omp_set_num_threads(before)
