@@ -78,27 +78,22 @@ def _region_pick_query(analyzer: ImageAnalyzer, image_data: bytes, region: Regio
 
 
 def _point_query(level: CachedRegions, point: tuple[int, int]) -> QueryVector:
-    """The prototype of the region containing the point."""
+    """The region containing the point, in the cut points use (`regions.point_region`)."""
     x, y = point
     regions.check_point(x, y, level.original_size)
     row, col = regions.point_in_model(x, y, level.original_size, level.label_map.shape)
-    index = int(level.label_map[row, col])
-    if index < 0:
+    try:
+        vector, mask = regions.point_region(level.leaf_map, level.leaf_sums, level.leaf_point_regions, row, col)
+    except InvalidArgument:
         raise InvalidArgument(f"the point ({x},{y}) lies in no segment (its segment was too small "
-                              "and dropped); pick a point inside a larger region")
-    return _region_vector(level, index)
+                              "and dropped); pick a point inside a larger region") from None
+    return QueryVector(vector, to_original_size(mask, level.original_size))
 
 
 def _clipped_region_query(level: CachedRegions, index: int, box: np.ndarray) -> QueryVector:
     """Region `index` inside the box `(H', W')` bool: its vector and its mask as sent."""
     vector = regions.clipped_region_vector(level.leaf_map, level.leaf_sums, level.leaf_regions, index, box)
     return QueryVector(vector, to_original_size((level.label_map == index) & box, level.original_size))
-
-
-def _region_vector(level: CachedRegions, index: int) -> QueryVector:
-    """Region `index`: its prototype and its mask at the image as sent."""
-    mask = to_original_size(level.label_map == index, level.original_size)
-    return QueryVector(level.prototypes[index].astype(np.float32), mask)
 
 
 def segment_id_query(store: ReadableStore, segment_id: int, model_version: str) -> QueryVector:

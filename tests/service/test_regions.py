@@ -116,3 +116,17 @@ def test_a_box_queries_with_the_part_of_its_region_inside_it():
                                expected / np.linalg.norm(expected), rtol=1e-6)
     with pytest.raises(InvalidArgument, match="no pixel of the region"):
         clipped_region_vector(leaf_map, sums, leaf_regions, 0, np.zeros((8, 8), dtype=bool))
+
+
+def test_a_point_queries_with_the_fine_segments_of_its_region():
+    """Fine segments 0 and 2 form the point cut's region 5, segment 1 region 7: a point on
+    segment 2 gets (sum0 + sum2) normalised and the mask of segments 0 and 2."""
+    from segsearch.service.regions import point_region
+
+    leaf_map = np.array([[0, 0, 1, 1], [2, 2, 1, -1]])
+    sums = np.array([[3.0, 0], [0, 5.0], [1.0, 4.0]], np.float32)
+    vector, mask = point_region(leaf_map, sums, np.array([5, 7, 5]), row=1, col=0)
+    np.testing.assert_allclose(vector, np.array([4.0, 4.0]) / np.sqrt(32), rtol=1e-6)
+    assert mask.tolist() == [[True, True, False, False], [True, True, False, False]]
+    with pytest.raises(InvalidArgument, match="lies in no segment"):
+        point_region(leaf_map, sums, np.array([5, 7, 5]), row=1, col=3)
