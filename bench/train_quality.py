@@ -30,6 +30,7 @@ from segsearch.spml.device import resolve_device
 from segsearch.trainer.pixel_sampling import SAMPLING_RULES
 from segsearch.trainer.prepared import prepare_set, weak_targets
 from segsearch.trainer.train import build_model_config, train, weak_label_config, with_weak_cam_labels
+from segsearch.trainer.views import VIEWS
 from segsearch.trainer.weak_labels import WeakLabelConfig
 
 SUPERVISIONS = ("tags", "boxes", "scribbles", "points")
@@ -107,6 +108,9 @@ def main() -> None:
                         help="relation V's regions (see trainer/lowlevel.py)")
     parser.add_argument("--no-lowlevel-location", action="store_true",
                         help="relation V without SPML's (y, x) location features")
+    parser.add_argument("--views", choices=VIEWS, default=d.views,
+                        help="training views (TrainConfig.views, trainer/views.py): flip adds each "
+                             "training image's mirror, features cached once, one view drawn per step")
     parser.add_argument("--seed", type=int, default=d.seed,
                         help="seed of weights, batches and weak labels (TrainConfig.seed)")
     args = parser.parse_args()
@@ -118,7 +122,7 @@ def main() -> None:
         steps=args.steps or size["steps"], progress=True, checkpoint_every=10**9,
         loss_pixel_sampling=args.loss_pixel_sampling, box_labels=args.box_labels,
         contour_method=args.contour_method, lowlevel_location=not args.no_lowlevel_location,
-        seed=args.seed,
+        seed=args.seed, views=args.views,
     )
     out_root = Path(args.out)
     started = time.perf_counter()
@@ -168,7 +172,8 @@ def _with(base: TrainConfig, supervision: str) -> TrainConfig:
 
 def print_table(rows, speeds, base, seconds) -> None:
     print(f"\nTest mIoU (%) on the texture mosaic ({base.data.image_size}px, {base.data.num_train} train / "
-          f"{base.data.num_test} test images, {base.steps} steps per run, frozen HED-VGG16 + trained head)")
+          f"{base.data.num_test} test images, {base.steps} steps per run, frozen HED-VGG16 + trained head"
+          f"{', views ' + base.views if base.views != 'none' else ''})")
     header = ["supervision", "SPML", "partial CE", "SPML - pCE", "full CE", "SPML / full",
               "chance", "colour hist", "backbone"]
     if any(r.get("spml_with_affinity") is not None for r in rows.values()):

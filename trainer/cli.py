@@ -8,6 +8,7 @@ from segsearch.trainer.config import BOX_LABELS, METHODS, EvalConfig, TrainConfi
 from segsearch.trainer.datasets import DataConfig
 from segsearch.trainer.lowlevel import REGION_METHODS
 from segsearch.trainer.pixel_sampling import SAMPLING_RULES
+from segsearch.trainer.views import VIEWS
 
 
 def _grid(text: str) -> tuple[int, int]:
@@ -74,6 +75,10 @@ def add_train_parser(subparsers) -> None:
                    help="mlp: a small conv head; residual: the hypercolumn's PCA projection plus a "
                         "learned correction that starts at zero (default: %(default)s)")
     o = p.add_argument_group("optimisation")
+    o.add_argument("--views", choices=VIEWS, default=d.views,
+                   help="none: every step sees each image as cached; flip: the image's horizontal "
+                        "mirror is a second view (its backbone features computed and cached once) "
+                        "and each step draws one of the two per image (default: %(default)s)")
     o.add_argument("--steps", type=int, default=d.steps, help="training steps (default: %(default)s)")
     o.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="images per step and process; under torchrun the global batch is this "
@@ -159,7 +164,7 @@ def train_config(args) -> TrainConfig:
         backbone=args.backbone, pretrained=not args.no_pretrained and args.backbone != "small",
         freeze_backbone=not args.train_backbone, embedding_dim=args.embedding_dim,
         hidden_dim=args.hidden_dim, feature_blocks=args.feature_blocks, block_norm=args.block_norm,
-        colour_bins=args.colour_bins, colour_weight=args.colour_weight, head_type=args.head_type, steps=args.steps, batch_size=args.batch_size,
+        colour_bins=args.colour_bins, colour_weight=args.colour_weight, head_type=args.head_type, views=args.views, steps=args.steps, batch_size=args.batch_size,
         optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
         train_grid=args.train_grid, inference_grid=args.inference_grid,
         kmeans_iterations=args.kmeans_iterations, scribble_length=args.scribble_length,

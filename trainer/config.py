@@ -8,6 +8,7 @@ from segsearch.spml.config import INFERENCE_GRID, TRAIN_GRID, KMeansConfig, Segm
 from segsearch.trainer.datasets import DataConfig
 from segsearch.trainer.lowlevel import DEFAULT_THRESHOLD, REGION_METHODS
 from segsearch.trainer.pixel_sampling import SAMPLING_RULES
+from segsearch.trainer.views import VIEWS
 
 METHODS = ("spml", "partial_ce", "full_ce")
 BOX_LABELS = ("cam", "dense")
@@ -29,6 +30,8 @@ class TrainConfig:
     colour_bins: int = 0  # > 0: append a soft Lab colour code of colour_bins^3 bins
     colour_weight: float = 0.0  # its share of the embedding's squared norm
     head_type: str = "mlp"  # "mlp" or "residual" (PCA projection + learned correction)
+    # "flip": each step draws, per image, the original or its cached mirror (trainer/views.py)
+    views: str = "none"
     steps: int = 300
     batch_size: int = 8  # per process; under torchrun the global batch is batch_size x ranks
     optimizer: str = "adam"  # adam | sgd
@@ -79,6 +82,8 @@ class TrainConfig:
                              f"got {self.loss_pixel_sampling!r}")
         if self.contour_method not in REGION_METHODS:
             raise ValueError(f"contour_method must be one of {REGION_METHODS}, got {self.contour_method!r}")
+        if self.views not in VIEWS:
+            raise ValueError(f"views must be one of {VIEWS}, got {self.views!r}")
         if self.box_labels not in BOX_LABELS:
             raise ValueError(f"box_labels must be one of {BOX_LABELS}, got {self.box_labels!r}")
         if not 0.0 <= self.label_quantile < 1.0:

@@ -33,7 +33,8 @@ class PreparedSet:
     """images (N, 3, H, W) uint8; masks (N, H, W) long; at stride 4 (h = ceil(H/4)):
     weak_labels, dense_labels, contours (N, h, w) long; tags (N, K) bool;
     features (N, C, h, w) float16 or None when the backbone is trained;
-    valid (N, h, w) bool, False on padding (None: no padding anywhere)."""
+    valid (N, h, w) bool, False on padding (None: no padding anywhere).
+    views > 1: N = views x images, row v * images + i is view v of image i (trainer/views.py)."""
 
     images: torch.Tensor
     masks: torch.Tensor
@@ -44,6 +45,7 @@ class PreparedSet:
     features: torch.Tensor | None
     image_ids: list[str]
     valid: torch.Tensor | None = None
+    views: int = 1
 
     def valid_mask(self, index: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         """(n, h, w) bool for the images at `index`: True on image content."""
@@ -53,6 +55,11 @@ class PreparedSet:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    @property
+    def num_images(self) -> int:
+        """Distinct images (rows / views)."""
+        return len(self) // self.views
 
 
 def prepare_set(

@@ -4,7 +4,8 @@ One step: cached frozen-backbone features -> head -> unit-norm embeddings (B, D,
 spherical k-means (no grad) -> training segments split by contour and weak label ->
 prototypes (with grad) -> SegSort+ over the relations. The baselines replace the last three
 by a 1x1 classifier and cross-entropy on the weak labels (partial CE) or on every pixel
-(full CE). Seeded, resumable (checkpoint every N steps with optimiser state), poly learning
+(full CE). `views="flip"` adds each image's cached mirror, one view per image drawn each
+step (trainer/views.py). Seeded, resumable (checkpoint every N steps with optimiser state), poly learning
 rate, a progress bar with each loss term, metrics as JSONL and a loss-curve PNG.
 
 Under torchrun the same loop runs data-parallel (DDP, gathered prototypes, a global-batch
@@ -46,6 +47,7 @@ from segsearch.trainer.prepared import (
 from segsearch.trainer.relations import MemoryBank, default_loss_config, relation_losses
 from segsearch.trainer.sample import IGNORE_INDEX
 from segsearch.trainer.training_segments import build_training_segments, masked_kmeans
+from segsearch.trainer.views import originals, view_rows, with_views
 from segsearch.trainer.weak_labels import WeakLabelConfig
 
 logger = logging.getLogger(__name__)
@@ -175,7 +177,7 @@ def _train(config: TrainConfig, prepared, class_names, world: World, device) -> 
     images_per_second = steps_run * config.batch_size * world.size / elapsed if elapsed > 0 else 0.0
     path, version = out_dir / CHECKPOINT_NAME, None
     if world.is_main:
-        bank_result = _calibrated_label_bank(config, model, prepared, device)
+        bank_result = _calibrated_label_bank(config, model, originals(prepared), device)
         path, version = _save(config, model, optimizer, bank, config.steps, out_dir, bank_result)
         plot_loss_curves(metrics_path, out_dir / "loss_curve.png")
         logger.info("trained %d steps at %.1f images/s; checkpoint %s (model version %s)",
@@ -204,8 +206,10 @@ def _build(config: TrainConfig, device: torch.device, prepared=None, class_names
         model.backbone.eval()
     if prepared is None:
         prepared, _ = prepare_training_data(config, model, split=split)
+    prepared = with_views(prepared, config.views, model, progress=config.progress)
     if isinstance(model.head, ResidualHead):
-        model.head.set_projection(hypercolumn_pixels(prepared, model.head_channels, config.seed).to(device))
+        model.head.set_projection(
+            hypercolumn_pixels(originals(prepared), model.head_channels, config.seed).to(device))
     return model, prepared
 
 
@@ -249,7 +253,8 @@ def _train_step(config, replica: Replica, optimizer, prepared: PreparedSet, bank
                 device):
     """One optimiser step on this rank's share of the global batch (all of it when alone)."""
     world = replica.world
-    global_batch = batch_indices(step, config.batch_size * world.size, len(prepared), config.seed)
+    global_batch = batch_indices(step, config.batch_size * world.size, prepared.num_images, config.seed)
+    global_batch = view_rows(global_batch, prepared.num_images, prepared.views, config.seed, step)
     index = rank_batch(global_batch, world)
     if config.freeze_backbone:
         inputs = prepared.features[index].to(device).float()

@@ -20,6 +20,7 @@ from segsearch.trainer.datasets import DataConfig
 from segsearch.trainer.ddp import World, rank_batch, rank_pixels
 from segsearch.trainer.loss import segsort_loss
 from segsearch.trainer.train import batch_indices, train
+from segsearch.trainer.views import view_rows
 
 PER_RANK_BATCH = 2
 # SGD, not Adam: Adam's first step is about lr * sign(gradient), blind to a wrongly scaled
@@ -142,6 +143,18 @@ def test_resume_continues_like_one_process(first_step, tmp_path):
     assert len(_losses(two)) == 2
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
     assert _max_difference(_weights(two), _weights(one)) < ATOL
+
+
+def test_flip_views_take_the_one_process_step(first_step, tmp_path):
+    """The view draw is made over the global batch from (seed, step): both ranks agree on it,
+    so with --views flip two ranks still take the one-process step on the doubled batch."""
+    rows = view_rows(batch_indices(0, 2 * PER_RANK_BATCH, 8, seed=0), 8, 2, seed=0, step=0)
+    assert (rows >= 8).any() and (rows < 8).any()  # step 0 mixes originals and mirrors
+    _two_ranks(tmp_path / "two", "--steps", "1", "--views", "flip")
+    _one_process(tmp_path / "one", views="flip")
+    assert _max_difference(_weights(tmp_path / "one"), _weights(first_step[0])) > 100 * ATOL
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+    assert _max_difference(_weights(tmp_path / "two"), _weights(tmp_path / "one")) < ATOL
 
 
 @pytest.mark.slow
