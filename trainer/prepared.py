@@ -91,8 +91,7 @@ def prepare_set(
         else np.zeros(e.shape, dtype=np.int64) for e in edges
     ]).astype(np.int64))
     features = None if model is None else cached(
-        key_for("features", images, model.backbone, tuple(model.config.feature_blocks)),
-        lambda: compute_features(model, images, batch_size, progress))
+        features_key(images, model), lambda: compute_features(model, images, batch_size, progress))
     return PreparedSet(
         images=images,
         masks=masks,
@@ -149,6 +148,15 @@ def with_box_cam_labels(prepared: PreparedSet, boxes: list[list], background_cla
 
 
 @torch.no_grad()
+def features_key(images: torch.Tensor, model: EmbeddingNet) -> str:
+    """The feature cache's key for `model.features(images)`: the images, the backbone's weights
+    and every setting that shapes the features (which blocks, their normalisation, the texture
+    blocks, the colour code), so a run with other settings never reads another's features."""
+    config = model.config
+    return key_for("features", images, model.backbone, tuple(config.feature_blocks), config.block_norm,
+                   tuple(config.texture_blocks), config.colour_bins)
+
+
 def compute_features(model: EmbeddingNet, images: torch.Tensor, batch_size: int, progress: bool):
     """Backbone hypercolumns (N, C, h, w) as float16 (halves the cache; the head trains in fp32)."""
     device = next(model.parameters()).device

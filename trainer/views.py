@@ -29,8 +29,8 @@ import dataclasses
 import torch
 
 from segsearch.spml.embedding import OUTPUT_STRIDE, EmbeddingNet
-from segsearch.trainer.feature_cache import cached, key_for
-from segsearch.trainer.prepared import PreparedSet, compute_features
+from segsearch.trainer.feature_cache import cached
+from segsearch.trainer.prepared import PreparedSet, compute_features, features_key
 
 VIEWS = ("none", "flip")
 ROW_FIELDS = ("images", "masks", "weak_labels", "dense_labels", "contours", "tags", "features", "valid")
@@ -77,8 +77,7 @@ def mirrored_features(prepared: PreparedSet, images: torch.Tensor, model: Embedd
         return None
     if model is None:
         raise ValueError("mirrored views of cached features need the model's backbone")
-    key = key_for("features", images, model.backbone, tuple(model.config.feature_blocks))
-    return cached(key, lambda: compute_features(model, images, batch_size, progress))
+    return cached(features_key(images, model), lambda: compute_features(model, images, batch_size, progress))
 
 
 def stack_views(views: list[PreparedSet]) -> PreparedSet:

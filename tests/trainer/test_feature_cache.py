@@ -41,3 +41,24 @@ def test_a_damaged_entry_is_recomputed_and_off_means_off(tmp_path, monkeypatch):
     assert torch.equal(torch.load(tmp_path / "k.pt"), torch.ones(2))
     monkeypatch.setenv("SEGSEARCH_CACHE_DIR", "off")
     assert feature_cache.cache_dir() is None and torch.equal(cached("k", lambda: torch.zeros(1)), torch.zeros(1))
+
+
+def test_the_features_key_changes_with_every_setting_that_shapes_the_features():
+    """block_norm, texture_blocks and colour_bins change `model.features()` as much as the
+    blocks do: a cached tensor made under other settings must not be read back."""
+    import dataclasses
+
+    from segsearch.spml.embedding import EmbeddingNet, ModelConfig
+    from segsearch.trainer.prepared import features_key
+
+    images = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    base_config = ModelConfig(backbone="small", pretrained=False, hidden_dim=16, embedding_dim=4)
+    torch.manual_seed(0)
+    model = EmbeddingNet(base_config)
+    base = features_key(images, model)
+    for change in (dict(block_norm=True), dict(colour_bins=2, colour_weight=0.5),
+                   dict(texture_blocks=(1,), texture_weight=0.5)):
+        model.config = dataclasses.replace(base_config, **change)
+        assert features_key(images, model) != base, change
+    model.config = base_config
+    assert features_key(images, model) == base
