@@ -70,7 +70,7 @@ from segsearch.spml.kmeans import spherical_kmeans
 from segsearch.spml.label_vote import NO_LABEL, open_set_vote
 from segsearch.spml.prototypes import NORM_EPS, segment_sums
 from segsearch.spml.refine import assign_finer, finer_size
-from segsearch.spml.snap import edges_on_grid, nearest_resize, snap_band, snap_grid, snap_to_edges
+from segsearch.spml.snap import edges_on_grid, snap_band, snap_grid, snap_to_edges
 
 DROPPED = -1  # label_map value of pixels that belong to no segment
 
@@ -306,7 +306,7 @@ class Segmenter:
         fine_ids = target[finer_ids]
         if snap_edges is not None:
             grid = snap_edges.shape
-            fine_ids = snap_to_edges(nearest_resize(fine_ids, grid), snap_edges, snap_band(grid, ids.shape))
+            fine_ids = snap_to_edges(upsample_nearest(fine_ids, *grid), snap_edges, snap_band(grid, ids.shape))
         fine_layout = _layout(fine_ids, shape)
         leaf_sums = _merged_sums(sums, target)[fine_layout.ids]
         fine = _LevelDraft(fine_layout, _normalised(leaf_sums))
@@ -429,7 +429,8 @@ def _border_lengths(ids: np.ndarray, num: int) -> np.ndarray:
 
 
 def upsample_nearest(low_res: np.ndarray, height: int, width: int) -> np.ndarray:
-    """`(h, w)` -> `(height, width)`, nearest neighbour with pixel centres aligned."""
+    """`(h, w)` -> `(height, width)`, nearest neighbour with pixel centres aligned (also to a
+    smaller size)."""
     rows = _source_index(height, low_res.shape[0])
     cols = _source_index(width, low_res.shape[1])
     return low_res[rows[:, None], cols[None, :]]

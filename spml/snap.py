@@ -46,15 +46,6 @@ def edges_on_grid(edges: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
     return edges[0].float().cpu().numpy()
 
 
-def nearest_resize(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """`(h, w)` ids -> `(H', W')` by nearest neighbour (pixel centres, as `segmenter._layout`)."""
-    if labels.shape == tuple(size):
-        return labels
-    rows = (2 * np.arange(size[0]) + 1) * labels.shape[0] // (2 * size[0])
-    cols = (2 * np.arange(size[1]) + 1) * labels.shape[1] // (2 * size[1])
-    return labels[rows[:, None], cols[None, :]]
-
-
 def snap_to_edges(labels: np.ndarray, edges: np.ndarray, band: int) -> np.ndarray:
     """labels `(H', W')` int ids (-1: none), edges `(H', W')` float on the same grid ->
     `(H', W')` int64 ids, each segment's border moved onto the contours within `band` pixels."""

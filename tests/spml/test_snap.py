@@ -1,7 +1,7 @@
 """Borders snapped onto contours (spml/snap.py), on hand-made maps."""
 import numpy as np
 
-from segsearch.spml.snap import nearest_resize, snap_band, snap_grid, snap_to_edges
+from segsearch.spml.snap import snap_band, snap_grid, snap_to_edges
 
 
 def _two_halves(border_col: int, size: int = 20) -> np.ndarray:
@@ -34,9 +34,7 @@ def test_thin_segments_survive_and_unlabelled_pixels_stay_unlabelled():
     assert (snapped[0:3, 15:18] == -1).all() and (snapped[labels >= 0] >= 0).all()
 
 
-def test_grid_band_and_resize():
+def test_grid_and_band():
     assert snap_grid((1000, 200), 320) == (320, 200)
     assert snap_band((256, 256), (80, 80)) == 2  # 0.6 of a 3.2 px cell
     assert snap_band((128, 128), (80, 80)) == 1  # never below 1
-    labels = np.arange(4).reshape(2, 2)
-    assert (nearest_resize(labels, (4, 4)) == np.kron(labels, np.ones((2, 2), int))).all()
