@@ -82,11 +82,11 @@ def _point_query(level: CachedRegions, point: tuple[int, int]) -> QueryVector:
     x, y = point
     regions.check_point(x, y, level.original_size)
     row, col = regions.point_in_model(x, y, level.original_size, level.label_map.shape)
-    try:
-        vector, mask = regions.point_region(level.leaf_map, level.leaf_sums, level.leaf_point_regions, row, col)
-    except InvalidArgument:
+    found = regions.point_region(level.leaf_map, level.leaf_sums, level.leaf_point_regions, row, col)
+    if found is None:
         raise InvalidArgument(f"the point ({x},{y}) lies in no segment (its segment was too small "
-                              "and dropped); pick a point inside a larger region") from None
+                              "and dropped); pick a point inside a larger region")
+    vector, mask = found
     return QueryVector(vector, to_original_size(mask, level.original_size))
 
 
