@@ -180,29 +180,20 @@ def clipped_region_vector(leaf_map: np.ndarray, leaf_sums: np.ndarray, leaf_regi
 
 
 def point_region(leaf_map: np.ndarray, leaf_sums: np.ndarray, leaf_point_regions: np.ndarray,
-                 row: int, col: int) -> tuple[np.ndarray, np.ndarray]:
+                 row: int, col: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The region under pixel (row, col): its unit-norm `(D,)` vector (the normalised sum of its
-    fine segments' sums, i.e. its prototype) and its `(H', W')` bool mask.
+    fine segments' sums, i.e. its prototype) and its `(H', W')` bool mask; None when the pixel
+    lies in no segment (the caller names the point as the client sent it).
 
     leaf_map: `(H', W')` fine segment index (-1: none); leaf_sums: `(n, D)`;
     leaf_point_regions: `(n,)` the region of each fine segment in the cut points use.
     """
     leaf = int(leaf_map[row, col])
     if leaf < 0:
-        raise InvalidArgument(f"the point (model pixel {col},{row}) lies in no segment (its segment was "
-                              "too small and dropped); pick a point inside a larger region")
+        return None
     members = np.flatnonzero(leaf_point_regions == leaf_point_regions[leaf])
     vector = _normalised(leaf_sums[members].astype(np.float64).sum(axis=0))
     return vector, np.isin(leaf_map, members)
-
-
-def segment_at(segment_masks: list[np.ndarray], row: int, col: int) -> int:
-    """Index of the segment whose mask (H', W') contains pixel (row, col)."""
-    for index, mask in enumerate(segment_masks):
-        if mask[row, col]:
-            return index
-    raise InvalidArgument(f"no segment contains the point (model pixel {col},{row}); "
-                          "the segmentation left it out")
 
 
 def upscale_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
