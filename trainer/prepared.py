@@ -147,7 +147,6 @@ def with_box_cam_labels(prepared: PreparedSet, boxes: list[list], background_cla
     return prepared
 
 
-@torch.no_grad()
 def features_key(images: torch.Tensor, model: EmbeddingNet) -> str:
     """The feature cache's key for `model.features(images)`: the images, the backbone's weights
     and every setting that shapes the features (which blocks, their normalisation, the texture
@@ -157,6 +156,7 @@ def features_key(images: torch.Tensor, model: EmbeddingNet) -> str:
                    tuple(config.texture_blocks), config.colour_bins)
 
 
+@torch.no_grad()
 def compute_features(model: EmbeddingNet, images: torch.Tensor, batch_size: int, progress: bool):
     """Backbone hypercolumns (N, C, h, w) as float16 (halves the cache; the head trains in fp32)."""
     device = next(model.parameters()).device
