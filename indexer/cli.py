@@ -147,6 +147,9 @@ def _add_job_flags(parser: argparse.ArgumentParser) -> None:
                      help="segments below this fraction of the image are merged into their neighbour "
                           f"with the longest shared border (default {segmenter.min_area_fraction})")
     seg.add_argument("--knn-k", type=int, help=f"neighbours in the label vote (default {segmenter.knn_k})")
+    seg.add_argument("--fine-only", action="store_const", const=False, dest="regions",
+                     help="store the fine k-means segments only, no region hierarchy: faster indexing "
+                          "(bench/index_speed.py), and searches of the index return fine segments")
     seg.add_argument("--index-type",
                      help="auto (exact, then HNSW above 50k segments), flat, hnsw, ivf, or a faiss "
                           f"index_factory string such as 'IVF256,Flat' (default {run.index_type}; fixed at creation)")
@@ -182,7 +185,8 @@ def index_config(args, index_dir: Path, must_exist: bool) -> IndexConfig:
     stored = IndexSettings.load(index_dir) or IndexSettings()
     decode = _replace(stored.decode, max_side=args.max_side, max_pixels=args.max_pixels)
     segmenter = _replace(stored.segmenter, embed_size=args.embed_size, grid=args.grid,
-                         iterations=args.kmeans_iterations, min_area_fraction=args.min_area, knn_k=args.knn_k)
+                         iterations=args.kmeans_iterations, min_area_fraction=args.min_area, knn_k=args.knn_k,
+                         regions=args.regions)
     try:
         return IndexConfig(
             batch_size=args.batch_size, chunk_size=args.chunk_size, decode=decode, segmenter=segmenter,

@@ -423,15 +423,16 @@ class _Run:
 
 
 def image_records(image_id: str, uri: str, decoded: DecodedImage, segments: ImageSegments,
-                  model_version: str) -> tuple[ImageRecord, list[SegmentRecord]]:
+                  model_version: str, with_regions: bool = True) -> tuple[ImageRecord, list[SegmentRecord]]:
     """The store records of one segmented image; the service's live updates use it too, so
     both write paths store identical records. Ids are assigned by the store (0 here).
 
     The fine segments come first (positions 0..n-1), then the regions of the default cut of
     the image's hierarchy (n..n+r-1, `ImageSegments.regions`), each fine segment naming the
-    region it lies in as its parent."""
+    region it lies in as its parent. Without regions (`with_regions` False, or segments
+    without a hierarchy) the fine segments have no parent."""
     shape = segments.shape
-    regions = segments.regions
+    regions = segments.regions if with_regions else None
     fine_parents = (len(segments.segments) + regions.leaf_regions if regions is not None
                     else np.full(len(segments.segments), -1))
     records = [

@@ -53,7 +53,8 @@ class ServiceApp:
         try:
             decode_config, segmenter_config = index_settings(settings_dir(index_dir), limits)
             model = checkpoint.build_model().to(resolve_device(device))
-            segmenter = Segmenter(model, checkpoint.label_bank, segmenter_config)
+            # Queries always need the hierarchy (boxes and points pick regions), whatever the index stores.
+            segmenter = Segmenter(model, checkpoint.label_bank, dataclasses.replace(segmenter_config, regions=True))
             analyzer = ImageAnalyzer(segmenter, decode_config, batching, DecodeBudget(limits.decode_budget_pixels),
                                      EmbeddingCache(limits.embedding_cache_bytes))
         except BaseException:
@@ -61,7 +62,8 @@ class ServiceApp:
             raise
         log.info("serving %s (%d images, %d segments) with model %s", index_dir,
                  store.meta.num_images, store.meta.num_segments, version)
-        updater = (_ShardedUpdater if sharded else IndexUpdater)(store, analyzer, version, read_only)
+        updater = (_ShardedUpdater if sharded else IndexUpdater)(store, analyzer, version, read_only,
+                                                                 segmenter_config.regions)
         return cls(store, analyzer, updater, version, limits, read_only, image_uris)
 
     def close(self) -> None:

@@ -77,9 +77,13 @@ class IndexUpdater:
     outside any lock, so a stalled or slow stream delays no other writer. (A duplicate that
     two streams add at once is caught by the store's own check inside its commit.)"""
 
-    def __init__(self, store: IndexStore, analyzer: ImageAnalyzer, model_version: str, read_only: bool):
+    def __init__(self, store: IndexStore, analyzer: ImageAnalyzer, model_version: str, read_only: bool,
+                 store_regions: bool = True):
+        """`store_regions`: the index keeps region-level segments (its `SegmenterConfig.regions`);
+        an index built with `--fine-only` gets fine segments only from live writes too."""
         self.store, self.analyzer = store, analyzer
         self.model_version, self.read_only = model_version, read_only
+        self.store_regions = store_regions
         self._write_lock = FairLock()
 
     def _check_writable(self) -> None:
@@ -123,7 +127,7 @@ class IndexUpdater:
             return None
         seen[decoded.sha256] = image_id
         segments = self.analyzer.segment(decoded)
-        return image_records(image_id, image.uri, decoded, segments, self.model_version)
+        return image_records(image_id, image.uri, decoded, segments, self.model_version, self.store_regions)
 
     def _commit(self, pending: list, outcome: IndexOutcome) -> None:
         if not pending:

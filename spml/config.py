@@ -84,6 +84,10 @@ class SegmenterConfig:
     merge_size_exponent: power of the size factor (harmonic mean of the two areas) in the
         merge cost; 0 = sizes play no part.
     region_height: the default region level, the hierarchy cut at this merge height.
+    regions: build the region hierarchy and its default cut (True); False gives fine
+        segments only, for an index that stores no regions (`segsearch index --fine-only`,
+        and the baseline of the hierarchy's cost in `bench/index_speed.py`). A server always
+        builds the hierarchy for its queries, whatever the index holds.
 
     contour_weight, merge_size_exponent and region_height were chosen on the mosaic *train*
     split by `bench/segment_quality.py --tune` (bench/RESULTS.md, "Segments: region hierarchy").
@@ -100,6 +104,7 @@ class SegmenterConfig:
     contour_weight: float = 2.0
     merge_size_exponent: float = 0.25
     region_height: float = 0.8
+    regions: bool = True
 
     def __post_init__(self) -> None:
         if self.embed_size < 16:

@@ -30,7 +30,8 @@ One batch of `B` images of any sizes goes through:
    agglomeratively by prototype dissimilarity plus the mean contour (`spml.edges`: HED side
    outputs of the model's own backbone, or Sobel) along their shared border, measured on
    the embedding map (so a merge height means the same at every image size); the default cut at `region_height` is the **region level**, and
-   `Segmenter.regions_at` gives the cut at any count.
+   `Segmenter.regions_at` gives the cut at any count (`regions=False`: no hierarchy, fine
+   segments only).
 6. **label** every fine segment and region by k-NN vote among the checkpoint's labelled
    training prototypes (`spml.label_vote.open_set_vote`): `label_score` is the winning class's
    share of the k votes, in (0, 1]; a segment the bank does not cover (nearest labelled
@@ -242,13 +243,16 @@ class Segmenter:
                                                            clustered.finer_ids, clustered.edges,
                                                            clustered.snap_edges, clustered.shapes)]
         with timings.measure("label", self.device):
-            levels = [level for draft in drafts for level in (draft.fine, draft.regions)]
-            labelled = self._label_levels(levels)
-        return [_image_segments(draft, labelled[2 * n], labelled[2 * n + 1]) for n, draft in enumerate(drafts)]
+            levels = [level for draft in drafts for level in (draft.fine, draft.regions) if level is not None]
+            labelled = iter(self._label_levels(levels))
+        return [_image_segments(draft, next(labelled), next(labelled) if draft.regions is not None else None)
+                for draft in drafts]
 
     def regions_at(self, result: ImageSegments, count: int) -> RegionLevel:
         """The cut of `result`'s hierarchy into `count` regions (fewer when the image has fewer
         fine segments), labelled by the same vote."""
+        if result.tree is None:
+            raise ValueError("these segments have no region hierarchy (segmented with SegmenterConfig.regions off)")
         leaf_regions = cut_by_count(result.tree, count)
         level = _region_draft(result.label_map, leaf_regions, result.leaf_sums, result.shape)
         (segments,) = self._label_levels([level])
@@ -312,6 +316,8 @@ class Segmenter:
         fine = _LevelDraft(fine_layout, _normalised(leaf_sums))
         leaf_of_id = np.full(sums.shape[0] + 1, DROPPED, dtype=np.int64)  # the last slot takes id -1
         leaf_of_id[fine_layout.ids] = np.arange(fine_layout.ids.size)
+        if not self.config.regions:
+            return _Draft(fine, None, None, leaf_sums, None)
         tree = build_hierarchy(leaf_of_id[target[ids]], leaf_sums, edges, self.config.contour_weight,
                                fine_layout.areas, self.config.merge_size_exponent)
         leaf_regions = cut_by_height(tree, self.config.region_height)
@@ -503,13 +509,14 @@ class _LevelDraft:
 
 @dataclass
 class _Draft:
-    """One image before labelling: fine level, default region level, tree, leaf sums `(n, D)`."""
+    """One image before labelling: fine level, default region level, tree, leaf sums `(n, D)`
+    (regions, tree and leaf_regions are None when `SegmenterConfig.regions` is off)."""
 
     fine: _LevelDraft
-    regions: _LevelDraft
-    tree: RegionTree
+    regions: _LevelDraft | None
+    tree: RegionTree | None
     leaf_sums: np.ndarray
-    leaf_regions: np.ndarray
+    leaf_regions: np.ndarray | None
 
 
 def _region_draft(leaf_map: np.ndarray, leaf_regions: np.ndarray, leaf_sums: np.ndarray,
@@ -530,8 +537,8 @@ def _segments(level: _LevelDraft, labels: Sequence[str], scores: Sequence[float]
             for n in range(layout.ids.size)]
 
 
-def _image_segments(draft: _Draft, fine: list[Segment], regions: list[Segment]) -> ImageSegments:
-    level = RegionLevel(draft.regions.layout.label_map, regions, draft.leaf_regions)
+def _image_segments(draft: _Draft, fine: list[Segment], regions: list[Segment] | None) -> ImageSegments:
+    level = None if regions is None else RegionLevel(draft.regions.layout.label_map, regions, draft.leaf_regions)
     return ImageSegments(draft.fine.layout.label_map, fine, draft.tree, draft.leaf_sums, level)
 
 

@@ -182,6 +182,31 @@ def test_delete_then_add_back(built, corpus, checkpoint, tmp_path, capsys):
         assert (store.meta.num_images, store.meta.num_segments) == (before.num_images, before.num_segments - 1)
 
 
+def test_fine_only_index_stores_no_regions_and_add_keeps_it_so(built, corpus, checkpoint, tmp_path, capsys):
+    """`--fine-only` is a setting of the index: `index add` without the flag keeps it, and asking
+    for regions on a fine-only index is refused, naming the setting."""
+    out = tmp_path / "fine"
+    first = [corpus[0] / name for name in corpus[1][:4]]
+    (tmp_path / "some").mkdir()
+    for path in first:
+        shutil.copy(path, tmp_path / "some" / path.name)
+    assert main(["index", str(tmp_path / "some"), "--model", str(checkpoint), "--out", str(out), "--fine-only"]
+                + SMALL) == 0
+    code, msg, _ = _run_cli(capsys, ["index", "add", str(out), str(corpus[0]), "--model", str(checkpoint),
+                                     "--no-progress"])
+    assert code == 0 and "indexed 8 images" in msg
+    with IndexStore.open(out, read_only=True) as store, IndexStore.open(built, read_only=True) as full:
+        ids, _ = store.segment_ids()
+        records = [store.get_segment(int(i)) for i in ids]
+        assert not store.meta.has_regions and store.verify() == []
+        assert {(r.level, r.parent_index, r.parent_id) for r in records} == {(0, -1, 0)}
+        full_records = [full.get_segment(int(i)) for i in full.segment_ids()[0]]
+        assert len(records) == sum(r.level == 0 for r in full_records)  # the same fine segments
+    code, _, err = _run_cli(capsys, ["index", "add", str(_copy(built, tmp_path)), str(corpus[0]),
+                                     "--model", str(checkpoint), "--fine-only"])
+    assert code == 2 and "segmenter.regions=False (index: True)" in err
+
+
 def test_add_refuses_other_content_under_a_taken_image_id_with_a_reason(built, corpus, checkpoint, tmp_path,
                                                                         capsys):
     """Two folders both holding `chelsea.jpg`: the second is not dropped without a word."""

@@ -53,3 +53,31 @@ def test_a_level_outside_the_contract_is_invalid(served):
     with pytest.raises(grpc.RpcError) as caught:
         served.client.search(request)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "level 9" in caught.value.details()
+
+
+def test_a_fine_only_index_serves_fine_hits_and_stays_fine_only(corpus_dir, checkpoint_path, tmp_path):
+    """An index built with `--fine-only`: GetInfo reports the fine level alone, a box query (which
+    needs the hierarchy of the query image) still answers, and IndexImages adds no regions."""
+    import dataclasses
+
+    from segsearch.indexer.pipeline import index_corpus
+    from segsearch.testing.tiny_index import INDEX_CONFIG, mosaic_images
+    from service_helpers import png_bytes, start_server
+
+    config = dataclasses.replace(INDEX_CONFIG, segmenter=dataclasses.replace(INDEX_CONFIG.segmenter, regions=False))
+    index_corpus(corpus_dir, checkpoint_path, tmp_path / "index", config)
+    running = start_server(tmp_path / "index", checkpoint_path)
+    try:
+        client = running.client
+        info = client.info()
+        assert list(info.levels) == [pb.LEVEL_FINE] and info.default_level == pb.LEVEL_FINE
+        image = (corpus_dir / PHOTO).read_bytes()
+        response = client.search_box(image, (20, 20, 120, 100), top_k=10)
+        assert response.hits and all(hit.level == pb.LEVEL_FINE for hit in response.hits)
+        before = info.num_segments
+        added = client.index_images([("new", png_bytes(mosaic_images(1, seed=7)[0]))])
+        assert added.num_segments > 0 and client.info().num_segments == before + added.num_segments
+        new_ids = range(before + 1, before + added.num_segments + 1)
+        assert all(client.get_segment(sid).level == pb.LEVEL_FINE for sid in new_ids)
+    finally:
+        running.stop()

@@ -232,3 +232,18 @@ def test_regions_are_unions_of_fine_segments_with_exact_prototypes(model, checkp
                 assert region.area_fraction == pytest.approx(region.mask.mean())
         assert len(segmenter.regions_at(result, 2).segments) == min(2, num)
         assert len(segmenter.regions_at(result, 10**6).segments) == num
+
+
+def test_regions_off_gives_the_same_fine_segments_and_no_hierarchy(model, checkpoint, images):
+    """`regions=False` (an index stored without regions) skips the hierarchy and nothing else."""
+    with_regions = Segmenter(model, checkpoint.label_bank, SEGMENTER)(images)
+    fine_only = Segmenter(model, checkpoint.label_bank, dataclasses.replace(SEGMENTER, regions=False))
+    results = fine_only(images)
+    for full, fine in zip(with_regions, results, strict=True):
+        assert fine.regions is None and fine.tree is None
+        np.testing.assert_array_equal(fine.label_map, full.label_map)
+        np.testing.assert_allclose(fine.leaf_sums, full.leaf_sums)
+        assert [(s.box, s.label, s.label_score) for s in fine.segments] == \
+               [(s.box, s.label, s.label_score) for s in full.segments]
+    with pytest.raises(ValueError, match="no region hierarchy"):
+        fine_only.regions_at(results[0], 2)
