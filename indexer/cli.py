@@ -148,8 +148,8 @@ def _add_job_flags(parser: argparse.ArgumentParser) -> None:
                           f"with the longest shared border (default {segmenter.min_area_fraction})")
     seg.add_argument("--knn-k", type=int, help=f"neighbours in the label vote (default {segmenter.knn_k})")
     seg.add_argument("--fine-only", action="store_const", const=False, dest="regions",
-                     help="store the fine k-means segments only, no region hierarchy: faster indexing "
-                          "(bench/index_speed.py), and searches of the index return fine segments")
+                     help="store the fine k-means segments only, no regions (searches of the index then "
+                          "return fine segments; a setting of the index, kept by `index add`)")
     seg.add_argument("--index-type",
                      help="auto (exact, then HNSW above 50k segments), flat, hnsw, ivf, or a faiss "
                           f"index_factory string such as 'IVF256,Flat' (default {run.index_type}; fixed at creation)")
