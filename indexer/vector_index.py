@@ -29,6 +29,17 @@ Deletions, for every type offered:
   from the live vectors (reconstructed from the HNSW storage), so deleted nodes do not
   accumulate forever. Ids are never reused by the store, so a tombstoned id never returns.
 
+Writes that do not grow with the index. Adding to an HNSW graph searches it, and adding to an
+IVF compares every vector with every centroid (4,096 at 1M vectors), so a live commit's FAISS
+add grew with the index: at 1M it was the one part of a commit that grew. New vectors of an HNSW
+or IVF index therefore go to a *write buffer*, an exact `IDMap2(IndexFlatIP)` beside it, as
+Milvus keeps new rows in a brute-force-searched segment: a search asks both and merges their
+top k (the buffer's part is exact), a removal removes from both, and the buffer is moved into
+the main index in one batched add when it holds `WRITE_BUFFER_MAX` vectors and before every
+`save`, so the file format does not change. The cost moves, it does not vanish: the drain is
+one batched add (cheaper per vector than many small ones) inside the commit that fills the
+buffer.
+
 File format (`save`/`load`): `MAGIC`, a little-endian uint32 header length, a JSON header
 (generation, spec, sizes, CRC32s), the `faiss.serialize_index` bytes, then the tombstones as
 little-endian int64. Written atomically: temp file in the same directory, fsync, `os.replace`,
@@ -58,6 +69,10 @@ HNSW_FACTORY = "HNSW32,Flat"
 DEFAULT_EF_SEARCH = 192  # the recall@10 >= 0.95 setting of bench/search_speed.py (bench/RESULTS.md)
 HNSW_COMPACT_FRACTION = 0.25
 MIN_TRAIN_OTHER = 10_000
+# Vectors held exactly beside an HNSW/IVF index before one batched move into it: searching
+# 8,192 64-d vectors adds about as much as an IVF4096 search at nprobe 16 scans (bench/RESULTS.md,
+# "Writes at 1M with a write buffer"), and a drain of that many takes a fraction of a second.
+WRITE_BUFFER_MAX = 8192
 MAGIC = b"SGSFAIS1"
 FILE_FORMAT = 1
 _NORM_TOLERANCE = 1e-3
@@ -98,7 +113,12 @@ class VectorIndex:
         return int(self._tombstones.size)
 
     def __len__(self) -> int:
-        return int(self._index.ntotal) - int(self._tombstones.size)
+        return int(self._index.ntotal) - int(self._tombstones.size) + int(self._buffer.ntotal)
+
+    @property
+    def num_buffered(self) -> int:
+        """Vectors in the write buffer, not yet in the HNSW/IVF index (see the module docstring)."""
+        return int(self._buffer.ntotal)
 
     def describe(self) -> str:
         if self._kind == "ivf":
@@ -133,10 +153,14 @@ class VectorIndex:
         queries = self._as_matrix(queries, "queries")
         if len(self) == 0:
             return (np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64))
-        scores, ids = self._index.search(queries, k, params=self._search_params(k, effort, selector))
-        scores = scores.astype(np.float32, copy=True)
-        scores[ids < 0] = -np.inf
-        return scores, ids.astype(np.int64, copy=False)
+        scores, ids = _found(*self._index.search(queries, k, params=self._search_params(k, effort, selector)))
+        if self._buffer.ntotal:
+            params = None
+            if selector is not None:
+                params = faiss.SearchParameters()
+                params.sel = selector
+            scores, ids = _best_of(scores, ids, *_found(*self._buffer.search(queries, k, params=params)), k)
+        return scores, ids
 
     @property
     def search_effort(self) -> tuple[str, int]:
@@ -174,22 +198,37 @@ class VectorIndex:
                      len(old_ids) + len(ids))
             self._rebuild(target, np.concatenate([old_ids, ids]), np.concatenate([old_vecs, vectors]))
             return
-        self._index.add_with_ids(vectors, ids)
         self._id_bound = max(self._stored_id_bound(), int(ids.max()))
+        if self._kind == "flat":
+            self._index.add_with_ids(vectors, ids)
+            return
+        self._buffer.add_with_ids(vectors, ids)
+        if self._buffer.ntotal >= WRITE_BUFFER_MAX:
+            self.drain_buffer()
+
+    def drain_buffer(self) -> None:
+        """Move the write buffer's vectors into the HNSW/IVF index (one batched add)."""
+        count = int(self._buffer.ntotal)
+        if not count:
+            return
+        ids = faiss.vector_to_array(self._buffer.id_map).astype(np.int64)
+        self._index.add_with_ids(faiss.downcast_index(self._buffer.index).reconstruct_n(0, count), ids)
+        self._buffer.reset()
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove `ids` (absent ones are ignored); returns how many live vectors were removed."""
         ids = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
         if ids.size == 0:
             return 0
+        buffered = int(self._buffer.remove_ids(ids)) if self._buffer.ntotal else 0
         if self._kind != "hnsw":
-            return int(self._index.remove_ids(ids))
-        live = ids[np.isin(ids, self._stored_ids()) & ~np.isin(ids, self._tombstones)]
+            return buffered + int(self._index.remove_ids(ids))
+        live = ids[np.isin(ids, self._main_ids()) & ~np.isin(ids, self._tombstones)]
         self._tombstones = np.union1d(self._tombstones, live)
         self._selector = None
         if self._tombstones.size > HNSW_COMPACT_FRACTION * self._index.ntotal:
             self.compact()
-        return int(live.size)
+        return buffered + int(live.size)
 
     def compact(self) -> None:
         """Rebuild without tombstones, choosing the type for the live count again."""
@@ -200,7 +239,9 @@ class VectorIndex:
     # ---- persistence -----------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        """Write the index atomically to `path` (temp file + fsync + rename + dir fsync)."""
+        """Write the index atomically to `path` (temp file + fsync + rename + dir fsync); the
+        write buffer is drained first, so the file holds every vector."""
+        self.drain_buffer()
         payload = faiss.serialize_index(self._index)
         tombstones = self._tombstones.astype("<i8").tobytes()
         header = json.dumps({
@@ -235,6 +276,7 @@ class VectorIndex:
         except RuntimeError as exc:
             raise IndexStoreError(f"FAISS index file {path} is corrupt: {str(exc).splitlines()[0]}") from exc
         self._tombstones = np.frombuffer(tombstones, dtype="<i8").astype(np.int64)
+        self._buffer = _new_buffer(self.dim)
         self._set_index(index)
         if self._index.d != self.dim:
             raise IndexStoreError(f"FAISS index file {path} holds {self._index.d}-d vectors, header says {self.dim}")
@@ -276,6 +318,7 @@ class VectorIndex:
         self._factory = factory
         self._tombstones = np.empty(0, dtype=np.int64)
         self._selector = None
+        self._buffer = _new_buffer(self.dim)
         self._set_index(index)
 
     def _set_index(self, index: faiss.Index) -> None:
@@ -320,7 +363,12 @@ class VectorIndex:
         return params
 
     def _stored_ids(self) -> np.ndarray:
-        """All ids physically stored, tombstones included, unsorted."""
+        """All ids physically stored (main index and write buffer), tombstones included, unsorted."""
+        buffered = faiss.vector_to_array(self._buffer.id_map).astype(np.int64)
+        return np.concatenate([self._main_ids(), buffered]) if buffered.size else self._main_ids()
+
+    def _main_ids(self) -> np.ndarray:
+        """The ids physically stored in the main index (not the buffer), unsorted."""
         if self._kind != "ivf":
             return faiss.vector_to_array(self._index.id_map).astype(np.int64)
         lists = self._index.invlists
@@ -334,7 +382,9 @@ class VectorIndex:
         return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
 
     def _live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """`(ids (N,), vectors (N, D))` of the live entries of an IDMap2-wrapped index."""
+        """`(ids (N,), vectors (N, D))` of the live entries of an IDMap2-wrapped index (the
+        write buffer drained into it first)."""
+        self.drain_buffer()
         ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
         if not len(ids):
             return ids, np.empty((0, self.dim), np.float32)
@@ -370,6 +420,26 @@ class VectorIndex:
         if array.ndim != 2 or array.shape[1] != self.dim:
             raise ValueError(f"{name} must have shape (N, {self.dim}), got {array.shape}")
         return array
+
+
+def _new_buffer(dim: int) -> faiss.Index:
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def _found(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS results as returned by `search`: float32 scores with -inf in empty slots, int64 ids."""
+    scores = scores.astype(np.float32, copy=True)
+    scores[ids < 0] = -np.inf
+    return scores, ids.astype(np.int64, copy=False)
+
+
+def _best_of(scores: np.ndarray, ids: np.ndarray, more_scores: np.ndarray, more_ids: np.ndarray,
+             k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top k of two result sets `(Q, k)` each, best first (ties: the first set first)."""
+    all_scores = np.concatenate([scores, more_scores], axis=1)
+    all_ids = np.concatenate([ids, more_ids], axis=1)
+    order = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(all_scores, order, axis=1), np.take_along_axis(all_ids, order, axis=1)
 
 
 def ivf_nlist_for(count: int) -> int:

@@ -11,6 +11,15 @@ from segsearch.indexer import vector_index
 from segsearch.indexer.vector_index import VectorIndex, ivf_nlist_for
 
 DIM = 16
+BUFFERS = {"buffered": vector_index.WRITE_BUFFER_MAX, "unbuffered": 1}
+
+
+@pytest.fixture(autouse=True, params=BUFFERS.values(), ids=BUFFERS.keys())
+def write_buffer(request, monkeypatch):
+    """Every test runs with the write buffer (these small indexes then stay in it) and without
+    it (a buffer of 1 drains at every add: the main index alone)."""
+    monkeypatch.setattr(vector_index, "WRITE_BUFFER_MAX", request.param)
+    return request.param
 # spec -> the faiss type it must have become at N=2000 vectors
 SPECS = {"flat": "Flat", "hnsw": "HNSW32,Flat", "IVF16,Flat": "IVF16,Flat", "auto": "Flat"}
 
@@ -52,12 +61,13 @@ def test_removed_ids_are_never_returned(spec):
     assert not np.isin(found, gone).any()
     keep = ~np.isin(ids, gone)
     assert np.array_equal(found[keep, 0], ids[keep])
-    if spec == "hnsw":
-        assert index.num_tombstones == gone.size
+    if spec == "hnsw":  # tombstones in the graph; a buffered vector is simply removed
+        assert index.num_tombstones == (0 if index.num_buffered else gone.size)
 
 
 def test_hnsw_tombstones_survive_save_and_load(tmp_path):
     index, ids, x = _filled("hnsw")
+    index.drain_buffer()
     gone = ids[:50]
     index.remove(gone)
     index.generation = 42
@@ -71,6 +81,7 @@ def test_hnsw_tombstones_survive_save_and_load(tmp_path):
 
 def test_hnsw_compacts_when_tombstones_pile_up():
     index, ids, x = _filled("hnsw", n=1000)
+    index.drain_buffer()
     index.remove(ids[:400])  # 40% > HNSW_COMPACT_FRACTION
     assert index.num_tombstones == 0 and index.factory == "HNSW32,Flat"
     assert index._index.ntotal == 600  # physically gone, not just hidden
@@ -135,6 +146,7 @@ def test_search_fills_missing_slots_with_minus_one():
 def test_add_rejects_bad_input():
     index = VectorIndex(DIM, "hnsw")
     index.add(np.arange(1, 11), _unit(10))
+    index.drain_buffer()  # into the graph, where removal leaves a tombstone
     with pytest.raises(ValueError, match="already in the vector index"):
         index.add(np.array([2, 30]), _unit(2))
     index.remove(np.array([1]))
@@ -243,3 +255,47 @@ def test_a_selector_restricts_the_search_and_tombstones_stay_out(spec, monkeypat
     live = chosen[~np.isin(chosen, ids[:20])]
     _, exact = index.search(x[21:51:3], 1, effort=1 << 12, selector=keep)  # chosen live ids find themselves
     assert np.array_equal(exact[:, 0], ids[21:51:3]) and np.isin(ids[21:51:3], live).all()
+
+
+# ---- the write buffer beside HNSW/IVF ------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["hnsw", "IVF16,Flat"])
+def test_a_buffered_index_answers_as_the_drained_one(spec):
+    """Half the vectors in the main index, half in the buffer: the same hits (IVF searched
+    exhaustively, so both are exact) as after draining, level selectors included."""
+    index, ids, x = _filled(spec, n=2000)
+    index.drain_buffer()
+    more_ids, more = np.arange(100_000, 102_000, dtype=np.int64), _unit(2000, seed=3)
+    index.add(more_ids, more)
+    queries = np.concatenate([x[:100], more[:100], _unit(50, seed=4)])
+    every = {"effort": 16} if spec.startswith("IVF") else {"effort": 4000}
+    chosen = faiss.IDSelectorBatch(np.concatenate([ids[::3], more_ids[::3]]))
+    buffered = [index.search(queries, 10, **every), index.search(queries, 10, selector=chosen, **every)]
+    assert index.num_buffered == (2000 if vector_index.WRITE_BUFFER_MAX > 2000 else 0)
+    index.drain_buffer()
+    assert index.num_buffered == 0 and len(index) == 4000
+    drained = [index.search(queries, 10, **every), index.search(queries, 10, selector=chosen, **every)]
+    for (scores, found), (want_scores, want) in zip(buffered, drained):
+        assert np.array_equal(found, want)
+        np.testing.assert_allclose(scores, want_scores, atol=1e-6)
+    assert np.isin(buffered[1][1], np.concatenate([ids[::3], more_ids[::3]])).all()
+
+
+def test_the_buffer_drains_when_full_and_before_a_save(tmp_path, write_buffer, monkeypatch):
+    monkeypatch.setattr(vector_index, "WRITE_BUFFER_MAX", 300)
+    index, ids, x = _filled("IVF16,Flat", n=2000, chunk=250)  # exact until 624 vectors, then IVF
+    assert index.factory == "IVF16,Flat" and 0 < index.num_buffered < 300
+    assert index.remove(ids[-5:]) == 5 and len(index) == 1995  # removed from the buffer
+    index.save(tmp_path / "v.faiss")
+    assert index.num_buffered == 0
+    loaded = VectorIndex.load(tmp_path / "v.faiss")
+    assert np.array_equal(loaded.ids(), ids[:-5]) and loaded.num_buffered == 0
+    _, found = loaded.search(x[:-5], 1, effort=16)
+    assert np.array_equal(found[:, 0], ids[:-5])
+
+
+def test_ids_in_the_buffer_are_refused_again():
+    index, ids, x = _filled("hnsw", n=500)
+    assert index.num_buffered == (500 if vector_index.WRITE_BUFFER_MAX > 500 else 0)
+    with pytest.raises(ValueError, match="already in the vector index"):
+        index.add(ids[:2], x[:2])
