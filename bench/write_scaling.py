@@ -50,6 +50,7 @@ BULK_IMAGES_PER_CHUNK = 64
 DELETE_SEGMENTS = 1_000
 DELETE_IMAGES_PER_CALL = 4
 POLICIES = {"snapshot policy (now)": None, "save every commit (before)": 1}
+POLICY_NAMES = {"now": "snapshot policy (now)", "before": "save every commit (before)"}
 
 
 @dataclass
@@ -160,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faiss-threads", type=int, default=1,
                         help="OpenMP threads for FAISS in the writing thread; 1 = as `segsearch serve` runs its "
                              "live writes (--faiss-threads; 0 = FAISS's default, all cores) (default: %(default)s)")
+    parser.add_argument("--policies", default=",".join(POLICY_NAMES),
+                        help="which FAISS save policies to measure: now (the snapshot policy), before (a save "
+                             "per commit: slow at 1M) (default: %(default)s)")
+    parser.add_argument("--base-dir", default="",
+                        help="keep the built indexes here and reuse them in later runs (the build is "
+                             "deterministic per size, spec and seed; a 1M build takes ~8 min) (default: a temp dir)")
     parser.add_argument("--milvus", action="store_true",
                         help="also run the same writes against Milvus Lite (pip install 'pymilvus[milvus_lite]')")
     args = parser.parse_args(argv)
@@ -170,20 +177,27 @@ def main(argv: list[str] | None = None) -> int:
         milvus_label = f"Milvus Lite {lite_version} ({milvus_writes.INDEX}, {milvus_writes.METRIC}, no fsync)"
         print(f"pymilvus {pymilvus_version}, milvus-lite {lite_version}", flush=True)
     sizes = [int(v) for v in args.sizes.split(",")]
+    policies = {POLICY_NAMES[name]: POLICIES[POLICY_NAMES[name]] for name in args.policies.split(",")}
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="write-scaling-") as folder:
         for size in sizes:
             records = Records(args.seed)
-            base = Path(folder) / f"base-{size}"
+            base = Path(args.base_dir or folder) / f"base-{args.spec}-{size}-seed{args.seed}"
             started = time.perf_counter()
             faiss.omp_set_num_threads(build_threads)  # the untimed build may use every core
-            build(base, size, args.spec, records)
-            print(f"built {size:,} segments in {time.perf_counter() - started:.0f} s", flush=True)
+            if (base / "vectors.faiss").is_file():
+                records.next_image = build_chunks(size, len(records.templates)) * BUILD_IMAGES_PER_CHUNK
+                print(f"reusing {base}", flush=True)
+            else:
+                shutil.rmtree(base, ignore_errors=True)
+                build(base, size, args.spec, records)
+                print(f"built {size:,} segments in {time.perf_counter() - started:.0f} s", flush=True)
             faiss.omp_set_num_threads(write_threads)
-            for policy, save_every in POLICIES.items():
+            for policy, save_every in policies.items():
                 rows.append(measure(base, Path(folder) / "work", size, policy, save_every, records))
                 print(rows[-1].line(None), flush=True)
-            shutil.rmtree(base)
+            if not args.base_dir:
+                shutil.rmtree(base)
             if args.milvus:
                 rows.append(measure_milvus(Path(folder) / f"milvus-{size}", size, args.seed, milvus_label))
                 print(rows[-1].line(None), flush=True)

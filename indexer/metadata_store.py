@@ -17,6 +17,7 @@ new segment ids from the never-reused counter in `IndexMeta.next_segment_id` and
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import mmap
@@ -294,8 +295,7 @@ class MetadataStore:
                 if reason:
                     result.skipped.append((image.image_id, reason))
                     continue
-                stored = [dataclasses.replace(s, segment_id=next_id + n, parent_id=_parent_id(s, next_id))
-                          for n, s in enumerate(segments)]
+                stored = [_with_ids(s, next_id + n, _parent_id(s, next_id)) for n, s in enumerate(segments)]
                 meta.has_regions = meta.has_regions or any(s.level == LEVEL_REGION for s in stored)
                 next_id += len(stored)
                 image = dataclasses.replace(image, segment_ids=[s.segment_id for s in stored])
@@ -460,6 +460,14 @@ def _check_segments(items: Sequence[tuple[ImageRecord, Sequence[SegmentRecord]]]
             if seg.image_id != image.image_id:
                 raise ValueError(f"segment image_id {seg.image_id!r} != image {image.image_id!r}")
         _check_parents(image, segments)
+
+
+def _with_ids(segment: SegmentRecord, segment_id: int, parent_id: int) -> SegmentRecord:
+    """A copy of an already validated record with its ids set. `dataclasses.replace` would run
+    `__post_init__` again (converting every mask run), most of a commit's CPU."""
+    stored = copy.copy(segment)
+    stored.segment_id, stored.parent_id = int(segment_id), int(parent_id)
+    return stored
 
 
 def _parent_id(segment: SegmentRecord, first_id: int) -> int:
