@@ -24,6 +24,7 @@ add measured 17 ms with 2 threads on the loaded machine, ~1-2 ms with one).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -108,6 +109,10 @@ def build(path: Path, size: int, spec: str, records: Records) -> None:
 
 def measure(base: Path, work: Path, size: int, policy: str, save_every: int | None, records: Records) -> Row:
     shutil.copytree(base, work)
+    # The copy leaves the whole index as dirty pages in the page cache, and LMDB's fdatasync at
+    # each commit would write them out: at 1M that is ~1 GB spread over the first commits,
+    # which a long-running index never pays. Flush it before timing.
+    os.sync()
     store = IndexStore.open(work, VERSION, save_every=save_every)
     latencies = []
     for _ in range(LIVE_COMMITS):

@@ -69,9 +69,10 @@ HNSW_FACTORY = "HNSW32,Flat"
 DEFAULT_EF_SEARCH = 192  # the recall@10 >= 0.95 setting of bench/search_speed.py (bench/RESULTS.md)
 HNSW_COMPACT_FRACTION = 0.25
 MIN_TRAIN_OTHER = 10_000
-# Vectors held exactly beside an HNSW/IVF index before one batched move into it: searching
-# 8,192 64-d vectors adds about as much as an IVF4096 search at nprobe 16 scans (bench/RESULTS.md,
-# "Writes at 1M with a write buffer"), and a drain of that many takes a fraction of a second.
+# Vectors held exactly beside an HNSW/IVF index before one batched move into it. A full buffer
+# of 64-d vectors adds 0.35 ms to a single query (0.18 ms for IVF4096 at nprobe 16 on 1M alone),
+# half that on average; its drain into that IVF takes ~0.2 s on one thread (bench/RESULTS.md,
+# "Writes at 1M with a write buffer").
 WRITE_BUFFER_MAX = 8192
 MAGIC = b"SGSFAIS1"
 FILE_FORMAT = 1
