@@ -33,7 +33,8 @@ Writes that do not grow with the index. Adding to an HNSW graph searches it, and
 IVF compares every vector with every centroid (4,096 at 1M vectors), so a live commit's FAISS
 add grew with the index: at 1M it was the one part of a commit that grew. New vectors of an HNSW
 or IVF index therefore go to a *write buffer*, an exact `IDMap2(IndexFlatIP)` beside it, as
-Milvus keeps new rows in a brute-force-searched segment: a search asks both and merges their
+Milvus keeps new rows in a brute-force-searched segment (an add of `DIRECT_ADD_MIN` vectors or
+more, a bulk chunk, is batched already and goes straight in): a search asks both and merges their
 top k (the buffer's part is exact), a removal removes from both, and the buffer is moved into
 the main index in one batched add when it holds `WRITE_BUFFER_MAX` vectors and before every
 `save`, so the file format does not change. The cost moves, it does not vanish: the drain is
@@ -74,6 +75,9 @@ MIN_TRAIN_OTHER = 10_000
 # half that on average; its drain into that IVF takes ~0.2 s on one thread (bench/RESULTS.md,
 # "Writes at 1M with a write buffer").
 WRITE_BUFFER_MAX = 8192
+# An add at least this large (a bulk indexing chunk) goes straight into the main index: it is
+# batched already, and buffering it would only move its cost into a drain.
+DIRECT_ADD_MIN = 1024
 MAGIC = b"SGSFAIS1"
 FILE_FORMAT = 1
 _NORM_TOLERANCE = 1e-3
@@ -200,7 +204,7 @@ class VectorIndex:
             self._rebuild(target, np.concatenate([old_ids, ids]), np.concatenate([old_vecs, vectors]))
             return
         self._id_bound = max(self._stored_id_bound(), int(ids.max()))
-        if self._kind == "flat":
+        if self._kind == "flat" or len(ids) >= DIRECT_ADD_MIN:
             self._index.add_with_ids(vectors, ids)
             return
         self._buffer.add_with_ids(vectors, ids)

@@ -266,7 +266,8 @@ def test_a_buffered_index_answers_as_the_drained_one(spec):
     index, ids, x = _filled(spec, n=2000)
     index.drain_buffer()
     more_ids, more = np.arange(100_000, 102_000, dtype=np.int64), _unit(2000, seed=3)
-    index.add(more_ids, more)
+    for start in range(0, 2000, 500):  # live-sized adds (below DIRECT_ADD_MIN) are buffered
+        index.add(more_ids[start:start + 500], more[start:start + 500])
     queries = np.concatenate([x[:100], more[:100], _unit(50, seed=4)])
     every = {"effort": 16} if spec.startswith("IVF") else {"effort": 4000}
     chosen = faiss.IDSelectorBatch(np.concatenate([ids[::3], more_ids[::3]]))
@@ -285,6 +286,10 @@ def test_the_buffer_drains_when_full_and_before_a_save(tmp_path, write_buffer, m
     monkeypatch.setattr(vector_index, "WRITE_BUFFER_MAX", 300)
     index, ids, x = _filled("IVF16,Flat", n=2000, chunk=250)  # exact until 624 vectors, then IVF
     assert index.factory == "IVF16,Flat" and 0 < index.num_buffered < 300
+    more_ids = np.arange(50_000, 50_000 + vector_index.DIRECT_ADD_MIN)
+    before = index.num_buffered
+    index.add(more_ids, _unit(more_ids.size, seed=5))  # a bulk-sized add skips the buffer
+    assert index.num_buffered == before and index.remove(more_ids) == more_ids.size
     assert index.remove(ids[-5:]) == 5 and len(index) == 1995  # removed from the buffer
     index.save(tmp_path / "v.faiss")
     assert index.num_buffered == 0
