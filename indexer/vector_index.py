@@ -38,8 +38,8 @@ more, a bulk chunk, is batched already and goes straight in): a search asks both
 top k (the buffer's part is exact), a removal removes from both, and the buffer is moved into
 the main index in one batched add when it holds `WRITE_BUFFER_MAX` vectors and before every
 `save`, so the file format does not change. The cost moves, it does not vanish: the drain is
-one batched add (cheaper per vector than many small ones) inside the commit that fills the
-buffer.
+one batched add, the same work as the small adds it replaces (measured), inside the commit
+that fills the buffer. Flat/PQ/SQ indexes add in constant time and take no buffer.
 
 File format (`save`/`load`): `MAGIC`, a little-endian uint32 header length, a JSON header
 (generation, spec, sizes, CRC32s), the `faiss.serialize_index` bytes, then the tombstones as
