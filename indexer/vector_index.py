@@ -213,11 +213,10 @@ class VectorIndex:
 
     def drain_buffer(self) -> None:
         """Move the write buffer's vectors into the HNSW/IVF index (one batched add)."""
-        count = int(self._buffer.ntotal)
-        if not count:
+        if not self._buffer.ntotal:
             return
-        ids = faiss.vector_to_array(self._buffer.id_map).astype(np.int64)
-        self._index.add_with_ids(faiss.downcast_index(self._buffer.index).reconstruct_n(0, count), ids)
+        ids, vectors = _contents(self._buffer)
+        self._index.add_with_ids(vectors, ids)
         self._buffer.reset()
 
     def remove(self, ids: np.ndarray) -> int:
@@ -387,15 +386,12 @@ class VectorIndex:
         return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
 
     def _live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """`(ids (N,), vectors (N, D))` of the live entries of an IDMap2-wrapped index (the
-        write buffer drained into it first)."""
-        self.drain_buffer()
-        ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
-        if not len(ids):
-            return ids, np.empty((0, self.dim), np.float32)
-        vectors = faiss.downcast_index(self._index.index).reconstruct_n(0, len(ids))
+        """`(ids (N,), vectors (N, D))` of the live entries of an IDMap2-wrapped index and of
+        the write buffer (read, not drained: the callers rebuild from them)."""
+        buffered_ids, buffered = _contents(self._buffer)
+        ids, vectors = _contents(self._index)
         keep = ~np.isin(ids, self._tombstones)
-        return ids[keep], vectors[keep]
+        return np.concatenate([ids[keep], buffered_ids]), np.concatenate([vectors[keep], buffered])
 
     def _check_new_ids(self, ids: np.ndarray) -> None:
         """Refuse negative, repeated or already stored ids. The index store assigns ids in
@@ -429,6 +425,14 @@ class VectorIndex:
 
 def _new_buffer(dim: int) -> faiss.Index:
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def _contents(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+    """`(ids (N,), vectors (N, D))` held by an `IndexIDMap2` (tombstones included)."""
+    ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+    if not len(ids):
+        return ids, np.empty((0, index.d), np.float32)
+    return ids, faiss.downcast_index(index.index).reconstruct_n(0, len(ids))
 
 
 def _found(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -304,3 +304,14 @@ def test_ids_in_the_buffer_are_refused_again():
     assert index.num_buffered == (500 if vector_index.WRITE_BUFFER_MAX > 500 else 0)
     with pytest.raises(ValueError, match="already in the vector index"):
         index.add(ids[:2], x[:2])
+
+
+def test_compaction_keeps_the_buffered_vectors():
+    index, ids, x = _filled("hnsw", n=1000)
+    index.drain_buffer()
+    more_ids, more = np.arange(90_000, 90_100), _unit(100, seed=6)
+    index.add(more_ids, more)  # buffered (or drained at once without a buffer)
+    index.remove(ids[:400])  # 40% tombstones: the graph is rebuilt from the live vectors
+    assert index.num_tombstones == 0 and index.num_buffered == 0 and len(index) == 700
+    _, found = index.search(np.concatenate([x[400:], more]), 1)
+    assert np.array_equal(found[:, 0], np.concatenate([ids[400:], more_ids]))
