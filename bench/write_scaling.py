@@ -50,8 +50,8 @@ BULK_SEGMENTS = 10_000
 BULK_IMAGES_PER_CHUNK = 64
 DELETE_SEGMENTS = 1_000
 DELETE_IMAGES_PER_CALL = 4
-POLICIES = {"snapshot policy (now)": None, "save every commit (before)": 1}
-POLICY_NAMES = {"now": "snapshot policy (now)", "before": "save every commit (before)"}
+# --policies name -> (row label, save_every of IndexStore.open)
+POLICIES = {"now": ("snapshot policy (now)", None), "before": ("save every commit (before)", 1)}
 
 
 @dataclass
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faiss-threads", type=int, default=1,
                         help="OpenMP threads for FAISS in the writing thread; 1 = as `segsearch serve` runs its "
                              "live writes (--faiss-threads; 0 = FAISS's default, all cores) (default: %(default)s)")
-    parser.add_argument("--policies", default=",".join(POLICY_NAMES),
+    parser.add_argument("--policies", default=",".join(POLICIES),
                         help="which FAISS save policies to measure: now (the snapshot policy), before (a save "
                              "per commit: slow at 1M) (default: %(default)s)")
     parser.add_argument("--base-dir", default="",
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         milvus_label = f"Milvus Lite {lite_version} ({milvus_writes.INDEX}, {milvus_writes.METRIC}, no fsync)"
         print(f"pymilvus {pymilvus_version}, milvus-lite {lite_version}", flush=True)
     sizes = [int(v) for v in args.sizes.split(",")]
-    policies = {POLICY_NAMES[name]: POLICIES[POLICY_NAMES[name]] for name in args.policies.split(",")}
+    policies = dict(POLICIES[name] for name in args.policies.split(","))
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="write-scaling-") as folder:
         for size in sizes:
