@@ -35,6 +35,7 @@ class DataConfig:
     image_size: int = 128
     num_train: int = 240  # mosaic only; VOC uses its image lists
     num_test: int = 60
+    num_val: int = 60  # mosaic only: held-out images of the training band (see load_split)
     seed: int = 0
 
 
@@ -45,22 +46,35 @@ class LoadedSplit:
     background_class: int | None
 
 
+SPLIT_NAMES = ("train", "val", "test")
+
+
 def load_split(config: DataConfig, split: str) -> LoadedSplit:
-    """split: "train" or "test" (VOC: test reads the "val" list)."""
+    """split: "train", "val" or "test" (VOC: test reads VOC's "val" list; VOC has no val here).
+
+    A mosaic's "val" images are mosaics `num_train .. num_train + num_val - 1` of the training
+    band: new images the model never trained on, from the same texture crops as training, so
+    that settings (the step count) are chosen without looking at the test band.
+    """
+    if split not in SPLIT_NAMES:
+        raise DatasetError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
     if config.dataset == "mosaic" or config.dataset.startswith(TEXTURES_PREFIX):
-        count = config.num_train if split == "train" else config.num_test
+        band, first, count = _mosaic_range(config, split)
         sources = None
-        mosaic_config = MosaicConfig(size=config.image_size, num_images=count, seed=config.seed, split=split)
+        mosaic_config = MosaicConfig(size=config.image_size, num_images=first + count, seed=config.seed,
+                                     split=band)
         if config.dataset.startswith(TEXTURES_PREFIX):
             sources = load_texture_folder(Path(config.dataset[len(TEXTURES_PREFIX):]))
             mosaic_config = replace(mosaic_config, textures=tuple(sources),
                                     max_regions=min(mosaic_config.max_regions, len(sources)))
         mosaic = TextureMosaic(mosaic_config, sources)
-        samples = [mosaic[i] for i in range(len(mosaic))]
+        samples = [mosaic[i] for i in range(first, len(mosaic))]
         names, background = list(mosaic.class_names), None
     else:
         from segsearch.trainer.voc import VocDataset
 
+        if split == "val":
+            raise DatasetError("VOC has no validation split here: its val list is the test split")
         root = Path(config.dataset)
         if not root.is_dir():
             raise DatasetError(
@@ -72,6 +86,15 @@ def load_split(config: DataConfig, split: str) -> LoadedSplit:
     if not samples:
         raise DatasetError(f"the {split} split of {config.dataset} has no images")
     return LoadedSplit(samples, names, background)
+
+
+def _mosaic_range(config: DataConfig, split: str) -> tuple[str, int, int]:
+    """(mosaic band, first index, count) of `split`: val continues the training band's images."""
+    if split == "train":
+        return "train", 0, config.num_train
+    if split == "val":
+        return "train", config.num_train, config.num_val
+    return "test", 0, config.num_test
 
 
 def load_texture_folder(folder: Path) -> dict[str, np.ndarray]:

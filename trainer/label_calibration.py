@@ -4,7 +4,7 @@ Why: a k-NN vote always names a class, so without a threshold a segment of a cla
 never saw (a horse, for a bank of textures) still gets a confident label. A threshold on the
 vote only means something when measured on images the bank was *not* built from: on the
 training images every segment sits next to its own prototype. So at the end of training the
-held-out (test) split is segmented as the bank's segments are (same k-means grid), and for
+held-out split is segmented as the bank's segments are (same k-means grid), and for
 each held-out segment we take the cosine similarity of its nearest labelled prototype and the
 winning class's vote share. Each threshold is the `quantile` of its held-out distribution, so
 about 1 - quantile of in-distribution segments pass each test and at least 1 - 2 * quantile
@@ -17,7 +17,7 @@ merge several), and the shares are counted with the indexer's default k
 different fraction of its in-distribution segments labelled.
 
 Cost: one backbone pass over the held-out images (the evaluation reads the same feature
-cache afterwards), one k-means and one (S, M) matmul: seconds on two CPU cores for the demo.
+cache of the test split is separate), one k-means and one (S, M) matmul: seconds on two CPU cores for the demo.
 """
 from __future__ import annotations
 
@@ -95,23 +95,36 @@ def _mostly_valid(segment_ids: torch.Tensor, valid: torch.Tensor, num_segments: 
     return (counts > 0) & (2 * valid_counts > counts)
 
 
-def calibrate_on_test_split(model: EmbeddingNet, bank: LabelBank, data: DataConfig, kmeans: KMeansConfig,
-                            quantile: float, device: torch.device, k: int = SegmenterConfig.knn_k,
-                            progress: bool = False) -> LabelBank:
-    """The trainer's step: thresholds from the held-out split of `data`; `quantile` 0 (or a
-    held-out split that cannot be read) keeps the bank uncalibrated, covering everything."""
+def calibrate_on_held_out(model: EmbeddingNet, bank: LabelBank, data: DataConfig, kmeans: KMeansConfig,
+                          quantile: float, device: torch.device, k: int = SegmenterConfig.knn_k,
+                          progress: bool = False) -> LabelBank:
+    """The trainer's step: thresholds from the held-out images of `data`: its validation split
+    (the mosaic's), else its test split (VOC has no validation list here), so that a mosaic's
+    test images stay unseen by every setting of the model. `quantile` 0 (or no held-out split
+    that can be read) keeps the bank uncalibrated, covering everything."""
     if quantile <= 0:
         logger.info("label bank left uncalibrated (label quantile 0): every segment gets a label")
         return bank
-    try:
-        split = load_split(data, "test")
-    except DatasetError as error:
-        logger.warning("label bank left uncalibrated, every segment will get a label: %s", error)
+    split = _held_out_split(data)
+    if split is None:
         return bank
-    test = prepare_set(split.samples, len(split.class_names), WeakLabelConfig(kind="full"), model,
-                       edge_source="none", progress=progress)
-    calibrated, record = calibrate(held_out_votes(model, test, bank, kmeans, k, device), bank, quantile)
+    held_out = prepare_set(split.samples, len(split.class_names), WeakLabelConfig(kind="full"), model,
+                           edge_source="none", progress=progress)
+    calibrated, record = calibrate(held_out_votes(model, held_out, bank, kmeans, k, device), bank, quantile)
     logger.info("label bank calibrated on %d held-out segments at quantile %.3f: min_similarity %.4f, "
                 "min_share %.3f; %.1f%% of them keep a label", record.segments, quantile,
                 record.min_similarity, record.min_share, 100 * record.kept_fraction)
     return calibrated
+
+
+def _held_out_split(data: DataConfig):
+    """The validation split of `data`, else its test split, else None (logged)."""
+    try:
+        return load_split(data, "val")
+    except DatasetError:
+        pass
+    try:
+        return load_split(data, "test")
+    except DatasetError as error:
+        logger.warning("label bank left uncalibrated, every segment will get a label: %s", error)
+        return None

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from segsearch.errors import DatasetError
+from segsearch.errors import CheckpointError, DatasetError
 from segsearch.spml.device import resolve_device
 from segsearch.spml.checkpoint import (
     Checkpoint, load_checkpoint, load_weights, save_checkpoint, trainable_state_dict,
@@ -38,7 +38,7 @@ from segsearch.trainer.ddp import (
     process_group, rank_batch, rank_pixels, share_from_main,
 )
 from segsearch.trainer.label_bank import build_label_bank
-from segsearch.trainer.label_calibration import calibrate_on_test_split
+from segsearch.trainer.label_calibration import calibrate_on_held_out
 from segsearch.trainer.loss import PixelSum
 from segsearch.trainer.pixel_sampling import pick_loss_pixels
 from segsearch.trainer.prepared import (
@@ -190,8 +190,8 @@ def _calibrated_label_bank(config: TrainConfig, model: EmbeddingNet, prepared: P
     """The labelled training prototypes, with open-set thresholds from the held-out split."""
     bank = build_label_bank(model, prepared, config, device)
     kmeans = KMeansConfig(grid=tuple(config.inference_grid), iterations=config.kmeans_iterations)
-    return calibrate_on_test_split(model, bank, config.data, kmeans, config.label_quantile, device,
-                                   progress=config.progress)
+    return calibrate_on_held_out(model, bank, config.data, kmeans, config.label_quantile, device,
+                                 progress=config.progress)
 
 
 def _build(config: TrainConfig, device: torch.device, prepared=None, class_names=None):
@@ -343,14 +343,34 @@ def _maybe_resume(config: TrainConfig, model, optimizer, bank, out_dir: Path, de
     if not config.resume or not path.exists():
         return 0
     checkpoint = load_checkpoint(path, expected=model.config)
-    load_weights(model, checkpoint.state_dict)
     state = checkpoint.train_state
+    _refuse_other_settings(config, state.get("train_config"), path)
+    load_weights(model, checkpoint.state_dict)
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
     bank.load_state(state.get("memory_bank", []), device)
     step = int(state.get("step", 0))
     logger.info("resumed from %s at step %d", path, step)
     return min(step, config.steps)
+
+
+# what may change between a run and its resumption: how it is run, not what it learns
+RUN_CONTROL_FIELDS = ("out_dir", "steps", "checkpoint_every", "resume", "progress", "device")
+
+
+def _refuse_other_settings(config: TrainConfig, stored: dict | None, path: Path) -> None:
+    """Resuming under other settings (views, seed, supervision...) would silently continue a
+    different run; refuse and name the settings. Fields added since `stored` was written take
+    their defaults."""
+    if stored is None:
+        return
+    before = TrainConfig.from_dict(stored).to_dict()
+    now = config.to_dict()
+    changed = sorted(k for k in now if k not in RUN_CONTROL_FIELDS and before.get(k) != now[k])
+    if changed:
+        detail = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise CheckpointError(f"{path} was trained with other settings ({detail}); resume with the "
+                              "same settings, or give another --out to start a new run")
 
 
 def _save(config, model, optimizer, bank, step, out_dir: Path, label_bank):

@@ -50,3 +50,21 @@ def test_texture_folder_too_small_is_refused(tmp_path, count, message):
 def test_texture_folder_missing_is_refused(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         load_split(DataConfig(dataset=f"textures:{tmp_path / 'nothing'}"), "train")
+
+
+def test_mosaic_val_split_holds_new_images_of_the_training_band():
+    config = DataConfig(image_size=32, num_train=4, num_val=3, num_test=2)
+    train, val = load_split(config, "train"), load_split(config, "val")
+    longer = load_split(DataConfig(image_size=32, num_train=7, num_test=2), "train")
+    assert [s.image_id for s in val.samples] == [f"mosaic-train-{i}" for i in (4, 5, 6)]
+    for mine, same in zip(train.samples + val.samples, longer.samples):
+        np.testing.assert_array_equal(mine.image, same.image)  # val continues the band's sequence
+    train_ids = {s.image_id for s in train.samples}
+    assert train_ids.isdisjoint(s.image_id for s in val.samples)
+
+
+def test_unknown_split_and_voc_val_are_refused(tmp_path):
+    with pytest.raises(DatasetError, match="split must be one of"):
+        load_split(DataConfig(image_size=32), "holdout")
+    with pytest.raises(DatasetError, match="no validation split"):
+        load_split(DataConfig(dataset=str(tmp_path)), "val")

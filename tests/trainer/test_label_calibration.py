@@ -5,7 +5,7 @@ import torch
 from segsearch.spml.checkpoint import LabelBank
 from segsearch.spml.label_vote import VoteDetails
 from segsearch.trainer.datasets import DataConfig
-from segsearch.trainer.label_calibration import calibrate, calibrate_on_test_split, quantile_thresholds
+from segsearch.trainer.label_calibration import calibrate, calibrate_on_held_out, quantile_thresholds
 
 
 def _details(similarities, shares) -> VoteDetails:
@@ -41,11 +41,11 @@ def test_quantile_outside_zero_one_is_refused():
 def test_quantile_zero_leaves_the_bank_uncalibrated_without_reading_data():
     bank = _bank()
     missing = DataConfig(dataset="no/such/voc")  # would raise if it were read
-    assert calibrate_on_test_split(None, bank, missing, None, 0.0, torch.device("cpu")) is bank
+    assert calibrate_on_held_out(None, bank, missing, None, 0.0, torch.device("cpu")) is bank
 
 
 def test_an_unreadable_held_out_split_leaves_the_bank_uncalibrated(tmp_path):
     bank = _bank()
-    got = calibrate_on_test_split(None, bank, DataConfig(dataset=str(tmp_path / "absent")), None, 0.05,
+    got = calibrate_on_held_out(None, bank, DataConfig(dataset=str(tmp_path / "absent")), None, 0.05,
                                   torch.device("cpu"))
     assert got is bank and got.min_similarity == -1.0

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from segsearch.errors import CheckpointError
 from segsearch.spml.checkpoint import load_checkpoint
 from segsearch.spml.config import SegmenterConfig
 from segsearch.spml.kmeans import KMeansConfig
@@ -86,6 +87,14 @@ def test_resume_replays_an_interrupted_run_exactly(tmp_path, monkeypatch):
     assert resumed.model_version == uninterrupted.model_version  # bit-identical weights
     again = train(_config(tmp_path / "b", resume=True, **small))  # a finished run: nothing to train
     assert again.steps == 0 and again.final_loss == pytest.approx(resumed.final_loss)
+
+
+def test_resuming_under_other_settings_is_refused(tmp_path):
+    small = dict(steps=2, checkpoint_every=1, data=DataConfig(image_size=64, num_train=8, num_test=4))
+    train(_config(tmp_path, **small))
+    with pytest.raises(CheckpointError, match=r"other settings \(seed: 0 -> 1, views: 'none' -> 'flip'\)"):
+        train(_config(tmp_path, resume=True, seed=1, views="flip", **small))
+    assert train(_config(tmp_path, resume=True, **dict(small, steps=3))).steps == 1  # more steps: allowed
 
 
 def test_batches_depend_only_on_step_and_seed():
