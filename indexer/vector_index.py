@@ -37,9 +37,14 @@ Milvus keeps new rows in a brute-force-searched segment (an add of `DIRECT_ADD_M
 more, a bulk chunk, is batched already and goes straight in): a search asks both and merges their
 top k (the buffer's part is exact), a removal removes from both, and the buffer is moved into
 the main index in one batched add when it holds `WRITE_BUFFER_MAX` vectors and before every
-`save`, so the file format does not change. The cost moves, it does not vanish: the drain is
-one batched add, the same work as the small adds it replaces (measured), inside the commit
-that fills the buffer. Flat/PQ/SQ indexes add in constant time and take no buffer.
+`save`, so the file format does not change. Flat/PQ/SQ indexes add in constant time and take no
+buffer. The drain costs what the small adds it replaces cost; where it runs decides who pays:
+- IVF: in the background. A full buffer is set aside (still searched, exactly) and a worker
+  thread assigns its vectors to lists (`indexer/ivf_assign.py`: it only reads the quantizer).
+  The next write (or `save`) that finds the assignment done moves them in with `add_core`, a
+  copy of a few ms, so no commit waits ~0.2 s for a drain.
+- HNSW: in the commit that fills the buffer (an insert searches the graph, which cannot be
+  searched by others while it changes).
 
 File format (`save`/`load`): `MAGIC`, a little-endian uint32 header length, a JSON header
 (generation, spec, sizes, CRC32s), the `faiss.serialize_index` bytes, then the tombstones as
@@ -61,6 +66,7 @@ import numpy as np
 
 from segsearch.durable import atomic_write
 from segsearch.errors import IndexStoreError
+from segsearch.indexer.ivf_assign import PendingAssignment, add_preassigned
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +124,13 @@ class VectorIndex:
         return int(self._tombstones.size)
 
     def __len__(self) -> int:
-        return int(self._index.ntotal) - int(self._tombstones.size) + int(self._buffer.ntotal)
+        return int(self._index.ntotal) - int(self._tombstones.size) + self.num_buffered
 
     @property
     def num_buffered(self) -> int:
-        """Vectors in the write buffer, not yet in the HNSW/IVF index (see the module docstring)."""
-        return int(self._buffer.ntotal)
+        """Vectors in the write buffer (and in one draining in the background), not yet in the
+        HNSW/IVF index (see the module docstring)."""
+        return sum(int(part.ntotal) for part in self._extras())
 
     def describe(self) -> str:
         if self._kind == "ivf":
@@ -159,12 +166,12 @@ class VectorIndex:
         if len(self) == 0:
             return (np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64))
         scores, ids = _found(*self._index.search(queries, k, params=self._search_params(k, effort, selector)))
-        if self._buffer.ntotal:
+        for part in self._extras():
             params = None
             if selector is not None:
                 params = faiss.SearchParameters()
                 params.sel = selector
-            scores, ids = _best_of(scores, ids, *_found(*self._buffer.search(queries, k, params=params)), k)
+            scores, ids = _best_of(scores, ids, *_found(*part.search(queries, k, params=params)), k)
         return scores, ids
 
     @property
@@ -196,8 +203,10 @@ class VectorIndex:
             return
         self._check_new_ids(ids)
         _check_unit_norm(vectors)
+        self._settle_drain(wait=False)
         target = self._target_factory(len(self) + len(ids))
         if self._switches_to(target):
+            self._settle_drain(wait=True)
             old_ids, old_vecs = self._live_vectors()
             log.info("switching the vector index from %s to %s at %d vectors", self._factory, target,
                      len(old_ids) + len(ids))
@@ -209,22 +218,55 @@ class VectorIndex:
             return
         self._buffer.add_with_ids(vectors, ids)
         if self._buffer.ntotal >= WRITE_BUFFER_MAX:
-            self.drain_buffer()
+            if self._kind == "ivf":
+                self._drain_in_background()
+            else:
+                self.drain_buffer()
 
     def drain_buffer(self) -> None:
-        """Move the write buffer's vectors into the HNSW/IVF index (one batched add)."""
+        """Move every buffered vector into the HNSW/IVF index now: a background drain's (waiting
+        for its assignment) and the write buffer's (one batched add)."""
+        self._settle_drain(wait=True)
         if not self._buffer.ntotal:
             return
         ids, vectors = _contents(self._buffer)
         self._index.add_with_ids(vectors, ids)
         self._buffer.reset()
 
+    def _drain_in_background(self) -> None:
+        """Set the full buffer aside (still searched) and assign its vectors on a worker; a
+        drain still running from the last time is finished first."""
+        self._settle_drain(wait=True)
+        ids, vectors = _contents(self._buffer)
+        self._draining, self._buffer = self._buffer, _new_buffer(self.dim)
+        self._drain = PendingAssignment(self._index, ids, vectors)
+
+    def _settle_drain(self, wait: bool) -> None:
+        """Move a background drain into the IVF lists once its assignment is known (at once
+        with `wait`), without the ids removed from it meanwhile."""
+        drain = self._drain
+        if drain is None or (not wait and not drain.done()):
+            return
+        still_there = drain.rows_of(faiss.vector_to_array(self._draining.id_map))
+        lists = drain.lists()
+        if drain.index is self._index:
+            add_preassigned(self._index, drain.ids[still_there], drain.vectors[still_there], lists[still_there])
+        else:  # rebuilt since (cannot happen while a drain is pending; kept safe anyway)
+            self._index.add_with_ids(drain.vectors[still_there], drain.ids[still_there])
+        self._drain, self._draining = None, None
+
+    def _extras(self) -> list[faiss.Index]:
+        """The exact indexes searched beside the main one: the write buffer, and the buffer
+        draining in the background if any."""
+        return [self._buffer] if self._draining is None else [self._buffer, self._draining]
+
     def remove(self, ids: np.ndarray) -> int:
         """Remove `ids` (absent ones are ignored); returns how many live vectors were removed."""
         ids = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
         if ids.size == 0:
             return 0
-        buffered = int(self._buffer.remove_ids(ids)) if self._buffer.ntotal else 0
+        self._settle_drain(wait=False)
+        buffered = sum(int(part.remove_ids(ids)) for part in self._extras() if part.ntotal)
         if self._kind != "hnsw":
             return buffered + int(self._index.remove_ids(ids))
         live = ids[np.isin(ids, self._main_ids()) & ~np.isin(ids, self._tombstones)]
@@ -236,6 +278,7 @@ class VectorIndex:
 
     def compact(self) -> None:
         """Rebuild without tombstones, choosing the type for the live count again."""
+        self._settle_drain(wait=True)
         live_ids, vectors = self._live_vectors()
         log.info("compacting the vector index: %d live, %d tombstones", len(live_ids), self._tombstones.size)
         self._rebuild(self._target_factory(len(live_ids)), live_ids, vectors)
@@ -280,7 +323,7 @@ class VectorIndex:
         except RuntimeError as exc:
             raise IndexStoreError(f"FAISS index file {path} is corrupt: {str(exc).splitlines()[0]}") from exc
         self._tombstones = np.frombuffer(tombstones, dtype="<i8").astype(np.int64)
-        self._buffer = _new_buffer(self.dim)
+        self._buffer, self._draining, self._drain = _new_buffer(self.dim), None, None
         self._set_index(index)
         if self._index.d != self.dim:
             raise IndexStoreError(f"FAISS index file {path} holds {self._index.d}-d vectors, header says {self.dim}")
@@ -322,7 +365,7 @@ class VectorIndex:
         self._factory = factory
         self._tombstones = np.empty(0, dtype=np.int64)
         self._selector = None
-        self._buffer = _new_buffer(self.dim)
+        self._buffer, self._draining, self._drain = _new_buffer(self.dim), None, None
         self._set_index(index)
 
     def _set_index(self, index: faiss.Index) -> None:
@@ -367,9 +410,9 @@ class VectorIndex:
         return params
 
     def _stored_ids(self) -> np.ndarray:
-        """All ids physically stored (main index and write buffer), tombstones included, unsorted."""
-        buffered = faiss.vector_to_array(self._buffer.id_map).astype(np.int64)
-        return np.concatenate([self._main_ids(), buffered]) if buffered.size else self._main_ids()
+        """All ids physically stored (main index and buffers), tombstones included, unsorted."""
+        buffered = [faiss.vector_to_array(part.id_map).astype(np.int64) for part in self._extras()]
+        return np.concatenate([self._main_ids(), *buffered])
 
     def _main_ids(self) -> np.ndarray:
         """The ids physically stored in the main index (not the buffer), unsorted."""
@@ -387,11 +430,12 @@ class VectorIndex:
 
     def _live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """`(ids (N,), vectors (N, D))` of the live entries of an IDMap2-wrapped index and of
-        the write buffer (read, not drained: the callers rebuild from them)."""
-        buffered_ids, buffered = _contents(self._buffer)
+        the buffers (read, not drained: the callers rebuild from them)."""
+        parts = [_contents(part) for part in self._extras()]
         ids, vectors = _contents(self._index)
         keep = ~np.isin(ids, self._tombstones)
-        return np.concatenate([ids[keep], buffered_ids]), np.concatenate([vectors[keep], buffered])
+        return (np.concatenate([ids[keep], *(i for i, _ in parts)]),
+                np.concatenate([vectors[keep], *(v for _, v in parts)]))
 
     def _check_new_ids(self, ids: np.ndarray) -> None:
         """Refuse negative, repeated or already stored ids. The index store assigns ids in
