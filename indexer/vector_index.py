@@ -38,13 +38,14 @@ more, a bulk chunk, is batched already and goes straight in): a search asks both
 top k (the buffer's part is exact), a removal removes from both, and the buffer is moved into
 the main index in one batched add when it holds `WRITE_BUFFER_MAX` vectors and before every
 `save`, so the file format does not change. Flat/PQ/SQ indexes add in constant time and take no
-buffer. The drain costs what the small adds it replaces cost; where it runs decides who pays:
-- IVF: in the background. A full buffer is set aside (still searched, exactly) and a worker
-  thread assigns its vectors to lists (`indexer/ivf_assign.py`: it only reads the quantizer).
-  The next write (or `save`) that finds the assignment done moves them in with `add_core`, a
-  copy of a few ms, so no commit waits ~0.2 s for a drain.
-- HNSW: in the commit that fills the buffer (an insert searches the graph, which cannot be
-  searched by others while it changes).
+buffer. The drain costs what the small adds it replaces cost, and it runs in the background
+(`indexer/background_drain.py`): a full buffer is set aside (still searched, exactly, and still
+removable), a new one takes the next writes, and a worker thread assigns the set-aside vectors
+to IVF lists (reading the quantizer only) or inserts them into a copy of the HNSW graph. The
+next write (or `save`, which waits) that finds the worker done lands it under the caller's
+lock: an IVF `add_core` of a few ms, or swapping in the HNSW copy. So no commit waits for a
+drain (0.2–0.4 s into IVF at 1M, ~2 s into HNSW at 200k), at the price of a second copy of
+the HNSW graph in memory while it runs.
 
 File format (`save`/`load`): `MAGIC`, a little-endian uint32 header length, a JSON header
 (generation, spec, sizes, CRC32s), the `faiss.serialize_index` bytes, then the tombstones as
@@ -66,7 +67,7 @@ import numpy as np
 
 from segsearch.durable import atomic_write
 from segsearch.errors import IndexStoreError
-from segsearch.indexer.ivf_assign import PendingAssignment, add_preassigned
+from segsearch.indexer.background_drain import HnswDrain, IvfDrain
 
 log = logging.getLogger(__name__)
 
@@ -214,14 +215,12 @@ class VectorIndex:
             return
         self._id_bound = max(self._stored_id_bound(), int(ids.max()))
         if self._kind == "flat" or len(ids) >= DIRECT_ADD_MIN:
+            self._settle_drain(wait=True)  # a drain's worker reads (IVF) or copies (HNSW) the index
             self._index.add_with_ids(vectors, ids)
             return
         self._buffer.add_with_ids(vectors, ids)
         if self._buffer.ntotal >= WRITE_BUFFER_MAX:
-            if self._kind == "ivf":
-                self._drain_in_background()
-            else:
-                self.drain_buffer()
+            self._drain_in_background()
 
     def drain_buffer(self) -> None:
         """Move every buffered vector into the HNSW/IVF index now: a background drain's (waiting
@@ -234,25 +233,28 @@ class VectorIndex:
         self._buffer.reset()
 
     def _drain_in_background(self) -> None:
-        """Set the full buffer aside (still searched) and assign its vectors on a worker; a
-        drain still running from the last time is finished first."""
+        """Set the full buffer aside (still searched) and drain it on a worker; a drain still
+        running from the last time is landed first."""
         self._settle_drain(wait=True)
         ids, vectors = _contents(self._buffer)
         self._draining, self._buffer = self._buffer, _new_buffer(self.dim)
-        self._drain = PendingAssignment(self._index, ids, vectors)
+        self._drain = (IvfDrain if self._kind == "ivf" else HnswDrain)(self._index, ids, vectors)
 
     def _settle_drain(self, wait: bool) -> None:
-        """Move a background drain into the IVF lists once its assignment is known (at once
-        with `wait`), without the ids removed from it meanwhile."""
+        """Land a background drain once its worker is done (at once with `wait`), without the
+        ids removed from the set-aside buffer meanwhile (tombstoned in an HNSW copy)."""
         drain = self._drain
         if drain is None or (not wait and not drain.done()):
             return
-        still_there = drain.rows_of(faiss.vector_to_array(self._draining.id_map))
-        lists = drain.lists()
-        if drain.index is self._index:
-            add_preassigned(self._index, drain.ids[still_there], drain.vectors[still_there], lists[still_there])
-        else:  # rebuilt since (cannot happen while a drain is pending; kept safe anyway)
-            self._index.add_with_ids(drain.vectors[still_there], drain.ids[still_there])
+        kept = np.isin(drain.ids, faiss.vector_to_array(self._draining.id_map))
+        index, gone = drain.land(self._index, kept)
+        if index is not self._index:
+            id_bound = self._id_bound
+            self._set_index(index)
+            self._id_bound = id_bound  # the same ids: no O(N) rescan
+        if gone.size:
+            self._tombstones = np.union1d(self._tombstones, gone)
+            self._selector = None
         self._drain, self._draining = None, None
 
     def _extras(self) -> list[faiss.Index]:

@@ -32,12 +32,16 @@ def add_data_flags(parser: argparse.ArgumentParser, defaults: DataConfig) -> Non
                        help="mosaic training images (default: %(default)s)")
     group.add_argument("--num-test", type=int, default=defaults.num_test,
                        help="mosaic test images (default: %(default)s)")
+    group.add_argument("--num-val", type=int, default=defaults.num_val,
+                       help="mosaic validation images: new mosaics of the training band, never trained "
+                            "on, on which the label thresholds are calibrated (default: %(default)s)")
     group.add_argument("--data-seed", type=int, default=defaults.seed,
                        help="seed of the mosaic generator (default: %(default)s)")
 
 
 def data_config(args) -> DataConfig:
-    return DataConfig(args.data, args.image_size, args.num_train, args.num_test, args.data_seed)
+    return DataConfig(dataset=args.data, image_size=args.image_size, num_train=args.num_train,
+                      num_test=args.num_test, num_val=args.num_val, seed=args.data_seed)
 
 
 def add_train_parser(subparsers) -> None:

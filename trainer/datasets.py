@@ -35,8 +35,8 @@ class DataConfig:
     image_size: int = 128
     num_train: int = 240  # mosaic only; VOC uses its image lists
     num_test: int = 60
-    num_val: int = 60  # mosaic only: held-out images of the training band (see load_split)
     seed: int = 0
+    num_val: int = 60  # mosaic only: held-out images of the training band (see load_split)
 
 
 @dataclass

@@ -61,8 +61,9 @@ def test_removed_ids_are_never_returned(spec):
     assert not np.isin(found, gone).any()
     keep = ~np.isin(ids, gone)
     assert np.array_equal(found[keep, 0], ids[keep])
-    if spec == "hnsw":  # tombstones in the graph; a buffered vector is simply removed
-        assert index.num_tombstones == (0 if index.num_buffered else gone.size)
+    if spec == "hnsw":  # tombstones in the graph (also one drained since); a buffered vector is removed
+        index.drain_buffer()
+        assert index.num_tombstones == (0 if vector_index.WRITE_BUFFER_MAX > ids.size else gone.size)
 
 
 def test_hnsw_tombstones_survive_save_and_load(tmp_path):
@@ -274,8 +275,8 @@ def test_a_buffered_index_answers_as_the_drained_one(spec):
     buffered = [index.search(queries, 10, **every), index.search(queries, 10, selector=chosen, **every)]
     if vector_index.WRITE_BUFFER_MAX > 2000:
         assert index.num_buffered == 2000
-    else:  # an IVF drains in the background: the last add may still be set aside, searched exactly
-        assert index.num_buffered <= (500 if spec.startswith("IVF") else 0)
+    else:  # drained in the background: the last add may still be set aside, searched exactly
+        assert index.num_buffered <= 500
     index.drain_buffer()
     assert index.num_buffered == 0 and len(index) == 4000
     drained = [index.search(queries, 10, **every), index.search(queries, 10, selector=chosen, **every)]
@@ -291,9 +292,9 @@ def test_the_buffer_drains_when_full_and_before_a_save(tmp_path, write_buffer, m
     assert index.factory == "IVF16,Flat" and 0 < index._buffer.ntotal < 300  # full ones went out
     assert index.num_buffered < 300 + (300 + 250)  # the buffer, and at most one full one draining
     more_ids = np.arange(50_000, 50_000 + vector_index.DIRECT_ADD_MIN)
-    before = index.num_buffered
+    before = index._buffer.ntotal
     index.add(more_ids, _unit(more_ids.size, seed=5))  # a bulk-sized add skips the buffer
-    assert index.num_buffered == before and index.remove(more_ids) == more_ids.size
+    assert index._buffer.ntotal == before and index.remove(more_ids) == more_ids.size
     assert index.remove(ids[-5:]) == 5 and len(index) == 1995  # removed from the buffer
     index.save(tmp_path / "v.faiss")
     assert index.num_buffered == 0
@@ -305,7 +306,7 @@ def test_the_buffer_drains_when_full_and_before_a_save(tmp_path, write_buffer, m
 
 def test_ids_in_the_buffer_are_refused_again():
     index, ids, x = _filled("hnsw", n=500)
-    assert index.num_buffered == (500 if vector_index.WRITE_BUFFER_MAX > 500 else 0)
+    assert index.num_buffered == 500 or vector_index.WRITE_BUFFER_MAX < 500  # (else set aside or drained)
     with pytest.raises(ValueError, match="already in the vector index"):
         index.add(ids[:2], x[:2])
 
@@ -321,66 +322,88 @@ def test_compaction_keeps_the_buffered_vectors():
     assert np.array_equal(found[:, 0], np.concatenate([ids[400:], more_ids]))
 
 
-# ---- IVF: draining in the background, and adds assigned on a worker ------------------------
+# ---- draining the write buffer in the background ------------------------------------------
 
-def _ivf_with_a_draining_buffer(monkeypatch, slow_assignment):
-    """An IVF16 index of 2,000 vectors whose full buffer (300) is draining in the background;
-    `slow_assignment` holds the worker until it is set, so the drain is certainly pending."""
-    from segsearch.indexer import ivf_assign
+def _with_a_draining_buffer(spec, monkeypatch, release):
+    """An index of 2,000 vectors whose full buffer (300) is draining in the background; the
+    worker waits for the event `release`, so the drain is certainly pending."""
+    from segsearch.indexer import background_drain
 
     monkeypatch.setattr(vector_index, "WRITE_BUFFER_MAX", 300)
-    index, ids, x = _filled("IVF16,Flat", n=2000, chunk=700)  # direct adds: nothing buffered
-    index.drain_buffer()
-    run = ivf_assign.PendingAssignment._run
-    monkeypatch.setattr(ivf_assign.PendingAssignment, "_run",
-                        lambda self: (slow_assignment.wait(10), run(self)))
+    index, ids, x = _filled(spec, n=2000, chunk=700)  # direct adds: nothing buffered
+    run = background_drain._Drain._run
+    monkeypatch.setattr(background_drain._Drain, "_run", lambda self: (release.wait(10), run(self)))
     more_ids, more = np.arange(90_000, 90_300, dtype=np.int64), _unit(300, seed=7)
     for start in range(0, 300, 100):
         index.add(more_ids[start:start + 100], more[start:start + 100])
     return index, np.concatenate([ids, more_ids]), np.concatenate([x, more])
 
 
-def test_a_full_ivf_buffer_drains_in_the_background_and_stays_searchable(monkeypatch):
+EVERY = {"IVF16,Flat": 16, "hnsw": 4000}  # effort that makes each search exhaustive
+
+
+@pytest.mark.parametrize("spec", EVERY)
+def test_a_full_buffer_drains_in_the_background_and_stays_searchable(spec, monkeypatch):
     import threading
 
     release = threading.Event()
-    index, ids, x = _ivf_with_a_draining_buffer(monkeypatch, release)
-    assert index.num_buffered == 300 and len(index) == 2300  # set aside, assignment held back
-    _, found = index.search(x, 1, effort=16)
+    index, ids, x = _with_a_draining_buffer(spec, monkeypatch, release)
+    assert index.num_buffered == 300 and len(index) == 2300  # set aside, the worker held back
+    _, found = index.search(x, 1, effort=EVERY[spec])
     assert np.array_equal(found[:, 0], ids)  # the draining vectors are found, exactly
-    assert index.remove(ids[-3:]) == 3  # removed from the drain before it lands
+    assert index.remove(ids[-3:]) == 3 and index.remove(ids[:2]) == 2  # from the drain and the main index
     newest = np.arange(95_000, 95_010, dtype=np.int64)
-    index.add(newest, _unit(10, seed=8))  # the assignment is not done: this add does not wait
+    index.add(newest, _unit(10, seed=8))  # the worker is not done: this add does not wait
     assert index.num_buffered == 307
     release.set()
     index.drain_buffer()
-    assert index.num_buffered == 0 and len(index) == 2307
-    assert np.array_equal(index.ids(), np.sort(np.concatenate([ids[:-3], newest])))
-    _, found = index.search(x[:-3], 1, effort=16)
-    assert np.array_equal(found[:, 0], ids[:-3]) and not np.isin(ids[-3:], index.ids()).any()
+    assert index.num_buffered == 0 and len(index) == 2305
+    live = ids[2:-3]
+    assert np.array_equal(index.ids(), np.sort(np.concatenate([live, newest])))
+    _, found = index.search(x[2:-3], 1, effort=EVERY[spec])
+    assert np.array_equal(found[:, 0], live)
+    _, found = index.search(x, 3, effort=EVERY[spec])
+    assert not np.isin(found, np.concatenate([ids[:2], ids[-3:]])).any()  # removed stay removed
 
 
-def test_a_pending_drain_lands_with_the_next_write_or_waits_for_a_save(tmp_path, monkeypatch):
+@pytest.mark.parametrize("spec", EVERY)
+def test_a_pending_drain_lands_with_the_next_write_or_waits_for_a_save(spec, tmp_path, monkeypatch):
     import threading
 
     release = threading.Event()
-    index, ids, x = _ivf_with_a_draining_buffer(monkeypatch, release)
+    index, ids, x = _with_a_draining_buffer(spec, monkeypatch, release)
     release.set()
     index._drain._thread.join()
     index.remove(np.array([5], dtype=np.int64))  # any write lands a finished drain first
     assert index.num_buffered == 0 and index._index.ntotal == 2300
     release = threading.Event()
-    index, ids, x = _ivf_with_a_draining_buffer(monkeypatch, release)
+    index, ids, x = _with_a_draining_buffer(spec, monkeypatch, release)
     threading.Timer(0.2, release.set).start()
-    index.save(tmp_path / "v.faiss")  # waits for the assignment: the file holds every vector
+    index.save(tmp_path / "v.faiss")  # waits for the worker: the file holds every vector
     loaded = VectorIndex.load(tmp_path / "v.faiss")
     assert loaded.num_buffered == 0 and np.array_equal(loaded.ids(), np.sort(ids))
+    _, found = loaded.search(x, 1, effort=EVERY[spec])
+    assert np.array_equal(found[:, 0], ids)
 
 
-def test_a_failed_assignment_is_raised_in_the_callers_thread():
-    from segsearch.indexer.ivf_assign import PendingAssignment
+def test_a_bulk_add_lands_a_pending_drain_first(monkeypatch):
+    import threading
+
+    release = threading.Event()
+    index, ids, x = _with_a_draining_buffer("hnsw", monkeypatch, release)
+    threading.Timer(0.2, release.set).start()
+    bulk_ids = np.arange(200_000, 200_000 + vector_index.DIRECT_ADD_MIN)
+    bulk = _unit(bulk_ids.size, seed=12)
+    index.add(bulk_ids, bulk)  # into the graph the drain copied: it waits, lands, then adds
+    assert index.num_buffered == 0
+    _, found = index.search(np.concatenate([x, bulk]), 1, effort=4000)
+    assert np.array_equal(found[:, 0], np.concatenate([ids, bulk_ids]))
+
+
+def test_a_failed_drain_is_raised_in_the_callers_thread():
+    from segsearch.indexer.background_drain import IvfDrain
 
     index, _, _ = _filled("IVF16,Flat", n=2000, chunk=1000)
-    pending = PendingAssignment(index._index, np.empty(0, np.int64), np.zeros((4, DIM + 1), np.float32))
-    with pytest.raises(RuntimeError, match="IVF assignment failed"):
-        pending.lists()
+    wrong = IvfDrain(index._index, np.arange(4), np.zeros((4, DIM + 1), np.float32))
+    with pytest.raises(RuntimeError, match="draining the write buffer failed"):
+        wrong.land(index._index, np.ones(4, bool))
