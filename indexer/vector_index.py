@@ -246,8 +246,14 @@ class VectorIndex:
         drain = self._drain
         if drain is None or (not wait and not drain.done()):
             return
+        self._drain = None  # settled, whatever happens below
         kept = np.isin(drain.ids, faiss.vector_to_array(self._draining.id_map))
-        index, gone = drain.land(self._index, kept)
+        try:
+            index, gone = drain.land(self._index, kept)
+        except RuntimeError:  # the worker failed (out of memory for an HNSW copy, say): do it here
+            log.warning("draining the write buffer in the background failed; draining it now", exc_info=True)
+            self._index.add_with_ids(drain.vectors[kept], drain.ids[kept])
+            index, gone = self._index, np.empty(0, np.int64)
         if index is not self._index:
             id_bound = self._id_bound
             self._set_index(index)
@@ -255,7 +261,7 @@ class VectorIndex:
         if gone.size:
             self._tombstones = np.union1d(self._tombstones, gone)
             self._selector = None
-        self._drain, self._draining = None, None
+        self._draining = None
 
     def _extras(self) -> list[faiss.Index]:
         """The exact indexes searched beside the main one: the write buffer, and the buffer

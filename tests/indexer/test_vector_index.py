@@ -407,3 +407,25 @@ def test_a_failed_drain_is_raised_in_the_callers_thread():
     wrong = IvfDrain(index._index, np.arange(4), np.zeros((4, DIM + 1), np.float32))
     with pytest.raises(RuntimeError, match="draining the write buffer failed"):
         wrong.land(index._index, np.ones(4, bool))
+
+
+@pytest.mark.parametrize("spec", EVERY)
+def test_a_drain_whose_worker_fails_is_done_by_the_next_write(spec, monkeypatch, caplog):
+    import threading
+
+    from segsearch.indexer import background_drain
+
+    def out_of_memory(self):
+        raise MemoryError("no room for a second graph")
+
+    monkeypatch.setattr(background_drain.IvfDrain, "_work", out_of_memory)
+    monkeypatch.setattr(background_drain.HnswDrain, "_work", out_of_memory)
+    release = threading.Event()
+    release.set()
+    index, ids, x = _with_a_draining_buffer(spec, monkeypatch, release)
+    index._drain._thread.join()
+    assert index.remove(ids[-1:]) == 1  # lands the failed drain inline, then removes
+    assert "draining it now" in caplog.text and index.num_buffered == 0
+    assert np.array_equal(index.ids(), np.sort(ids[:-1]))
+    _, found = index.search(x[:-1], 1, effort=EVERY[spec])
+    assert np.array_equal(found[:, 0], ids[:-1])
