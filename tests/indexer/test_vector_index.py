@@ -339,7 +339,8 @@ def _with_a_draining_buffer(spec, monkeypatch, release):
     return index, np.concatenate([ids, more_ids]), np.concatenate([x, more])
 
 
-EVERY = {"IVF16,Flat": 16, "hnsw": 4000}  # effort that makes each search exhaustive
+EVERY = {"IVF16,Flat": 16, "hnsw": 2300}  # effort that makes each search exhaustive
+SAMPLE = np.r_[2:2000:20, 2000:2297]  # queries: a tenth of the main index, the drained ones but the last 3
 
 
 @pytest.mark.parametrize("spec", EVERY)
@@ -349,8 +350,8 @@ def test_a_full_buffer_drains_in_the_background_and_stays_searchable(spec, monke
     release = threading.Event()
     index, ids, x = _with_a_draining_buffer(spec, monkeypatch, release)
     assert index.num_buffered == 300 and len(index) == 2300  # set aside, the worker held back
-    _, found = index.search(x, 1, effort=EVERY[spec])
-    assert np.array_equal(found[:, 0], ids)  # the draining vectors are found, exactly
+    _, found = index.search(x[SAMPLE], 1, effort=EVERY[spec])
+    assert np.array_equal(found[:, 0], ids[SAMPLE])  # the draining vectors are found, exactly
     assert index.remove(ids[-3:]) == 3 and index.remove(ids[:2]) == 2  # from the drain and the main index
     newest = np.arange(95_000, 95_010, dtype=np.int64)
     index.add(newest, _unit(10, seed=8))  # the worker is not done: this add does not wait
@@ -360,9 +361,9 @@ def test_a_full_buffer_drains_in_the_background_and_stays_searchable(spec, monke
     assert index.num_buffered == 0 and len(index) == 2305
     live = ids[2:-3]
     assert np.array_equal(index.ids(), np.sort(np.concatenate([live, newest])))
-    _, found = index.search(x[2:-3], 1, effort=EVERY[spec])
-    assert np.array_equal(found[:, 0], live)
-    _, found = index.search(x, 3, effort=EVERY[spec])
+    _, found = index.search(x[SAMPLE], 1, effort=EVERY[spec])
+    assert np.array_equal(found[:, 0], ids[SAMPLE])
+    _, found = index.search(np.concatenate([x[:2], x[-3:]]), 3, effort=EVERY[spec])
     assert not np.isin(found, np.concatenate([ids[:2], ids[-3:]])).any()  # removed stay removed
 
 
@@ -382,8 +383,8 @@ def test_a_pending_drain_lands_with_the_next_write_or_waits_for_a_save(spec, tmp
     index.save(tmp_path / "v.faiss")  # waits for the worker: the file holds every vector
     loaded = VectorIndex.load(tmp_path / "v.faiss")
     assert loaded.num_buffered == 0 and np.array_equal(loaded.ids(), np.sort(ids))
-    _, found = loaded.search(x, 1, effort=EVERY[spec])
-    assert np.array_equal(found[:, 0], ids)
+    _, found = loaded.search(x[SAMPLE], 1, effort=EVERY[spec])
+    assert np.array_equal(found[:, 0], ids[SAMPLE])
 
 
 def test_a_bulk_add_lands_a_pending_drain_first(monkeypatch):
@@ -396,8 +397,8 @@ def test_a_bulk_add_lands_a_pending_drain_first(monkeypatch):
     bulk = _unit(bulk_ids.size, seed=12)
     index.add(bulk_ids, bulk)  # into the graph the drain copied: it waits, lands, then adds
     assert index.num_buffered == 0
-    _, found = index.search(np.concatenate([x, bulk]), 1, effort=4000)
-    assert np.array_equal(found[:, 0], np.concatenate([ids, bulk_ids]))
+    _, found = index.search(np.concatenate([x[SAMPLE], bulk[::10]]), 1, effort=4000)
+    assert np.array_equal(found[:, 0], np.concatenate([ids[SAMPLE], bulk_ids[::10]]))
 
 
 def test_a_failed_drain_is_raised_in_the_callers_thread():
@@ -427,5 +428,5 @@ def test_a_drain_whose_worker_fails_is_done_by_the_next_write(spec, monkeypatch,
     assert index.remove(ids[-1:]) == 1  # lands the failed drain inline, then removes
     assert "draining it now" in caplog.text and index.num_buffered == 0
     assert np.array_equal(index.ids(), np.sort(ids[:-1]))
-    _, found = index.search(x[:-1], 1, effort=EVERY[spec])
-    assert np.array_equal(found[:, 0], ids[:-1])
+    _, found = index.search(x[SAMPLE], 1, effort=EVERY[spec])
+    assert np.array_equal(found[:, 0], ids[SAMPLE])
