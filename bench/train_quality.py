@@ -160,9 +160,13 @@ def main() -> None:
     methods = args.methods.split(",")
 
     def run_for(config_base, root):
+        prepared = {}  # supervision -> its weak labels (tags and boxes: CAMs), made once for every run
+
         def run(method, supervision, steps):
-            prepared = with_supervision(train_set, train_split, _with(config_base, supervision))
-            return run_one(config_base, method, supervision, steps, prepared, held_out, names, root, device)
+            if supervision not in prepared:
+                prepared[supervision] = with_supervision(train_set, train_split, _with(config_base, supervision))
+            return run_one(config_base, method, supervision, steps, prepared[supervision], held_out, names,
+                           root, device)
         return run
 
     run = run_for(base, out_root)

@@ -16,8 +16,8 @@ merge several), and the shares are counted with the indexer's default k
 (`SegmenterConfig.knn_k`); an index built with another k or on other images keeps a somewhat
 different fraction of its in-distribution segments labelled.
 
-Cost: one backbone pass over the held-out images (the evaluation reads the same feature
-cache of the test split is separate), one k-means and one (S, M) matmul: seconds on two CPU cores for the demo.
+Cost: one backbone pass over the held-out images (cached on disk like every split's
+features), one k-means and one (S, M) matmul: seconds on two CPU cores for the demo.
 """
 from __future__ import annotations
 
