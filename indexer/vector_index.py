@@ -167,12 +167,13 @@ class VectorIndex:
         if len(self) == 0:
             return (np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64))
         scores, ids = _found(*self._index.search(queries, k, params=self._search_params(k, effort, selector)))
+        params = None
+        if selector is not None:
+            params = faiss.SearchParameters()
+            params.sel = selector
         for part in self._extras():
-            params = None
-            if selector is not None:
-                params = faiss.SearchParameters()
-                params.sel = selector
-            scores, ids = _best_of(scores, ids, *_found(*part.search(queries, k, params=params)), k)
+            if part.ntotal:  # an empty buffer (always, beside a Flat index) adds nothing to merge
+                scores, ids = _best_of(scores, ids, *_found(*part.search(queries, k, params=params)), k)
         return scores, ids
 
     @property
