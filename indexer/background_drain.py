@@ -26,6 +26,8 @@ import threading
 import faiss
 import numpy as np
 
+from segsearch.indexer import ivf_lists
+
 
 class _Drain:
     """`ids (N,)` and `vectors (N, D)` of a set-aside buffer, worked on by `_work` on a thread."""
@@ -69,12 +71,11 @@ class IvfDrain(_Drain):
     """The nearest list of each vector, computed on the worker; landed with `add_core`."""
 
     def _work(self) -> np.ndarray:
-        _, nearest = self.index.quantizer.search(self.vectors, 1)
-        return nearest.reshape(-1).astype(np.int64)
+        return ivf_lists.assign(self.index, self.vectors)
 
     def land(self, index: faiss.Index, kept: np.ndarray) -> tuple[faiss.Index, np.ndarray]:
         lists = self._wait()
-        add_preassigned(index, self.ids[kept], self.vectors[kept], lists[kept])
+        ivf_lists.add_preassigned(index, self.ids[kept], self.vectors[kept], lists[kept])
         return index, np.empty(0, np.int64)
 
 
@@ -90,12 +91,3 @@ class HnswDrain(_Drain):
     def land(self, index: faiss.Index, kept: np.ndarray) -> tuple[faiss.Index, np.ndarray]:
         return self._wait(), self.ids[~kept]
 
-
-def add_preassigned(index: faiss.IndexIVF, ids: np.ndarray, vectors: np.ndarray, lists: np.ndarray) -> None:
-    """Add `vectors (N, D)` under `ids (N,)` to the lists `lists (N,)` already chosen for them."""
-    if len(ids) == 0:
-        return
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    lists = np.ascontiguousarray(lists, dtype=np.int64)
-    index.add_core(len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists))

@@ -67,6 +67,7 @@ import numpy as np
 
 from segsearch.durable import atomic_write
 from segsearch.errors import IndexStoreError
+from segsearch.indexer import ivf_lists
 from segsearch.indexer.background_drain import HnswDrain, IvfDrain
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ class VectorIndex:
         self._id_bound = max(self._stored_id_bound(), int(ids.max()))
         if self._kind == "flat" or len(ids) >= DIRECT_ADD_MIN:
             self._settle_drain(wait=True)  # a drain's worker reads (IVF) or copies (HNSW) the index
-            self._index.add_with_ids(vectors, ids)
+            _add_to(self._index, ids, vectors)
             return
         self._buffer.add_with_ids(vectors, ids)
         if self._buffer.ntotal >= WRITE_BUFFER_MAX:
@@ -230,7 +231,7 @@ class VectorIndex:
         if not self._buffer.ntotal:
             return
         ids, vectors = _contents(self._buffer)
-        self._index.add_with_ids(vectors, ids)
+        _add_to(self._index, ids, vectors)
         self._buffer.reset()
 
     def _drain_in_background(self) -> None:
@@ -253,7 +254,7 @@ class VectorIndex:
             index, gone = drain.land(self._index, kept)
         except RuntimeError:  # the worker failed (out of memory for an HNSW copy, say): do it here
             log.warning("draining the write buffer in the background failed; draining it now", exc_info=True)
-            self._index.add_with_ids(drain.vectors[kept], drain.ids[kept])
+            _add_to(self._index, drain.ids[kept], drain.vectors[kept])
             index, gone = self._index, np.empty(0, np.int64)
         if index is not self._index:
             id_bound = self._id_bound
@@ -370,7 +371,7 @@ class VectorIndex:
             inner.train(vectors)
         index = inner if isinstance(inner, faiss.IndexIVF) else faiss.IndexIDMap2(inner)
         if len(ids):
-            index.add_with_ids(vectors, ids)
+            _add_to(index, ids, vectors)
         self._factory = factory
         self._tombstones = np.empty(0, dtype=np.int64)
         self._selector = None
@@ -540,6 +541,14 @@ def _split_file(path: Path, data: bytes) -> tuple[dict, memoryview, memoryview]:
     if zlib.crc32(payload) != header["faiss_crc32"] or zlib.crc32(tombstones) != header["tombstones_crc32"]:
         raise corrupt("checksum mismatch")
     return header, payload, tombstones
+
+
+def _add_to(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray) -> None:
+    """`index.add_with_ids`; an IVF's lists are found by `ivf_lists` (~4x faster on one thread)."""
+    if isinstance(index, faiss.IndexIVF):
+        ivf_lists.add(index, ids, vectors)
+    else:
+        index.add_with_ids(vectors, ids)
 
 
 def _classify(inner: faiss.Index) -> str:
