@@ -2,11 +2,12 @@
 of `IndexStore` at a small and a large index, with the FAISS snapshot policy (today) beside a
 FAISS save after every commit (before), and the time to reopen after a kill -9 (the replay).
 
-    python bench/write_scaling.py [--sizes 10000,200000] [--spec auto] [--milvus]
+    python bench/write_scaling.py [--sizes 10000,200000] [--spec auto] [--rounds 5] [--milvus]
 
 Each size gets a fresh index of synthetic segments (clustered 64-d prototypes, 20 segments per
 image: service_latency's 4x5 grid, built with one FAISS save at the end). Then, per policy, on a
-copy of it:
+copy of it, the sizes interleaved step by step (commit i of every size before commit i+1 of any,
+so that a drift in this shared machine's speed falls on all sizes alike):
 - live: 40 commits of one IndexImages-sized chunk (4 images, 80 segments), latency p50/p99;
 - bulk: ~10k segments (7 chunks of 64 images: 8,960) added, then 1k segments (50 images) deleted
   4 images (80 segments) per call, as throughput;
@@ -16,7 +17,9 @@ With --milvus, the same vectors in the same calls against Milvus Lite (bench/mil
 an optional dependency: pip install 'pymilvus[milvus_lite]'): its pre-existing collection is the
 same index, its live, bulk and delete calls carry the same vectors and keys, and its reopen is
 after the process holding it was SIGKILLed (Milvus Lite runs inside its client's process).
-Prints one table; the large/small ratio of live p50 is the number the issue asks about.
+Prints a table per round, and with --rounds N > 1 the medians over the rounds; the live p50
+ratio (small/large) and the bulk throughput ratio (large/small) are the numbers the issue asks
+about (1 = writes no slower at the larger index).
 The measured writes run with FAISS on `--faiss-threads` (1, as `segsearch serve` runs live
 writes): a small add fanned out over busy cores waits on OpenMP's barrier (an 80-vector IVF
 add measured 17 ms with 2 threads on the loaded machine, ~1-2 ms with one).
@@ -24,11 +27,13 @@ add measured 17 ms with 2 threads on the loaded machine, ~1-2 ms with one).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,11 +71,12 @@ class Row:
     reopen_s: float
     replayed: int | None  # None: not reported (Milvus Lite)
 
-    def line(self, small: "Row | None") -> str:
-        ratio = f"{small.live_p50_ms / self.live_p50_ms:.2f}" if small else "—"
-        return (f"| {self.size:,} | {self.policy} | {self.live_p50_ms:.1f} | {self.live_p99_ms:.1f} | {self.live_max_ms:.1f} | {ratio} | "
-                f"{self.bulk_segments_per_s:,.0f} | {self.delete_segments_per_s:,.0f} | {self.reopen_s:.2f} | "
-                f"{'—' if self.replayed is None else f'{self.replayed:,}'} |")
+    def line(self, ratios: list[tuple[float, float]]) -> str:
+        """`ratios`: (live, bulk) ratios to the small size, one per round (none for the small size)."""
+        live, bulk = (_spread([r[k] for r in ratios]) for k in (0, 1))
+        return (f"| {self.size:,} | {self.policy} | {self.live_p50_ms:.1f} | {self.live_p99_ms:.1f} | {self.live_max_ms:.1f} | {live} | "
+                f"{self.bulk_segments_per_s:,.0f} | {bulk} | {self.delete_segments_per_s:,.0f} | {self.reopen_s:.2f} | "
+                f"{'—' if self.replayed is None else f'{self.replayed:,.0f}'} |")
 
 
 class Records:
@@ -108,41 +114,72 @@ def build(path: Path, size: int, spec: str, records: Records) -> None:
             store.add_images(records.take(BUILD_IMAGES_PER_CHUNK))
 
 
-def measure(base: Path, work: Path, size: int, policy: str, save_every: int | None, records: Records,
-            live_commits: int = LIVE_COMMITS) -> Row:
-    shutil.copytree(base, work)
-    # The copy leaves the whole index as dirty pages in the page cache, and LMDB's fdatasync at
-    # each commit would write them out: at 1M that is ~1 GB spread over the first commits,
-    # which a long-running index never pays. Flush it before timing.
-    os.sync()
-    store = IndexStore.open(work, VERSION, save_every=save_every)
-    latencies = []
-    for _ in range(live_commits):
-        chunk = records.take(LIVE_IMAGES)
+class Run:
+    """One size's writes on a fresh copy of its base, step by step, so that the sizes of one
+    round can be interleaved: commit i of every size runs before commit i+1 of any, and a drift
+    of this shared machine's speed (±30% between runs) falls on every size alike."""
+
+    def __init__(self, base: Path, work: Path, size: int, policy: str, save_every: int | None, records: Records):
+        shutil.copytree(base, work)
+        # The copy leaves the whole index as dirty pages in the page cache, and LMDB's fdatasync at
+        # each commit would write them out: at 1M that is ~1 GB spread over the first commits,
+        # which a long-running index never pays. Flush it before timing.
+        os.sync()
+        self.work, self.size, self.policy, self.records = work, size, policy, records
+        self.store = IndexStore.open(work, VERSION, save_every=save_every)
+        self.latencies: list[float] = []
+        self.bulk_seconds = self.delete_seconds = 0.0
+        self.added_ids: list[str] = []
+        self.doomed: list[str] = []
+
+    def live_commit(self) -> None:
+        chunk = self.records.take(LIVE_IMAGES)
         started = time.perf_counter()
-        store.add_images(chunk)
-        latencies.append((time.perf_counter() - started) * 1000)
-    per_image = len(records.templates)
-    started = time.perf_counter()
-    added_ids: list[str] = []
-    for _ in range(bulk_chunks(per_image)):
-        chunk = records.take(BULK_IMAGES_PER_CHUNK)
-        store.add_images(chunk)
-        added_ids += [image.image_id for image, _ in chunk]
-    bulk = len(added_ids) * per_image / (time.perf_counter() - started)
-    doomed = added_ids[: DELETE_SEGMENTS // per_image]
-    started = time.perf_counter()
-    for start in range(0, len(doomed), DELETE_IMAGES_PER_CALL):
-        store.delete_images(doomed[start:start + DELETE_IMAGES_PER_CALL])
-    deletes = len(doomed) * per_image / (time.perf_counter() - started)
-    abandon(store)  # what kill -9 leaves: LMDB committed, no close, no last FAISS save
-    started = time.perf_counter()
-    with IndexStore.open(work, VERSION) as reopened:
-        reopen = time.perf_counter() - started
-        replayed = reopened.last_replay.added + reopened.last_replay.removed
-    shutil.rmtree(work)
-    return Row(size, policy, float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)),
-               float(np.max(latencies)), bulk, deletes, reopen, replayed)
+        self.store.add_images(chunk)
+        self.latencies.append((time.perf_counter() - started) * 1000)
+
+    def bulk_chunk(self) -> None:
+        chunk = self.records.take(BULK_IMAGES_PER_CHUNK)
+        started = time.perf_counter()
+        self.store.add_images(chunk)
+        self.bulk_seconds += time.perf_counter() - started
+        self.added_ids += [image.image_id for image, _ in chunk]
+
+    def delete_call(self, call: int) -> None:
+        if call == 0:
+            self.doomed = self.added_ids[: DELETE_SEGMENTS // len(self.records.templates)]
+        started = time.perf_counter()
+        self.store.delete_images(self.doomed[call * DELETE_IMAGES_PER_CALL:(call + 1) * DELETE_IMAGES_PER_CALL])
+        self.delete_seconds += time.perf_counter() - started
+
+    def reopen_after_kill(self) -> Row:
+        abandon(self.store)  # what kill -9 leaves: LMDB committed, no close, no last FAISS save
+        started = time.perf_counter()
+        with IndexStore.open(self.work, VERSION) as reopened:
+            reopen = time.perf_counter() - started
+            replayed = reopened.last_replay.added + reopened.last_replay.removed
+        shutil.rmtree(self.work)
+        per_image = len(self.records.templates)
+        return Row(self.size, self.policy, float(np.percentile(self.latencies, 50)),
+                   float(np.percentile(self.latencies, 99)), float(np.max(self.latencies)),
+                   len(self.added_ids) * per_image / self.bulk_seconds,
+                   len(self.doomed) * per_image / self.delete_seconds, reopen, replayed)
+
+
+def measure(runs: list[Run], live_commits: int = LIVE_COMMITS) -> list[Row]:
+    """The live commits, then ~10k segments of bulk adds, then 1k segments of deletes (4 images
+    per call), interleaved across `runs`; then each is "killed" and its reopen timed."""
+    for _ in range(live_commits):
+        for run in runs:
+            run.live_commit()
+    for _ in range(bulk_chunks(len(runs[0].records.templates))):
+        for run in runs:
+            run.bulk_chunk()
+    doomed_images = DELETE_SEGMENTS // len(runs[0].records.templates)
+    for call in range(math.ceil(doomed_images / DELETE_IMAGES_PER_CALL)):
+        for run in runs:
+            run.delete_call(call)
+    return [run.reopen_after_kill() for run in runs]
 
 
 def measure_milvus(folder: Path, size: int, seed: int, label: str) -> Row:
@@ -160,6 +197,60 @@ def measure_milvus(folder: Path, size: int, seed: int, label: str) -> Row:
                float(np.max(result.live_ms)), result.bulk_per_s, result.delete_per_s, result.reopen_s, None)
 
 
+def prepare_base(base: Path, size: int, spec: str, records: Records) -> None:
+    """Build the base index of `size` segments at `base`, or reuse it (the build is
+    deterministic); either way `records` then continues after the base's images."""
+    if (base / "vectors.faiss").is_file():
+        records.next_image = build_chunks(size, len(records.templates)) * BUILD_IMAGES_PER_CHUNK
+        print(f"reusing {base}", flush=True)
+        return
+    started = time.perf_counter()
+    shutil.rmtree(base, ignore_errors=True)
+    build(base, size, spec, records)
+    print(f"built {size:,} segments in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def median_rows(rounds: list[list[Row]]) -> list[Row]:
+    """Per (size, policy), the median of every column over the rounds."""
+    columns = [f.name for f in dataclasses.fields(Row)][2:]
+    medians = []
+    for position, first in enumerate(rounds[0]):
+        same = [rows[position] for rows in rounds]
+        values = {name: None if any(getattr(r, name) is None for r in same)
+                  else float(np.median([getattr(r, name) for r in same])) for name in columns}
+        medians.append(Row(first.size, first.policy, **values))
+    return medians
+
+
+def print_table(rows: list[Row], sizes: list[int], rounds: list[list[Row]] | None = None) -> None:
+    """Rows with each one's live-p50 and bulk ratios to the smallest size's row of its policy;
+    with `rounds`, the ratios are the medians (and ranges) of the per-round ratios."""
+    print("\n| segments | FAISS saves | live commit p50 ms | p99 ms | max ms | small/large p50 | bulk add seg/s | "
+          "large/small bulk | delete seg/s | reopen after kill s | replayed |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for position, row in enumerate(rows):
+        small = next((r for r in rows if r.policy == row.policy and r.size == sizes[0]), None)
+        if small is None or row.size == sizes[0]:
+            print(row.line([]))
+        else:
+            small_at = rows.index(small)
+            print(row.line([_ratio(r[small_at], r[position]) for r in rounds or [rows]]))
+    print(flush=True)
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{np.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
+
+
+def _ratio(small: Row, large: Row) -> tuple[float, float]:
+    """(small/large live p50, large/small bulk throughput): 1 = no slower at the larger size."""
+    return small.live_p50_ms / large.live_p50_ms, large.bulk_segments_per_s / small.bulk_segments_per_s
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,200000", help="index sizes in segments (default: %(default)s)")
@@ -168,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                              "of an HNSW/IVF index once, and its drain is the max) (default: %(default)s)")
     parser.add_argument("--spec", default="auto", help="FAISS index type (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the measurement on fresh copies of the bases and also print the medians: "
+                             "on this shared machine one run's ratios vary by ±30%% (default: %(default)s)")
     parser.add_argument("--faiss-threads", type=int, default=1,
                         help="OpenMP threads for FAISS in the writing thread; 1 = as `segsearch serve` runs its "
                              "live writes (--faiss-threads; 0 = FAISS's default, all cores) (default: %(default)s)")
@@ -188,36 +282,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pymilvus {pymilvus_version}, milvus-lite {lite_version}", flush=True)
     sizes = [int(v) for v in args.sizes.split(",")]
     policies = dict(POLICIES[name] for name in args.policies.split(","))
-    rows: list[Row] = []
+    rounds: list[list[Row]] = []
     with tempfile.TemporaryDirectory(prefix="write-scaling-") as folder:
+        bases, records = {}, {}
+        faiss.omp_set_num_threads(build_threads)  # the untimed builds may use every core
         for size in sizes:
-            records = Records(args.seed)
-            base = Path(args.base_dir or folder) / f"base-{args.spec}-{size}-seed{args.seed}"
-            started = time.perf_counter()
-            faiss.omp_set_num_threads(build_threads)  # the untimed build may use every core
-            if (base / "vectors.faiss").is_file():
-                records.next_image = build_chunks(size, len(records.templates)) * BUILD_IMAGES_PER_CHUNK
-                print(f"reusing {base}", flush=True)
-            else:
-                shutil.rmtree(base, ignore_errors=True)
-                build(base, size, args.spec, records)
-                print(f"built {size:,} segments in {time.perf_counter() - started:.0f} s", flush=True)
-            faiss.omp_set_num_threads(write_threads)
+            records[size] = Records(args.seed)
+            bases[size] = Path(args.base_dir or folder) / f"base-{args.spec}-{size}-seed{args.seed}"
+            prepare_base(bases[size], size, args.spec, records[size])
+        faiss.omp_set_num_threads(write_threads)
+        for round_no in range(args.rounds):
+            rows: list[Row] = []
             for policy, save_every in policies.items():
-                rows.append(measure(base, Path(folder) / "work", size, policy, save_every, records,
-                                    args.live_commits))
-                print(rows[-1].line(None), flush=True)
-            if not args.base_dir:
+                runs = [Run(bases[size], Path(folder) / f"work-{size}", size, policy, save_every, records[size])
+                        for size in sizes]
+                rows += measure(runs, args.live_commits)
+            print(f"round {round_no + 1} of {args.rounds}:", flush=True)
+            print_table(rows, sizes)
+            rounds.append(rows)
+        if not args.base_dir:
+            for base in bases.values():
                 shutil.rmtree(base)
-            if args.milvus:
-                rows.append(measure_milvus(Path(folder) / f"milvus-{size}", size, args.seed, milvus_label))
-                print(rows[-1].line(None), flush=True)
-    print("\n| segments | FAISS saves | live commit p50 ms | p99 ms | max ms | small/large p50 | bulk add seg/s | "
-          "delete seg/s | reopen after kill s | replayed |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        small = next((r for r in rows if r.policy == row.policy and r.size == sizes[0]), None)
-        print(row.line(small if row.size != sizes[0] else None))
+        if args.milvus:
+            milvus_rows = [measure_milvus(Path(folder) / f"milvus-{size}", size, args.seed, milvus_label)
+                           for size in sizes]
+            print_table(milvus_rows, sizes)
+    if args.rounds > 1:
+        print(f"\nmedian of {args.rounds} rounds (each column separately; the ratios are the medians of each "
+              "round's ratio, with their range):")
+        print_table(median_rows(rounds), sizes, rounds)
     return 0
 
 
