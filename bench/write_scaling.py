@@ -27,6 +27,7 @@ add measured 17 ms with 2 threads on the loaded machine, ~1-2 ms with one).
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import shutil
@@ -296,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             for policy, save_every in policies.items():
                 runs = [Run(bases[size], Path(folder) / f"work-{size}", size, policy, save_every, records[size])
                         for size in sizes]
+                gc.freeze()  # as `segsearch serve` does once its index is open (service/server.py)
                 rows += measure(runs, args.live_commits)
             print(f"round {round_no + 1} of {args.rounds}:", flush=True)
             print_table(rows, sizes)

@@ -15,6 +15,10 @@ write that finds it done *lands* it, a short step under the caller's lock.
   inserts into a *copy* of the index (`faiss.clone_index`), and landing swaps the copy in.
   The price is memory: a second copy of the graph while a drain runs.
 
+The same worker also finds the lists of a bulk chunk early (`EarlyAssignment`): the index store
+starts it before the chunk's LMDB commit and the IVF add after the commit takes the lists
+from it, so the assignment (~6 µs per vector at 1M) runs while the commit encodes and syncs.
+
 A drain belongs to the index object it started from. While it runs, the owner must not change
 that object except through tombstones (its ids removed meanwhile are passed to `land`): the
 vector index lands a pending drain before any direct add, rebuild or save.
@@ -77,6 +81,23 @@ class IvfDrain(_Drain):
         lists = self._wait()
         ivf_lists.add_preassigned(index, self.ids[kept], self.vectors[kept], lists[kept])
         return index, np.empty(0, np.int64)
+
+
+class EarlyAssignment(_Drain):
+    """The lists of `vectors (N, D)` in an IVF index, found on the worker ahead of their add."""
+
+    def __init__(self, index: faiss.IndexIVF, vectors: np.ndarray) -> None:
+        super().__init__(index, np.empty(0, np.int64), vectors)
+
+    def _work(self) -> np.ndarray:
+        return ivf_lists.assign(self.index, self.vectors)
+
+    def lists_for(self, index: faiss.Index, vectors: np.ndarray) -> np.ndarray | None:
+        """`(N,)` lists for an add of `vectors` to `index`, or None when this was found for
+        other vectors (images skipped by the commit) or another index (it was rebuilt)."""
+        if index is not self.index or vectors.shape != self.vectors.shape or not np.array_equal(vectors, self.vectors):
+            return None
+        return self._wait()
 
 
 class HnswDrain(_Drain):

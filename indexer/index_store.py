@@ -63,7 +63,7 @@ from segsearch.indexer.records import LEVEL_FINE, LEVEL_REGION, ImageRecord, Ind
 from segsearch.durable import fsync_dir, remove_stale_temp_files, space_report
 from segsearch.indexer.config import SnapshotPolicy
 from segsearch.indexer.store_api import StoreStats
-from segsearch.indexer.vector_index import DEFAULT_EF_SEARCH, VectorIndex
+from segsearch.indexer.vector_index import DEFAULT_EF_SEARCH, DIRECT_ADD_MIN, VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +244,7 @@ class IndexStore:
         with self._writing():
             self._ensure_consistent()
             self._check_room(batch)
+            self._prepare_vectors(batch)
             put = self._metadata.put_images(batch)  # (1) LMDB commit: the source of truth
             result = AddResult(put.segment_ids, [img.image_id for img, _ in put.added], put.skipped)
             if not put.added:
@@ -426,6 +427,13 @@ class IndexStore:
                 raise IndexFullError(f"{exc}. This write itself IS committed (LMDB) and searchable; "
                                      f"{VECTORS_FILE} is saved by the next write or rebuilt by the next "
                                      "open") from exc
+
+    def _prepare_vectors(self, batch: Sequence[tuple[ImageRecord, Sequence[SegmentRecord]]]) -> None:
+        """Let the vector index find where a bulk chunk's vectors go (IVF lists) on a worker
+        while the LMDB commit runs; the add after the commit uses it (`VectorIndex.prepare_add`)."""
+        segments = [seg for _, segs in batch for seg in segs]
+        if len(segments) >= DIRECT_ADD_MIN:
+            self._vectors.prepare_add(np.stack([seg.prototype for seg in segments]))
 
     def _add_vectors(self, segments: list[SegmentRecord]) -> None:
         if segments:  # images without segments are stored in LMDB only

@@ -16,6 +16,7 @@ Binding is to 127.0.0.1 unless `host` says otherwise; optional TLS and bearer to
 """
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -217,6 +218,11 @@ class SegsearchServer(GrpcFrontend):
         self.metrics.track_index(lambda: app.store.meta.num_segments, lambda: app.store.meta.num_images)
         self.metrics.track_cache(app.analyzer.embedding_cache)
         self.servicer.app = app
+        # The imports, the model and the index are long-lived from here: take them out of the
+        # cyclic GC's full collections, which otherwise scan every one of them and stall
+        # whichever call triggers one (the 150-180 ms bulk writes at 10k segments that
+        # bench/write_scaling.py measured before it froze its objects the same way).
+        gc.freeze()
 
     def _close(self) -> None:
         app, self.servicer.app = self.servicer.app, None
