@@ -431,3 +431,39 @@ def test_a_drain_whose_worker_fails_is_done_by_the_next_write(spec, monkeypatch,
     assert np.array_equal(index.ids(), np.sort(ids[:-1]))
     _, found = index.search(x[SAMPLE], 1, effort=EVERY[spec])
     assert np.array_equal(found[:, 0], ids[SAMPLE])
+
+
+def _ivf_lists_of(index: VectorIndex) -> list[list[int]]:
+    ivf = index._index
+    return [sorted(faiss.rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i)).tolist())
+            for i in range(ivf.nlist)]
+
+
+@pytest.mark.parametrize("case", ["same vectors", "images skipped", "worker failed"])
+def test_lists_found_ahead_of_a_bulk_add_are_used_only_for_those_vectors(case, monkeypatch, caplog):
+    """`prepare_add` finds a bulk chunk's IVF lists on a worker (during the LMDB commit); the
+    add uses them only when it adds exactly those vectors, and otherwise finds them itself."""
+    from segsearch.indexer import background_drain, ivf_lists
+
+    monkeypatch.setattr(vector_index, "DIRECT_ADD_MIN", 100)
+    ahead, direct = _filled("IVF16,Flat", n=2000, chunk=1000)[0], _filled("IVF16,Flat", n=2000, chunk=1000)[0]
+    ahead.drain_buffer()
+    direct.drain_buffer()
+    ids, bulk = np.arange(50_000, 50_300), _unit(300, seed=21)
+    assigned = []
+    assign = ivf_lists.assign
+    monkeypatch.setattr(ivf_lists, "assign", lambda index, vectors: assigned.append(len(vectors)) or assign(index, vectors))
+    if case == "worker failed":
+        monkeypatch.setattr(background_drain.EarlyAssignment, "_work", lambda self: 1 / 0)
+    ahead.prepare_add(bulk)
+    ahead._early._thread.join()
+    if case == "images skipped":
+        ids, bulk = ids[::2], bulk[::2]
+    ahead.add(ids, bulk)
+    direct.add(ids, bulk)
+    assert _ivf_lists_of(ahead) == _ivf_lists_of(direct)
+    if case == "same vectors":
+        assert assigned == [300, len(bulk)]  # once ahead (this test's index), once for `direct`
+    else:
+        assert assigned[-2:] == [len(bulk), len(bulk)]  # found again by the add itself
+    assert ("finding them now" in caplog.text) == (case == "worker failed")
