@@ -3,7 +3,7 @@
 Why: `IndexIVF.add` finds each vector's list through its flat quantizer's search (k=1). Over the
 4,096 64-d centroids of a 1M-segment index that measured ~24 µs per vector on one thread of this
 CPU, while the same argmax over numpy's GEMM, in blocks of `BLOCK_ROWS` vectors that keep the
-`(rows, nlist)` scores in cache, took ~5–7 µs (bench/RESULTS.md, "IVF assignment by GEMM"). The
+`(rows, nlist)` scores in cache, took ~5–7 µs (bench/RESULTS.md, "Writes at 1M measured interleaved"). The
 assignment was most of what made a bulk write at 1M slower than at 10k, where the index is exact.
 
 The lists chosen are the quantizer's own choice (the argmax of the same inner products; the
