@@ -2,10 +2,11 @@
 
 Why: the write buffer (`indexer/vector_index.py`) makes a live commit's FAISS work constant,
 but its drain is the work it saved up: 8,192 vectors compared with every IVF centroid (~0.2–0.4 s
-at 1M) or inserted into an HNSW graph (~2 s at 200k). Done inside the commit that filled the
+at 1M through FAISS's quantizer, ~50 ms by `ivf_lists`' GEMM) or inserted into an HNSW graph
+(~2 s at 200k). Done inside the commit that filled the
 buffer, that commit (and every search waiting on the store's lock) stalled for it. Here the
 full buffer is set aside (the vector index keeps searching it exactly) and the work runs on a
-worker; FAISS releases the GIL, so it runs beside the commits and searches that go on. The next
+worker; FAISS and numpy's GEMM release the GIL, so it runs beside the commits and searches that go on. The next
 write that finds it done *lands* it, a short step under the caller's lock.
 
 - IVF (`IvfDrain`): the worker only assigns the vectors to lists, which reads the quantizer
@@ -71,11 +72,15 @@ class _Drain:
         raise NotImplementedError
 
 
-class IvfDrain(_Drain):
-    """The nearest list of each vector, computed on the worker; landed with `add_core`."""
+class _Assigning(_Drain):
+    """Finds the IVF list of each vector on the worker (`ivf_lists.assign`)."""
 
     def _work(self) -> np.ndarray:
         return ivf_lists.assign(self.index, self.vectors)
+
+
+class IvfDrain(_Assigning):
+    """The nearest list of each vector, computed on the worker; landed with `add_core`."""
 
     def land(self, index: faiss.Index, kept: np.ndarray) -> tuple[faiss.Index, np.ndarray]:
         lists = self._wait()
@@ -83,14 +88,11 @@ class IvfDrain(_Drain):
         return index, np.empty(0, np.int64)
 
 
-class EarlyAssignment(_Drain):
+class EarlyAssignment(_Assigning):
     """The lists of `vectors (N, D)` in an IVF index, found on the worker ahead of their add."""
 
     def __init__(self, index: faiss.IndexIVF, vectors: np.ndarray) -> None:
         super().__init__(index, np.empty(0, np.int64), vectors)
-
-    def _work(self) -> np.ndarray:
-        return ivf_lists.assign(self.index, self.vectors)
 
     def lists_for(self, index: faiss.Index, vectors: np.ndarray) -> np.ndarray | None:
         """`(N,)` lists for an add of `vectors` to `index`, or None when this was found for

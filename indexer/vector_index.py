@@ -43,9 +43,10 @@ buffer. The drain costs what the small adds it replaces cost, and it runs in the
 removable), a new one takes the next writes, and a worker thread assigns the set-aside vectors
 to IVF lists (reading the quantizer only) or inserts them into a copy of the HNSW graph. The
 next write (or `save`, which waits) that finds the worker done lands it under the caller's
-lock: an IVF `add_core` of a few ms, or swapping in the HNSW copy. So no commit waits for a
-drain (0.2–0.4 s into IVF at 1M, ~2 s into HNSW at 200k), at the price of a second copy of
-the HNSW graph in memory while it runs.
+lock: an IVF `add_core` of a few ms (~100 ms at 1M for the first after a load, which
+reallocates every list it appends to), or swapping in the HNSW copy. So no commit waits for
+a drain (~50 ms of list assignment into IVF at 1M, ~2 s of inserts into HNSW at 200k), at the
+price of a second copy of the HNSW graph in memory while it runs.
 
 File format (`save`/`load`): `MAGIC`, a little-endian uint32 header length, a JSON header
 (generation, spec, sizes, CRC32s), the `faiss.serialize_index` bytes, then the tombstones as
@@ -353,8 +354,7 @@ class VectorIndex:
         except RuntimeError as exc:
             raise IndexStoreError(f"FAISS index file {path} is corrupt: {str(exc).splitlines()[0]}") from exc
         self._tombstones = np.frombuffer(tombstones, dtype="<i8").astype(np.int64)
-        self._buffer, self._draining, self._drain = _new_buffer(self.dim), None, None
-        self._early: EarlyAssignment | None = None  # see prepare_add
+        self._reset_pending()
         self._set_index(index)
         self._id_bound = header.get("id_bound")  # absent in files written before it: found by a scan
         if self._index.d != self.dim:
@@ -397,9 +397,14 @@ class VectorIndex:
         self._factory = factory
         self._tombstones = np.empty(0, dtype=np.int64)
         self._selector = None
+        self._reset_pending()
+        self._set_index(index)
+
+    def _reset_pending(self) -> None:
+        """An empty write buffer, no drain and no lists found ahead: the state of an index
+        just built or loaded."""
         self._buffer, self._draining, self._drain = _new_buffer(self.dim), None, None
         self._early: EarlyAssignment | None = None  # see prepare_add
-        self._set_index(index)
 
     def _set_index(self, index: faiss.Index) -> None:
         """Adopt `index`, classify its removal strategy and apply the search parameters."""
