@@ -183,12 +183,12 @@ def measure(runs: list[Run], live_commits: int = LIVE_COMMITS) -> list[Row]:
     return [run.reopen_after_kill() for run in runs]
 
 
-def measure_milvus(folder: Path, size: int, seed: int, label: str) -> Row:
-    """Milvus Lite on the vectors that `build` and the first policy's `measure` draw, call for call."""
+def measure_milvus(folder: Path, size: int, seed: int, label: str, live_commits: int = LIVE_COMMITS) -> Row:
+    """Milvus Lite on the vectors that `build` and the first round's first policy draw, call for call."""
     records = Records(seed)
     per_image = len(records.templates)
     base = np.concatenate([records.vectors(BUILD_IMAGES_PER_CHUNK) for _ in range(build_chunks(size, per_image))])
-    live = [records.vectors(LIVE_IMAGES) for _ in range(LIVE_COMMITS)]
+    live = [records.vectors(LIVE_IMAGES) for _ in range(live_commits)]
     bulk = [records.vectors(BULK_IMAGES_PER_CHUNK) for _ in range(bulk_chunks(per_image))]
     workload = milvus_writes.Workload(base, live, bulk, delete=DELETE_SEGMENTS // per_image * per_image,
                                       delete_per_call=DELETE_IMAGES_PER_CALL * per_image)
@@ -225,7 +225,8 @@ def median_rows(rounds: list[list[Row]]) -> list[Row]:
 
 def print_table(rows: list[Row], sizes: list[int], rounds: list[list[Row]] | None = None) -> None:
     """Rows with each one's live-p50 and bulk ratios to the smallest size's row of its policy;
-    with `rounds`, the ratios are the medians (and ranges) of the per-round ratios."""
+    with `rounds`, the ratios of the rows measured in every round (the first ones) are the
+    medians (and ranges) of the per-round ratios."""
     print("\n| segments | FAISS saves | live commit p50 ms | p99 ms | max ms | small/large p50 | bulk add seg/s | "
           "large/small bulk | delete seg/s | reopen after kill s | replayed |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -235,7 +236,8 @@ def print_table(rows: list[Row], sizes: list[int], rounds: list[list[Row]] | Non
             print(row.line([]))
         else:
             small_at = rows.index(small)
-            print(row.line([_ratio(r[small_at], r[position]) for r in rounds or [rows]]))
+            per_round = rounds if rounds and position < len(rounds[0]) else [rows]  # Milvus: one run
+            print(row.line([_ratio(r[small_at], r[position]) for r in per_round]))
     print(flush=True)
 
 
@@ -305,14 +307,15 @@ def main(argv: list[str] | None = None) -> int:
         if not args.base_dir:
             for base in bases.values():
                 shutil.rmtree(base)
-        if args.milvus:
-            milvus_rows = [measure_milvus(Path(folder) / f"milvus-{size}", size, args.seed, milvus_label)
-                           for size in sizes]
-            print_table(milvus_rows, sizes)
+        milvus_rows = [measure_milvus(Path(folder) / f"milvus-{size}", size, args.seed, milvus_label,
+                                      args.live_commits) for size in sizes] if args.milvus else []
     if args.rounds > 1:
         print(f"\nmedian of {args.rounds} rounds (each column separately; the ratios are the medians of each "
               "round's ratio, with their range):")
-        print_table(median_rows(rounds), sizes, rounds)
+        print_table(median_rows(rounds) + milvus_rows, sizes, rounds)
+    elif milvus_rows:
+        print("\nbeside Milvus Lite, the same vectors in the same calls:")
+        print_table(rounds[0] + milvus_rows, sizes)
     return 0
 
 
