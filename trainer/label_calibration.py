@@ -121,8 +121,8 @@ def _held_out_split(data: DataConfig):
     """The validation split of `data`, else its test split, else None (logged)."""
     try:
         return load_split(data, "val")
-    except DatasetError:
-        pass
+    except DatasetError as error:
+        logger.info("calibrating the label bank on the test split: %s", error)
     try:
         return load_split(data, "test")
     except DatasetError as error:
