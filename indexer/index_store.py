@@ -189,7 +189,7 @@ class IndexStore:
             _check_model_version(root, metadata.meta(), model_version)
             if not read_only:
                 remove_stale_temp_files(root, VECTORS_FILE)
-            vectors = _load_vectors(root, metadata, repair)
+            vectors = _load_vectors(root, metadata, repair, writable=not read_only)
         except BaseException:
             metadata.close()
             if lock_fd is not None:
@@ -532,12 +532,12 @@ def _policy(save_every: int | None) -> SnapshotPolicy:
     return SnapshotPolicy() if save_every is None else SnapshotPolicy.every(save_every)
 
 
-def _load_vectors(root: Path, metadata: MetadataStore, repair: bool) -> VectorIndex:
+def _load_vectors(root: Path, metadata: MetadataStore, repair: bool, writable: bool) -> VectorIndex:
     """The FAISS file, or (when `repair`) a rebuild from LMDB if it is missing or damaged."""
     path = root / VECTORS_FILE
     meta = metadata.meta()
     try:
-        vectors = VectorIndex.load(path)
+        vectors = VectorIndex.load(path, writable=writable)
         if vectors.dim != meta.embedding_dim or vectors.model_version != meta.model_version:
             raise IndexStoreError(
                 f"FAISS index file {path} belongs to another index ({vectors.dim}-d, model "

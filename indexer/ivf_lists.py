@@ -26,6 +26,8 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 BLOCK_ROWS = 256
+LIST_HEADROOM = 0.125  # spare capacity each list gets at load, as a fraction of its size
+LIST_HEADROOM_MIN = 8  # ... and at least this many entries
 
 
 def flat_centroids(index: faiss.IndexIVF) -> np.ndarray | None:
@@ -80,3 +82,32 @@ def add_preassigned(index: faiss.IndexIVF, ids: np.ndarray, vectors: np.ndarray,
 def add(index: faiss.IndexIVF, ids: np.ndarray, vectors: np.ndarray) -> None:
     """`index.add_with_ids(vectors, ids)`, with the lists found by `assign`."""
     add_preassigned(index, ids, vectors, assign(index, vectors))
+
+
+def reserve_headroom(index: faiss.IndexIVF, fraction: float = LIST_HEADROOM, minimum: int = LIST_HEADROOM_MIN) -> None:
+    """Give every inverted list of a just-loaded `index` spare capacity for `fraction` of its
+    size (at least `minimum` entries), the same contents.
+
+    Why: FAISS reads each list at its exact size, so the first append to a list after a load
+    reallocates and copies it. The first drain of the write buffer after an open touches ~87%
+    of the 4,096 lists at 1M and paid ~100 ms for it inside a live commit (bench/RESULTS.md).
+    Copying the lists once here, into vectors with room, costs ~0.26 s of the open at 1M and
+    `fraction` more list memory; a list that outgrows its room later reallocates alone.
+    """
+    old = faiss.downcast_InvertedLists(index.invlists)
+    if not isinstance(old, faiss.ArrayInvertedLists):
+        return  # on-disk or other list layouts: left as they are
+    code_size = old.code_size
+    roomy = faiss.ArrayInvertedLists(index.nlist, code_size)
+    for list_no in range(index.nlist):
+        size = old.list_size(list_no)
+        room = size + int(size * fraction) + minimum
+        ids = np.zeros(room, dtype=np.int64)
+        codes = np.zeros(room * code_size, dtype=np.uint8)
+        if size:
+            ids[:size] = faiss.rev_swig_ptr(old.get_ids(list_no), size)
+            codes[:size * code_size] = faiss.rev_swig_ptr(old.get_codes(list_no), size * code_size)
+        roomy.add_entries(list_no, room, faiss.swig_ptr(ids), faiss.swig_ptr(codes))  # capacity = room
+        roomy.resize(list_no, size)  # shrinking keeps the capacity
+    index.replace_invlists(roomy, True)
+    roomy.this.disown()  # the index owns (and frees) the lists now

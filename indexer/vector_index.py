@@ -333,8 +333,10 @@ class VectorIndex:
         atomic_write(Path(path), [MAGIC, struct.pack("<I", len(header)), header, payload, tombstones])
 
     @classmethod
-    def load(cls, path: str | Path) -> VectorIndex:
-        """Read a file written by `save`; IndexStoreError naming the file if missing or damaged."""
+    def load(cls, path: str | Path, writable: bool = True) -> VectorIndex:
+        """Read a file written by `save`; IndexStoreError naming the file if missing or damaged.
+        `writable`: an IVF's lists get room to grow (`ivf_lists.reserve_headroom`); a reader
+        that will not add to them can skip that copy and memory."""
         path = Path(path)
         try:
             data = path.read_bytes()
@@ -356,6 +358,8 @@ class VectorIndex:
         self._tombstones = np.frombuffer(tombstones, dtype="<i8").astype(np.int64)
         self._reset_pending()
         self._set_index(index)
+        if writable and self._kind == "ivf":
+            ivf_lists.reserve_headroom(self._index)
         self._id_bound = header.get("id_bound")  # absent in files written before it: found by a scan
         if self._index.d != self.dim:
             raise IndexStoreError(f"FAISS index file {path} holds {self._index.d}-d vectors, header says {self.dim}")

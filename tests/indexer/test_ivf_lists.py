@@ -51,3 +51,33 @@ def test_a_quantizer_that_is_not_flat_keeps_its_own_search():
     assert ivf_lists.flat_centroids(index) is None
     vectors = _unit(300, seed=4)
     np.testing.assert_array_equal(ivf_lists.assign(index, vectors), index.quantizer.search(vectors, 1)[1].reshape(-1))
+
+
+def _codes_address(index: faiss.IndexIVF, list_no: int) -> int:
+    return int(index.invlists.get_codes(int(list_no)))
+
+
+def test_headroom_keeps_the_lists_and_takes_appends_in_place():
+    """A loaded index's lists have no spare capacity, so the first append to each moves it;
+    after `reserve_headroom` the same lists take appends where they are."""
+    built = _trained()
+    ivf_lists.add(built, np.arange(1000, dtype=np.int64), _unit(1000, seed=5))
+    loaded = faiss.deserialize_index(faiss.serialize_index(built))
+    plain = faiss.deserialize_index(faiss.serialize_index(built))
+    ivf_lists.reserve_headroom(loaded)
+    assert _lists(loaded) == _lists(built)
+    for list_no in range(built.nlist):
+        size = built.invlists.list_size(list_no)
+        assert np.array_equal(faiss.rev_swig_ptr(loaded.invlists.get_codes(list_no), size * built.code_size),
+                              faiss.rev_swig_ptr(built.invlists.get_codes(list_no), size * built.code_size))
+    extra = _unit(64, seed=6)
+    lists = ivf_lists.assign(loaded, extra)
+    touched = np.unique(lists)
+    before = {index_name: [_codes_address(index, n) for n in touched]
+              for index_name, index in (("reserved", loaded), ("plain", plain))}
+    for index in (loaded, plain):
+        ivf_lists.add_preassigned(index, np.arange(5000, 5064), extra, lists)
+    assert [_codes_address(loaded, n) for n in touched] == before["reserved"]
+    assert [_codes_address(plain, n) for n in touched] != before["plain"]  # what the headroom avoids
+    loaded.nprobe = plain.nprobe = 4
+    np.testing.assert_array_equal(loaded.search(extra, 3)[1], plain.search(extra, 3)[1])
