@@ -92,7 +92,8 @@ def reserve_headroom(index: faiss.IndexIVF, fraction: float = LIST_HEADROOM, min
     reallocates and copies it. The first drain of the write buffer after an open touches ~87%
     of the 4,096 lists at 1M and paid ~100 ms for it inside a live commit (bench/RESULTS.md).
     Copying the lists once here, into vectors with room, costs ~0.26 s of the open at 1M and
-    `fraction` more list memory; a list that outgrows its room later reallocates alone.
+    `fraction` more list memory (and, while it copies, both copies); a list that outgrows its
+    room later reallocates alone.
     """
     old = faiss.downcast_InvertedLists(index.invlists)
     if not isinstance(old, faiss.ArrayInvertedLists):

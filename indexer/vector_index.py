@@ -43,8 +43,9 @@ buffer. The drain costs what the small adds it replaces cost, and it runs in the
 removable), a new one takes the next writes, and a worker thread assigns the set-aside vectors
 to IVF lists (reading the quantizer only) or inserts them into a copy of the HNSW graph. The
 next write (or `save`, which waits) that finds the worker done lands it under the caller's
-lock: an IVF `add_core` of a few ms (~100 ms at 1M for the first after a load, which
-reallocates every list it appends to), or swapping in the HNSW copy. So no commit waits for
+lock: an IVF `add_core` of a few ms (a writable load gives the lists room to grow, so the
+first one after an open does not reallocate them: `ivf_lists.reserve_headroom`), or swapping
+in the HNSW copy. So no commit waits for
 a drain (~50 ms of list assignment into IVF at 1M, ~2 s of inserts into HNSW at 200k), at the
 price of a second copy of the HNSW graph in memory while it runs.
 
