@@ -597,8 +597,9 @@ def _id_problems(faiss_ids: np.ndarray, lmdb_ids: np.ndarray) -> list[str]:
 
 
 def _parent_problems(parents: dict, owner: dict, levels: dict, meta: IndexMeta) -> list[str]:
-    """A parent that exists is a coarser segment of the same image (a parent deleted by
-    segment id leaves its children, which are then parentless in effect)."""
+    """A parent that exists is a coarser segment of the same image. A parent that does not
+    exist is not flagged: deleting a region by id clears its children's parent, but an index
+    written before that may still name one (its children are then parentless in effect)."""
     problems = []
     for segment_id, (parent_id, level, image_id) in parents.items():
         if parent_id in owner and (owner[parent_id] != image_id or levels[parent_id] <= level):

@@ -378,6 +378,7 @@ class MetadataStore:
                     image = decode_image(raw)
                     image = dataclasses.replace(image, segment_ids=[s for s in image.segment_ids if s not in gone])
                     txn.put(_image_key(image_id), encode_image(image), db=self._dbs["images"])
+                    self._orphan_children(txn, image.segment_ids, gone)
             generation = self._count_removal(txn, 0, len(removed))
 
         self._write(write)
@@ -389,6 +390,16 @@ class MetadataStore:
         """A segment's record and its entry in the region table (if it is a region)."""
         txn.delete(segment_key(segment_id), db=self._dbs["segments"])
         txn.delete(segment_key(segment_id), db=self._dbs["regions"])
+
+    def _orphan_children(self, txn: lmdb.Transaction, segment_ids: Sequence[int], gone: set[int]) -> None:
+        """Clear the parent of those of `segment_ids` whose parent is in `gone`: a deleted
+        region's fine segments stay, as segments without a parent (no id names a deleted one)."""
+        for sid in segment_ids:
+            raw = txn.get(segment_key(sid), db=self._dbs["segments"])
+            segment = decode_segment(raw) if raw is not None else None
+            if segment is not None and segment.parent_id in gone:
+                txn.put(segment_key(sid), encode_segment(dataclasses.replace(segment, parent_id=0)),
+                        db=self._dbs["segments"])
 
     def _count_removal(self, txn: lmdb.Transaction, images: int, segments: int) -> int:
         """Lower the meta record's counts, bump its generation; returns the new generation."""

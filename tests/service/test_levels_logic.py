@@ -101,6 +101,18 @@ def test_relatives_are_dropped_whichever_comes_first(store):
     assert {hit.segment.image_id for hit in hits} == {"a", "b"}
 
 
+def test_deleting_a_region_by_id_leaves_its_fine_segments_without_a_parent(store):
+    """No record may name a deleted segment as its parent (a client following
+    `parent_segment_id` would get NOT_FOUND); the other image's links stay."""
+    fine_left, fine_right, region = store.get_image("a").segment_ids
+    other_fine, _, other_region = store.get_image("b").segment_ids
+    store.delete_segments([region])
+    assert store.get_image("a").segment_ids == [fine_left, fine_right]
+    assert store.get_segment(fine_left).parent_id == store.get_segment(fine_right).parent_id == 0
+    assert store.get_segment(other_fine).parent_id == other_region
+    assert store.verify() == []
+
+
 def test_the_default_level_is_region_where_the_index_has_regions():
     assert resolve_levels(None, has_regions=True) == frozenset({LEVEL_REGION})
     assert resolve_levels(None, has_regions=False) == frozenset()  # an index written before levels
